@@ -1,0 +1,401 @@
+"""Latent-transparency decoder and encoder (paper §3.1, Eq. 2 and Eq. 3), plain torch.
+
+Parameter names and shapes are those of the official files (``UNet1024`` built from
+diffusers blocks, and ``LatentTransparencyOffsetEncoder``), so the published
+``*_vae_transparent_{decoder,encoder}.safetensors`` load with ``strict=True``. The blocks
+are written here rather than imported from diffusers: its import paths moved between
+releases and broke every port that relied on them.
+
+Decoder layout (104 M params): conv_in at full size, seven down blocks at
+(32, 32, 64, 128, 256, 512, 512) channels, the last three with self-attention, six
+downsamples, a mid block, seven up blocks with skip connections and 4 output channels
+(alpha, then straight RGB). The SD latent joins just before down block 3 (1/8 size).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import rgba as _rgba
+
+CHANNELS = (32, 32, 64, 128, 256, 512, 512)
+ATTN_FROM = 4  # blocks 4, 5, 6 (256, 512, 512 channels) carry self-attention
+GROUPS = 4
+EPS = 1e-5
+HEAD_DIM = 8  # channels per attention head
+MULTIPLE = 64  # the decoder's six downsamples need sides that are multiples of 64
+
+
+# ---------------------------------------------------------------------------------------
+# Blocks (diffusers' names: ResnetBlock2D, Attention, Downsample2D, Upsample2D)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(GROUPS, cin, eps=EPS)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = nn.GroupNorm(GROUPS, cout, eps=EPS)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class SelfAttention(nn.Module):
+    """Spatial self-attention with its own GroupNorm and a residual connection."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.heads = ch // HEAD_DIM
+        self.group_norm = nn.GroupNorm(GROUPS, ch, eps=EPS)
+        self.to_q = nn.Linear(ch, ch)
+        self.to_k = nn.Linear(ch, ch)
+        self.to_v = nn.Linear(ch, ch)
+        self.to_out = nn.ModuleList([nn.Linear(ch, ch), nn.Dropout(0.0)])
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        t = self.group_norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
+
+        def heads(y):
+            return y.view(b, -1, self.heads, HEAD_DIM).transpose(1, 2)
+
+        q, k, v = heads(self.to_q(t)), heads(self.to_k(t)), heads(self.to_v(t))
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, h * w, c)
+        o = self.to_out[0](o).transpose(1, 2).reshape(b, c, h, w)
+        return o + x
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        dtype = x.dtype
+        if dtype == torch.bfloat16:  # nearest upsampling lacks bf16 kernels on some builds
+            x = x.float()
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest").to(dtype)
+        return self.conv(x)
+
+
+class DownBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, attention: bool, downsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(cin, cout), ResnetBlock(cout, cout)])
+        if attention:
+            self.attentions = nn.ModuleList([SelfAttention(cout), SelfAttention(cout)])
+        self.downsamplers = nn.ModuleList([Downsample(cout)]) if downsample else None
+
+    def forward(self, x):
+        skips = []
+        attns = getattr(self, "attentions", None)
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x)
+            if attns is not None:
+                x = attns[i](x)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x, skips
+
+
+class UpBlock(nn.Module):
+    def __init__(self, cin: int, cprev: int, cout: int, attention: bool, upsample: bool):
+        super().__init__()
+        # resnet j sees the running state concatenated with skip (3 - 1 - j) of the mirrored down block
+        self.resnets = nn.ModuleList(
+            [ResnetBlock((cprev if j == 0 else cout) + (cin if j == 2 else cout), cout) for j in range(3)]
+        )
+        if attention:
+            self.attentions = nn.ModuleList([SelfAttention(cout) for _ in range(3)])
+        self.upsamplers = nn.ModuleList([Upsample(cout)]) if upsample else None
+
+    def forward(self, x, skips: list):
+        attns = getattr(self, "attentions", None)
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(torch.cat([x, skips.pop()], dim=1))
+            if attns is not None:
+                x = attns[i](x)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x)
+        return x
+
+
+class MidBlock(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(ch, ch), ResnetBlock(ch, ch)])
+        self.attentions = nn.ModuleList([SelfAttention(ch)])
+
+    def forward(self, x):
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+# ---------------------------------------------------------------------------------------
+# The two models
+
+
+class TransparentVAEDecoder(nn.Module):
+    """The latent transparency decoder D of Eq. 3: ``[I_c, I_alpha] = D(I_hat, x_a)``.
+
+    ``forward(pixel, latent)``: pixel is the normal VAE decode ``I_hat`` as RGB in [0, 1],
+    ``[B, 3, H, W]`` with H, W multiples of 64; latent is the *unscaled* SD latent ``x_a``,
+    ``[B, 4, H/8, W/8]``. Returns the raw ``[B, 4, H, W]`` (alpha, then straight RGB),
+    unclipped. Use :func:`decode_rgba` for any multiple of 8 and for the 8-view TTA.
+    """
+
+    def __init__(self):
+        super().__init__()
+        c = CHANNELS
+        n = len(c)
+        self.conv_in = nn.Conv2d(3, c[0], 3, padding=1)
+        self.latent_conv_in = nn.Conv2d(4, c[2], 1)
+        self.down_blocks = nn.ModuleList(
+            [DownBlock(c[max(i - 1, 0)], c[i], i >= ATTN_FROM, i < n - 1) for i in range(n)]
+        )
+        self.mid_block = MidBlock(c[-1])
+        r = c[::-1]
+        self.up_blocks = nn.ModuleList(
+            [UpBlock(r[min(i + 1, n - 1)], r[max(i - 1, 0)], r[i], i < n - ATTN_FROM, i < n - 1) for i in range(n)]
+        )
+        self.conv_norm_out = nn.GroupNorm(GROUPS, c[0], eps=EPS)
+        self.conv_act = nn.SiLU()
+        self.conv_out = nn.Conv2d(c[0], 4, 3, padding=1)
+
+    def forward(self, pixel: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(pixel)
+        skips = [x]
+        for i, block in enumerate(self.down_blocks):
+            if i == 3:  # 1/8 size: the latent joins here, after the skip of this size was saved
+                x = x + self.latent_conv_in(latent)
+            x, s = block(x)
+            skips += s
+        x = self.mid_block(x)
+        for block in self.up_blocks:
+            x = block(x, skips)
+        return self.conv_out(self.conv_act(self.conv_norm_out(x)))
+
+
+class TransparentVAEEncoder(nn.Module):
+    """The latent transparency encoder E of Eq. 2: ``x_offset = E(I_c, I_alpha)``.
+
+    ``forward(x)``: x = ``cat([alpha, padded_rgb], 1)`` in [0, 1], ``[B, 4, H, W]``;
+    returns the latent offset ``[B, 4, H/8, W/8]``, applied as ``mean + std * offset``
+    (see :func:`apply_offset`).
+    """
+
+    def __init__(self):
+        super().__init__()
+        widths = (32, 32, 64, 64, 128, 128, 256, 256)
+        layers: list[nn.Module] = []
+        cin = 4
+        for i, cout in enumerate(widths):
+            # the first conv of each new width (after the first) halves the size
+            stride = 2 if i in (2, 4, 6) else 1
+            layers += [nn.Conv2d(cin, cout, 3, padding=1, stride=stride), nn.SiLU()]
+            cin = cout
+        layers.append(nn.Conv2d(cin, 4, 3, padding=1))
+        self.blocks = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+# ---------------------------------------------------------------------------------------
+# Decoding with test-time augmentation
+
+# The official order of the 8 views: (flip W, rot90 k over (H, W)).
+VIEWS_8 = tuple((flip, k) for flip in (False, True) for k in range(4))
+# Subsets for fewer passes; even counts are averaged (a median of two is their minimum).
+VIEWS = {
+    1: ((False, 0),),
+    2: ((False, 0), (True, 0)),
+    4: ((False, 0), (True, 1), (False, 2), (True, 3)),
+    8: VIEWS_8,
+}
+
+
+def _view(x: torch.Tensor, flip: bool, k: int) -> torch.Tensor:
+    if flip:
+        x = torch.flip(x, dims=(3,))
+    return torch.rot90(x, k=k, dims=(2, 3))
+
+
+def _unview(x: torch.Tensor, flip: bool, k: int) -> torch.Tensor:
+    x = torch.rot90(x, k=-k, dims=(2, 3))
+    return torch.flip(x, dims=(3,)) if flip else x
+
+
+def _pad_to_multiple(pixel: torch.Tensor, latent: torch.Tensor):
+    """Replicate-pad pixel (and latent by 1/8 of it) up to multiples of 64, centred."""
+    h, w = pixel.shape[-2:]
+    ph, pw = -h % MULTIPLE, -w % MULTIPLE
+    if ph == 0 and pw == 0:
+        return pixel, latent, None
+    top, left = (ph // 16) * 8, (pw // 16) * 8  # keep the split on the 8-px latent grid
+    pad = (left, pw - left, top, ph - top)
+    pixel = F.pad(pixel, pad, mode="replicate")
+    latent = F.pad(latent, tuple(p // 8 for p in pad), mode="replicate")
+    return pixel, latent, (top, left, h, w)
+
+
+def default_views_per_batch(device: torch.device, dtype: torch.dtype, height: int, width: int) -> int:
+    """How many views one decoder forward takes by default.
+
+    CPU: 1 (the decode is compute-bound there and batching is slower, performance.md).
+    CUDA: as many as fit in about 2 GB of activations above a batch-1 pass (about 0.75 KB
+    per pixel per view at fp16, measured), bounded by the free memory.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 1
+    per_view = 750 * height * width * (2 if dtype in (torch.float16, torch.bfloat16) else 4)
+    budget = 2 * 1024**3
+    try:
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(budget, int(free * 0.8) - per_view)
+    except (RuntimeError, AssertionError):
+        pass
+    return max(1, 1 + budget // max(per_view, 1))
+
+
+@torch.no_grad()
+def decode_rgba(
+    decoder: TransparentVAEDecoder,
+    pixel: torch.Tensor,
+    latent: torch.Tensor,
+    augment: bool = True,
+    *,
+    passes: int | None = None,
+    views_per_batch: int | None = None,
+) -> torch.Tensor:
+    """RGBA from the normal decode and its latent (Eq. 3), with test-time augmentation.
+
+    pixel: ``[B, 3, H, W]`` RGB in [0, 1] (the host's VAE decode); latent: the unscaled
+    ``[B, 4, H/8, W/8]``. H and W must be multiples of 8; other than multiples of 64 they
+    are replicate-padded for the network and cropped back. Returns float32
+    ``[B, 4, H, W]`` in [0, 1]: channel 0 alpha, 1..3 straight RGB.
+
+    ``augment=True`` is the official scheme: 8 views (flip x rot90), each clipped to [0, 1]
+    and mapped back, combined with the lower median (``torch.median``). ``passes`` picks
+    1, 2, 4 or 8 views (fewer passes are averaged). Views of several images run batched,
+    ``views_per_batch`` per forward (default: :func:`default_views_per_batch`); the result
+    equals the one-at-a-time scheme.
+    """
+    if pixel.ndim != 4 or pixel.shape[1] != 3:
+        raise ValueError(f"pixel must be [B, 3, H, W] RGB, got {tuple(pixel.shape)}")
+    b, _, h, w = pixel.shape
+    if h % 8 or w % 8:
+        raise ValueError(f"image size {w}x{h} is not a multiple of 8; LayerDiffuse needs multiples of 8")
+    if tuple(latent.shape) != (b, 4, h // 8, w // 8):
+        raise ValueError(f"latent must be [{b}, 4, {h // 8}, {w // 8}] for a {w}x{h} image, got {tuple(latent.shape)}")
+    n = passes if passes is not None else (8 if augment else 1)
+    if n not in VIEWS:
+        raise ValueError(f"passes must be one of {sorted(VIEWS)}, got {passes!r}")
+    views = VIEWS[n]
+
+    param = next(decoder.parameters())
+    pixel = pixel.to(param.device, param.dtype)
+    latent = latent.to(param.device, param.dtype)
+    pixel, latent, crop = _pad_to_multiple(pixel, latent)
+    per = views_per_batch or default_views_per_batch(param.device, param.dtype, *pixel.shape[-2:])
+
+    # Views with odd k have H and W swapped, so they batch only with each other.
+    outs: list = [[None] * len(views) for _ in range(b)]
+    for parity in (0, 1):
+        jobs = [(i, v) for v in range(len(views)) if views[v][1] % 2 == parity for i in range(b)]
+        for start in range(0, len(jobs), per):
+            chunk = jobs[start : start + per]
+            feed_p = torch.cat([_view(pixel[i : i + 1], *views[v]) for i, v in chunk])
+            feed_l = torch.cat([_view(latent[i : i + 1], *views[v]) for i, v in chunk])
+            y = decoder(feed_p, feed_l).clip(0, 1)
+            for (i, v), yi in zip(chunk, y.split(1), strict=True):
+                outs[i][v] = _unview(yi, *views[v])
+
+    stacked = torch.stack([torch.cat(o) for o in outs])  # [B, V, 4, H, W]
+    if n == 1:
+        result = stacked[:, 0]
+    elif n == 8:
+        result = stacked.median(dim=1).values
+    else:
+        result = stacked.float().mean(dim=1)
+    if crop is not None:
+        top, left, h0, w0 = crop
+        result = result[..., top : top + h0, left : left + w0]
+    return result.float().clip(0, 1)
+
+
+# ---------------------------------------------------------------------------------------
+# Encoding
+
+
+def _as_rgba_list(rgba) -> list[np.ndarray]:
+    """Accept HxWx4 numpy (uint8 or float in [0, 1]), a list of them, or a [B, 4, H, W] tensor."""
+    if isinstance(rgba, torch.Tensor):
+        if rgba.ndim == 3:
+            rgba = rgba[None]
+        if rgba.ndim != 4 or rgba.shape[1] != 4:
+            raise ValueError(f"RGBA tensor must be [B, 4, H, W], got {tuple(rgba.shape)}")
+        return [x.permute(1, 2, 0).float().cpu().numpy() for x in rgba]
+    if isinstance(rgba, np.ndarray) and rgba.ndim == 3:
+        rgba = [rgba]
+    out = []
+    for x in rgba:
+        x = np.asarray(x)
+        if x.ndim != 3 or x.shape[2] != 4:
+            raise ValueError(f"RGBA image must be HxWx4, got shape {x.shape}")
+        out.append(x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32))
+    return out
+
+
+@torch.no_grad()
+def encode_offset(encoder: TransparentVAEEncoder, rgba) -> torch.Tensor:
+    """Latent offset of transparent images (Eq. 2: ``x_eps = E(I_c, I_alpha)``).
+
+    rgba: one HxWx4 image or a list of them (uint8, or float32 in [0, 1], alpha last), or
+    a ``[B, 4, H, W]`` RGBA tensor in [0, 1]. The RGB of undefined (transparent) pixels is
+    padded with :func:`lib_layerdiffuse.rgba.pad_rgb`, as the models were trained, and the
+    encoder sees ``cat([alpha, padded_rgb])``. Returns ``[B, 4, H/8, W/8]`` on the
+    encoder's device and dtype; apply it with :func:`apply_offset`.
+    """
+    images = _as_rgba_list(rgba)
+    feed = np.stack([np.concatenate([x[..., 3:], _rgba.pad_rgb(x)], axis=2) for x in images])
+    param = next(encoder.parameters())
+    feed = torch.from_numpy(feed).movedim(-1, 1).to(param.device, param.dtype)
+    return encoder(feed)
+
+
+def apply_offset(mean: torch.Tensor, std: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """The adjusted latent ``x_a = mean + std * offset`` (Eq. 2's x_eps folded in).
+
+    The published encoders output the offset in units of the VAE posterior's std: the
+    host's ``posterior.sample()`` (mean + std * noise) is replaced by this deterministic
+    sample, in the *unscaled* latent space (scale by the VAE's factor afterwards).
+    """
+    offset = offset.to(mean.device, mean.dtype)
+    return mean + std.to(mean.dtype) * offset
+
+
+def apply_offset_to_posterior(posterior, offset: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_offset` for an object with ``.mean`` and ``.std`` (ldm / diffusers posteriors)."""
+    return apply_offset(posterior.mean, posterior.std, offset)

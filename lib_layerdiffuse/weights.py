@@ -1,0 +1,246 @@
+"""The 14 published weight files, and loading them safely.
+
+Files are read with safetensors only (never pickle). Before any tensor is read, the
+header is parsed and checked against what the target module expects, so a wrong,
+truncated or mislabelled file gets an error that names the file, what was expected and
+what was found.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .vae import TransparentVAEDecoder, TransparentVAEEncoder
+
+REPO = "LayerDiffusion/layerdiffusion-v1"
+# Pinned release revision: the digests below were taken at this commit.
+REVISION = "e337e9d7a0f2a6fee6c3580374327380f88d065b"
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    name: str  # file stem; the file is <name>.safetensors
+    family: str  # "sd15" or "sdxl"
+    role: str  # decoder | encoder | attention_sharing | unet_patch
+    description: str
+    sha256: str | None = None  # None where no public pin exists
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}.safetensors"
+
+    @property
+    def url(self) -> str:
+        return f"https://huggingface.co/{REPO}/resolve/{REVISION}/{self.filename}"
+
+
+_FILES = (
+    WeightFile("layer_sd15_transparent_attn", "sd15", "attention_sharing", "SD1.5 transparent attention sharing, 1 frame",
+               "cc9ee87452bf1ccdd419035bf9618f6bdcaac1a2d3e23694d62e5a9c721da295"),
+    WeightFile("layer_sd15_joint", "sd15", "attention_sharing", "SD1.5 fg/bg/blend joint generation, 3 frames",
+               "2cc81c33c1a786bdc376c6d1bfb43dbdffda2f610f7c6b4ebd776505a29712bd"),
+    WeightFile("layer_sd15_fg2bg", "sd15", "attention_sharing", "SD1.5 foreground to background, 2 frames + control",
+               "5bade856ec3e55d6ceb0e35bbc97cea7fa4953f7776c8032f2fe52ba740ed580"),
+    WeightFile("layer_sd15_bg2fg", "sd15", "attention_sharing", "SD1.5 background to foreground, 2 frames + control",
+               "8367f976da1cc4275e513c7fb40f977ca312e79e720d7db7ae94978a9359fb62"),
+    WeightFile("layer_xl_transparent_attn", "sdxl", "unet_patch", "SDXL transparent, rank-256 attention LoRA",
+               "b7919c5b4837fb64f24c97a7abdf1a9c6e8d60de080a5dae089dde098266df95"),
+    WeightFile("layer_xl_transparent_conv", "sdxl", "unet_patch", "SDXL transparent, offsets of all non-q/k/v layers",
+               "5ee958d80dcd515fa7ac915274c536fadd3db5d919adeb5ff45107b6169aacc7"),
+    WeightFile("layer_xl_fg2ble", "sdxl", "unet_patch", "SDXL foreground to blended (8-channel conv_in)",
+               "50a29851ad56308f14d6c9ed375be17df6921efeca240b31f567f6b8c76d1e70"),
+    WeightFile("layer_xl_fgble2bg", "sdxl", "unet_patch", "SDXL foreground + blended to background (12-channel conv_in)",
+               "179a61fdcdb149af1897b2840f24ba09466ab6265b2c792b0e99df557f0439be"),
+    WeightFile("layer_xl_bg2ble", "sdxl", "unet_patch", "SDXL background to blended (8-channel conv_in)",
+               "2901d1353cc4ca763c8bedc48453b36e88680605f417c7f7ec730a7c36845d7c"),
+    WeightFile("layer_xl_bgble2fg", "sdxl", "unet_patch", "SDXL background + blended to foreground (12-channel conv_in)",
+               "1688f0c17447f74662686fadd431f24d26a1ba8ffea322c6f56c8b5ed581b78d"),
+    WeightFile("vae_transparent_decoder", "sdxl", "decoder", "SDXL latent transparency decoder",
+               "59dc8feefe40d26b6cb7186aed7af70c60d94ac4f9db8ebe7f121a01ba27a2fc"),
+    WeightFile("vae_transparent_encoder", "sdxl", "encoder", "SDXL latent transparency encoder"),
+    WeightFile("layer_sd15_vae_transparent_decoder", "sd15", "decoder", "SD1.5 latent transparency decoder",
+               "6df4712dfbb3783231b22f869a5da5cbfea782ebb05f782bd9e8744bfb0cdf03"),
+    WeightFile("layer_sd15_vae_transparent_encoder", "sd15", "encoder", "SD1.5 latent transparency encoder"),
+)  # fmt: skip
+FILES: dict[str, WeightFile] = {f.name: f for f in _FILES}
+
+ROLE_NAMES = {
+    "decoder": "a transparent VAE decoder",
+    "encoder": "a transparent VAE encoder",
+    "attention_sharing": "an SD1.5 attention-sharing UNet file",
+    "unet_patch": "an SDXL UNet patch file",
+}
+
+
+def files_for(role: str, family: str | None = None) -> list[WeightFile]:
+    return [f for f in _FILES if f.role == role and (family is None or f.family == family)]
+
+
+class WeightFileError(ValueError):
+    """A weight file that cannot be used; the message says which, why and what to do."""
+
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+}  # fmt: skip
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def _fix_hint(path: Path) -> str:
+    known = FILES.get(path.stem)
+    if known:
+        return f" Delete it and download it again from {known.url}"
+    return ""
+
+
+def read_header(path: str | os.PathLike) -> dict[str, tuple[list[int], str]]:
+    """key -> (shape, dtype string) from a safetensors header, with the file's integrity checked.
+
+    Reads only the header: no tensor data, no pickle. Raises :class:`WeightFileError` for a
+    missing, non-safetensors or truncated file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightFileError(f"Weight file not found: {path}")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(9)
+        n = struct.unpack("<Q", head[:8])[0] if len(head) == 9 else -1
+        if not (0 < n <= _MAX_HEADER and head[8:9] == b"{"):
+            # a safetensors file starts with its header length and a JSON object
+            if head[:2] == b"PK" or head[:1] == b"\x80":
+                raise WeightFileError(
+                    f"{path} is a pickled PyTorch checkpoint, not a safetensors file. LayerDiffuse loads "
+                    f"safetensors only (pickle can run code).{_fix_hint(path)}"
+                )
+            raise WeightFileError(
+                f"{path} is not a safetensors file ({size} bytes, no safetensors header).{_fix_hint(path)}"
+            )
+        if n > size - 8:
+            raise WeightFileError(
+                f"{path} is truncated: its header alone claims {n} bytes but the file has {size}.{_fix_hint(path)}"
+            )
+        f.seek(8)
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise WeightFileError(
+                f"{path} is not a safetensors file (unreadable header: {e}).{_fix_hint(path)}"
+            ) from None
+    header.pop("__metadata__", None)
+    out = {}
+    end = 0
+    try:
+        for key, info in header.items():
+            out[key] = (list(info["shape"]), info["dtype"])
+            end = max(end, int(info["data_offsets"][1]))
+    except (TypeError, KeyError, ValueError, IndexError):
+        raise WeightFileError(f"{path} is not a safetensors file (malformed header).{_fix_hint(path)}") from None
+    if size < 8 + n + end:
+        raise WeightFileError(
+            f"{path} is truncated: it has {size} bytes, its header needs {8 + n + end} "
+            f"({100 * size / (8 + n + end):.0f}% present). The download was probably interrupted.{_fix_hint(path)}"
+        )
+    return out
+
+
+def guess_role(keys) -> str | None:
+    """Which kind of LayerDiffuse file a key set looks like, or None."""
+    keys = list(keys)
+    if any("::" in k for k in keys):
+        return "unet_patch"
+    if any(k.startswith(("hookers.", "kwargs_encoder.")) for k in keys):
+        return "attention_sharing"
+    if any(k.startswith("latent_conv_in.") for k in keys):
+        return "decoder"
+    if any(k.startswith("blocks.") for k in keys):
+        return "encoder"
+    return None
+
+
+def _few(items, n=4) -> str:
+    items = sorted(items)
+    more = f", ... ({len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def check_state(path, found: dict[str, tuple[list[int], str]], expected: dict[str, list[int]], role: str) -> None:
+    """Compare a file's header with the keys and shapes a module expects; raise on mismatch."""
+    path = Path(path)
+    want = ROLE_NAMES[role]
+    guessed = guess_role(found)
+    if guessed is not None and guessed != role:
+        names = ", ".join(f.filename for f in files_for(role))
+        raise WeightFileError(
+            f"{path.name} is {ROLE_NAMES[guessed]}, not {want} (it holds keys such as "
+            f"{_few(list(found), 2)}). Use one of: {names}."
+        )
+    missing = set(expected) - set(found)
+    unexpected = set(found) - set(expected)
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys ({_few(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys ({_few(unexpected)})")
+    bad_shapes = [
+        f"{k}: expected {expected[k]}, found {found[k][0]}"
+        for k in sorted(expected)
+        if k in found and list(found[k][0]) != list(expected[k])
+    ]
+    if bad_shapes:
+        problems.append(f"{len(bad_shapes)} shape mismatches ({'; '.join(bad_shapes[:3])})")
+    bad_dtypes = sorted({d for _, d in found.values() if d not in _DTYPES})
+    if bad_dtypes:
+        problems.append(f"unsupported tensor dtypes {bad_dtypes} (expected floating point)")
+    if problems:
+        raise WeightFileError(
+            f"{path} does not match {want} ({len(expected)} tensors expected, {len(found)} found): "
+            + "; ".join(problems)
+            + "."
+            + _fix_hint(path)
+        )
+
+
+def expected_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
+    return {k: list(v.shape) for k, v in module.state_dict().items()}
+
+
+def _load_module(cls, role: str, path, device, dtype) -> torch.nn.Module:
+    from safetensors import safe_open
+
+    with torch.device("meta"):
+        module = cls()
+    found = read_header(path)
+    check_state(path, found, expected_shapes(module), role)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            state = {k: f.get_tensor(k) for k in found}
+    except Exception as e:  # safetensors raises its own error types for corrupt data
+        raise WeightFileError(f"{path} could not be read ({type(e).__name__}: {e}).{_fix_hint(Path(path))}") from None
+    module.load_state_dict(state, strict=True, assign=True)
+    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def load_decoder(path, device="cpu", dtype=torch.float32) -> TransparentVAEDecoder:
+    """A ready :class:`TransparentVAEDecoder` from a ``*vae_transparent_decoder.safetensors``."""
+    return _load_module(TransparentVAEDecoder, "decoder", path, device, dtype)
+
+
+def load_encoder(path, device="cpu", dtype=torch.float32) -> TransparentVAEEncoder:
+    """A ready :class:`TransparentVAEEncoder` from a ``*vae_transparent_encoder.safetensors``."""
+    return _load_module(TransparentVAEEncoder, "encoder", path, device, dtype)
+
+
+def sha256_of(path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,126 @@
+"""RGBA toolkit: official numbers, preview, and a PNG that keeps alpha and infotext."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lib_layerdiffuse import rgba as R
+
+TOL = 1e-4
+
+
+@pytest.mark.parametrize(
+    "src,out",
+    [("rgba_u8", "pad_rgb_out"), ("transparent_u8", "pad_rgb_transparent_out"), ("opaque_u8", "pad_rgb_opaque_out")],
+)
+def test_pad_rgb_matches_official(reference, src, out):
+    img = reference[src].numpy().astype(np.float32) / 255.0
+    got = R.pad_rgb(img)
+    assert got.dtype == np.float32 and got.shape == img.shape[:2] + (3,)
+    np.testing.assert_allclose(got, reference[out].numpy(), atol=TOL, rtol=0)
+
+
+def test_pad_rgb_keeps_visible_and_fills_transparent():
+    img = np.zeros((40, 40, 4), np.float32)
+    img[:, :20, :3] = [1.0, 0.2, 0.1]
+    img[:, :20, 3] = 1.0
+    img[:, 20:, :3] = 0.9  # garbage colour under alpha 0 must not survive
+    out = R.pad_rgb(img)
+    np.testing.assert_allclose(out[:, :20], img[:, :20, :3], atol=1e-6)
+    # the fill extrapolates the visible colour, not the hidden garbage
+    assert np.abs(out[:, 30:] - [1.0, 0.2, 0.1]).max() < 0.05
+
+
+@pytest.mark.parametrize("size", ["128x192", "100x130"])
+def test_checkerboard_matches_official(reference, size):
+    got = R.checkerboard_preview(reference[f"cb_rgba_{size}"].numpy())
+    np.testing.assert_allclose(got, reference[f"cb_out_{size}"].numpy(), atol=TOL, rtol=0)
+
+
+def test_checkerboard_cells_and_small_images():
+    cb = R.checkerboard(128, 192)[..., 0]
+    np.testing.assert_allclose(np.unique(cb), [0.45, 0.55], atol=1e-6)
+    assert cb[0, 0] == pytest.approx(0.45) and cb[0, 64] == pytest.approx(0.55) and cb[64, 64] == pytest.approx(0.45)
+    assert (cb[:64, :64] == cb[0, 0]).all()
+    # below 64 px the official breaks; we give one plain cell
+    small = R.checkerboard(40, 24)
+    assert small.shape == (40, 24, 1) and np.allclose(small, 0.45)
+    prev = R.checkerboard_preview(np.zeros((8, 8, 4), np.float32))
+    assert np.allclose(prev, 0.45)
+
+
+def test_flatten_on_grey():
+    rgba = np.random.default_rng(0).random((5, 6, 4), dtype=np.float32)
+    out = R.flatten_on_grey(rgba)
+    np.testing.assert_allclose(out, 0.5 + (rgba[..., :3] - 0.5) * rgba[..., 3:], atol=1e-7)
+    rgba[..., 3] = 0
+    assert np.allclose(R.flatten_on_grey(rgba), 0.5)
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(ValueError, match="HxWx4"):
+        R.pad_rgb(np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(ValueError, match="HxWx4"):
+        R.checkerboard_preview(np.zeros((4, 4), np.float32))
+
+
+def test_png_round_trip_keeps_alpha_and_text(tmp_path):
+    rgba = np.random.default_rng(1).random((33, 47, 4), dtype=np.float32)
+    rgba[:5, :, 3] = 0.0
+    text = "a cat\nSteps: 20, layerdiffusion_enabled: True, layerdiffusion_method: (SD1.5) Only Generate"
+    path = R.write_png(tmp_path / "out.png", rgba, parameters=text)
+    with Image.open(path) as im:
+        assert im.mode == "RGBA" and im.format == "PNG"
+        assert im.info["parameters"] == text
+    pixels, params = R.read_png(path)
+    assert params == text
+    np.testing.assert_array_equal(pixels, R.to_uint8(rgba))  # straight alpha, truncated
+    assert (pixels[:5, :, 3] == 0).all()
+    assert [p.name for p in tmp_path.iterdir()] == ["out.png"]  # no temporary left behind
+
+
+def test_png_writer_accepts_uint8_and_pil(tmp_path):
+    arr = np.random.default_rng(2).integers(0, 256, (9, 9, 4), dtype=np.uint8)
+    R.write_png(tmp_path / "a.png", arr)
+    R.write_png(tmp_path / "b.png", Image.fromarray(arr))
+    assert (R.read_png(tmp_path / "a.png")[0] == arr).all()
+    assert (R.read_png(tmp_path / "b.png")[0] == arr).all()
+    assert R.read_png(tmp_path / "a.png")[1] is None
+
+
+def test_png_writer_refuses_rgb_and_leaves_nothing(tmp_path):
+    target = tmp_path / "x.png"
+    with pytest.raises(ValueError, match="RGBA"):
+        R.write_png(target, Image.new("RGB", (4, 4)))
+    assert not target.exists()
+
+
+def test_png_writer_is_atomic(tmp_path, monkeypatch):
+    target = tmp_path / "x.png"
+    R.write_png(target, np.ones((4, 4, 4), np.float32), parameters="old")
+
+    def broken_save(self, fp, *args, **kwargs):
+        fp.write(b"\x89PNG half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Image.Image, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        R.write_png(target, np.zeros((4, 4, 4), np.float32), parameters="new")
+    monkeypatch.undo()
+    assert R.read_png(target)[1] == "old"  # the previous file is intact
+    assert sorted(os.listdir(tmp_path)) == ["x.png"]
+
+
+def test_read_png_reports_lost_alpha(tmp_path):
+    Image.new("RGB", (4, 4)).save(tmp_path / "rgb.png")
+    with pytest.raises(ValueError, match="alpha channel was lost"):
+        R.read_png(tmp_path / "rgb.png")
+
+
+def test_from_decoder_orders_channels():
+    y = np.stack([np.full((2, 3), v, np.float32) for v in (0.25, 0.1, 0.2, 1.5)])
+    out = R.from_decoder(y)
+    assert out.shape == (2, 3, 4)
+    np.testing.assert_allclose(out[0, 0], [0.1, 0.2, 1.0, 0.25])

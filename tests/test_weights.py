@@ -1,0 +1,194 @@
+"""Weight table and loading: real safetensors files in the official layouts, and every bad file."""
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from weightgen import make_state_dict, manifest_shapes
+
+from lib_layerdiffuse import weights as W
+from lib_layerdiffuse.vae import TransparentVAEDecoder, TransparentVAEEncoder
+
+
+def test_table_has_the_14_official_files():
+    assert len(W.FILES) == 14
+    roles = [f.role for f in W.FILES.values()]
+    assert roles.count("decoder") == 2 and roles.count("encoder") == 2
+    assert roles.count("attention_sharing") == 4 and roles.count("unet_patch") == 6
+    for f in W.FILES.values():
+        assert (
+            f.url
+            == f"https://huggingface.co/LayerDiffusion/layerdiffusion-v1/resolve/{W.REVISION}/{f.name}.safetensors"
+        )
+        assert f.family in ("sd15", "sdxl")
+        assert f.family == ("sd15" if "sd15" in f.name else "sdxl")
+    assert sum(f.sha256 is not None for f in W.FILES.values()) == 12
+    assert [f.name for f in W.files_for("decoder", "sd15")] == ["layer_sd15_vae_transparent_decoder"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_load_decoder_full_size(decoder_file, decoder_state, dtype):
+    m = W.load_decoder(decoder_file, dtype=dtype)
+    assert isinstance(m, TransparentVAEDecoder) and not m.training
+    assert all(p.dtype == dtype and not p.requires_grad for p in m.parameters())
+    sd = m.state_dict()
+    assert sd.keys() == decoder_state.keys()
+    for k in ("conv_in.weight", "latent_conv_in.weight", "mid_block.attentions.0.to_q.weight"):
+        torch.testing.assert_close(sd[k].float(), decoder_state[k].half().float().to(dtype).float())
+
+
+def test_loaded_decoder_runs(decoder_file):
+    m = W.load_decoder(decoder_file)
+    with torch.no_grad():
+        y = m(torch.rand(1, 3, 64, 64), torch.randn(1, 4, 8, 8))
+    assert y.shape == (1, 4, 64, 64) and torch.isfinite(y).all()
+
+
+def test_load_encoder(encoder_file, encoder_state):
+    m = W.load_encoder(encoder_file, dtype=torch.float16)
+    assert isinstance(m, TransparentVAEEncoder)
+    torch.testing.assert_close(m.blocks[16].weight, encoder_state["blocks.16.weight"].half())
+
+
+def test_sd15_manifests_load_the_same(tmp_path):
+    path = tmp_path / "layer_sd15_vae_transparent_encoder.safetensors"
+    save_file(make_state_dict(manifest_shapes("layer_sd15_vae_transparent_encoder"), seed=5), str(path))
+    assert isinstance(W.load_encoder(path), TransparentVAEEncoder)
+
+
+# --- bad files ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def enc_state(encoder_state):
+    return dict(encoder_state)
+
+
+def save(tmp_path, name, state):
+    path = tmp_path / name
+    save_file(state, str(path))
+    return path
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(W.WeightFileError, match="not found: .*nothing.safetensors"):
+        W.load_encoder(tmp_path / "nothing.safetensors")
+
+
+def test_pickle_is_refused_and_never_unpickled(tmp_path, enc_state):
+    path = tmp_path / "vae_transparent_encoder.safetensors"
+    torch.save(enc_state, path)
+    with pytest.raises(W.WeightFileError, match="pickled PyTorch checkpoint.*safetensors only.*huggingface.co"):
+        W.load_encoder(path)
+    raw = tmp_path / "evil.ckpt"
+    raw.write_bytes(b"\x80\x04\x95" + b"\x00" * 64)
+    with pytest.raises(W.WeightFileError, match="pickled"):
+        W.load_encoder(raw)
+
+
+def test_not_safetensors(tmp_path):
+    path = tmp_path / "junk.safetensors"
+    path.write_bytes(b"<html>404 Not Found</html>" * 10)
+    with pytest.raises(W.WeightFileError, match="is not a safetensors file"):
+        W.load_decoder(path)
+    tiny = tmp_path / "tiny.safetensors"
+    tiny.write_bytes(b"abc")
+    with pytest.raises(W.WeightFileError, match="3 bytes, no safetensors header"):
+        W.load_decoder(tiny)
+    bad_json = tmp_path / "badjson.safetensors"
+    bad_json.write_bytes((10).to_bytes(8, "little") + b"{not json " + b"\x00" * 10)
+    with pytest.raises(W.WeightFileError, match="unreadable header"):
+        W.load_decoder(bad_json)
+
+
+def test_truncated_file(tmp_path, enc_state):
+    path = save(tmp_path, "vae_transparent_encoder.safetensors", enc_state)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(W.WeightFileError, match=r"truncated.*interrupted.*vae_transparent_encoder.safetensors"):
+        W.load_encoder(path)
+
+
+def test_truncated_decoder_full_size(tmp_path, decoder_file):
+    path = tmp_path / "vae_transparent_decoder.safetensors"
+    with open(decoder_file, "rb") as src, open(path, "wb") as dst:
+        dst.write(src.read(50_000_000))
+    with pytest.raises(W.WeightFileError, match="truncated"):
+        W.load_decoder(path)
+
+
+def test_missing_keys_are_named(tmp_path, enc_state):
+    del enc_state["blocks.16.weight"], enc_state["blocks.2.bias"]
+    path = save(tmp_path, "enc.safetensors", enc_state)
+    with pytest.raises(W.WeightFileError, match=r"2 missing keys \(blocks.16.weight, blocks.2.bias\)"):
+        W.load_encoder(path)
+
+
+def test_unexpected_keys_are_named(tmp_path, enc_state):
+    enc_state["blocks.18.weight"] = torch.zeros(3)
+    path = save(tmp_path, "enc.safetensors", enc_state)
+    with pytest.raises(W.WeightFileError, match=r"1 unexpected keys \(blocks.18.weight\)"):
+        W.load_encoder(path)
+
+
+def test_shape_mismatch_is_named(tmp_path, enc_state):
+    enc_state["blocks.0.weight"] = torch.zeros(32, 3, 3, 3)
+    path = save(tmp_path, "enc.safetensors", enc_state)
+    with pytest.raises(W.WeightFileError, match=r"blocks.0.weight: expected \[32, 4, 3, 3\], found \[32, 3, 3, 3\]"):
+        W.load_encoder(path)
+
+
+def test_integer_dtype_is_refused(tmp_path, enc_state):
+    enc_state["blocks.0.bias"] = torch.zeros(32, dtype=torch.int32)
+    path = save(tmp_path, "enc.safetensors", enc_state)
+    with pytest.raises(W.WeightFileError, match="unsupported tensor dtypes"):
+        W.load_encoder(path)
+
+
+def test_unet_patch_file_given_as_decoder(tmp_path):
+    state = {
+        "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight::lora::0": torch.zeros(640, 4),
+        "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight::lora::1": torch.zeros(4, 640),
+    }
+    path = save(tmp_path, "layer_xl_transparent_attn.safetensors", state)
+    with pytest.raises(
+        W.WeightFileError,
+        match="is an SDXL UNet patch file, not a transparent VAE decoder.*vae_transparent_decoder.safetensors",
+    ):
+        W.load_decoder(path)
+
+
+def test_attention_sharing_file_given_as_decoder(tmp_path):
+    shapes = manifest_shapes("layer_sd15_transparent_attn")
+    keys = sorted(shapes)[:6]
+    path = save(tmp_path, "layer_sd15_transparent_attn.safetensors", make_state_dict({k: shapes[k] for k in keys}))
+    with pytest.raises(W.WeightFileError, match="SD1.5 attention-sharing UNet file, not a transparent VAE decoder"):
+        W.load_decoder(path)
+
+
+def test_encoder_given_as_decoder_and_back(tmp_path, encoder_file, decoder_file):
+    with pytest.raises(W.WeightFileError, match="is a transparent VAE encoder, not a transparent VAE decoder"):
+        W.load_decoder(encoder_file)
+    with pytest.raises(W.WeightFileError, match="is a transparent VAE decoder, not a transparent VAE encoder"):
+        W.load_encoder(decoder_file)
+
+
+def test_corrupt_data_after_valid_header(tmp_path, enc_state):
+    """A header that promises fp32 data is honoured; a flipped dtype claim is caught by the reader."""
+    path = save(tmp_path, "enc.safetensors", enc_state)
+    data = bytearray(path.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    header = data[8 : 8 + n].replace(b'"F32"', b'"F64"', 1)  # now sizes disagree with offsets
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(bytes(data[:8]) + bytes(header) + bytes(data[8 + n :]))
+    with pytest.raises(W.WeightFileError, match="could not be read"):
+        W.load_encoder(bad)
+
+
+def test_sha256(tmp_path, encoder_file):
+    import hashlib
+
+    copy = tmp_path / "copy.safetensors"
+    shutil.copy(encoder_file, copy)
+    assert W.sha256_of(copy) == hashlib.sha256(copy.read_bytes()).hexdigest()
