@@ -1,0 +1,106 @@
+"""Command line for training: ``python -m lib_layerdiffuse.train <stage> ...``.
+
+Stages: ``vae`` (paper §3.1, latent-transparency encoder/decoder). ``diffusion`` (§3.2)
+and ``layers`` (§3.3) are reserved: they need the UNet side and are not implemented yet.
+
+The same command runs in one process, or distributed under torchrun:
+
+    python -m lib_layerdiffuse.train vae --synthetic 2048 --out runs/vae --steps 2000
+    torchrun --nproc_per_node 2 -m lib_layerdiffuse.train vae --synthetic 2048 --out runs/vae
+
+``--batch-size`` is per process: the global batch is ``batch_size * world_size``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+STAGES_PENDING = {
+    "diffusion": "§3.2 diffusion fine-tune on adjusted latents",
+    "layers": "§3.3 foreground/background LoRAs with attention sharing",
+}
+
+
+def _vae_parser(sub) -> None:
+    p = sub.add_parser("vae", help="train the latent-transparency encoder and decoder (paper §3.1)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="folder of RGBA images (PNG/WebP with alpha, any size)")
+    src.add_argument("--synthetic", type=int, metavar="N", help="use N generated RGBA samples instead")
+    p.add_argument("--out", required=True, help="output folder: exports, train_state, samples, logs")
+    p.add_argument("--steps", type=int, default=1000, help="total optimiser steps (a resumed run continues to this)")
+    p.add_argument("--batch-size", type=int, default=8, help="per process")
+    p.add_argument("--size", type=int, default=64, help="training side in pixels (multiple of 64 at full width)")
+    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate of E and D (paper: 1e-5)")
+    p.add_argument("--disc-lr", type=float, default=None, help="discriminator learning rate (default: --lr)")
+    p.add_argument("--lambda-offset", type=float, default=1e-2, help="offset scale (folded into the export)")
+    p.add_argument("--offset-dropout", type=float, default=0.0, help="drop this share of offsets (0.3: robust decoder)")
+    p.add_argument("--w-recon", type=float, default=1.0)
+    p.add_argument("--w-identity", type=float, default=1.0)
+    p.add_argument("--w-disc", type=float, default=0.01)
+    p.add_argument("--disc-start", type=int, default=0, help="first step with the adversarial loss")
+    p.add_argument("--widths", choices=["full", "tiny"], default="full", help="full = the official shapes")
+    p.add_argument("--disc-width", type=int, default=64, help="PatchGAN base channels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--sample-every", type=int, default=500, help="sample grid PNG every N steps (0: never)")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--eval-count", type=int, default=16, help="held-out samples evaluated at the end")
+    p.add_argument("--frozen-vae", metavar="MODULE:FUNC",
+                   help="callable returning the frozen VAE (encode -> (mean, std), decode); e.g. an SDVAEAdapter")  # fmt: skip
+    p.add_argument("--vae-path", help="stand-in tiny VAE file (default <out>/tiny_vae.safetensors, trained if absent)")
+    p.add_argument("--vae-width", type=int, default=32)
+    p.add_argument("--vae-steps", type=int, default=1000, help="pre-training steps of the tiny VAE")
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per process")
+    p.add_argument("--export-dtype", choices=["fp16", "fp32", "bf16"], default="fp16")
+    p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore <out>/train_state.safetensors")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dist-timeout", type=float, default=1800.0, help="seconds a rank waits for a dead peer")
+    p.add_argument("--trace-dir", default=None, help="write per-rank step traces (indices, losses, param digest)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lib_layerdiffuse.train", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="{vae,diffusion,layers}")
+    _vae_parser(sub)
+    for name, what in STAGES_PENDING.items():
+        sub.add_parser(name, help=f"{what} (not implemented yet)", add_help=True)
+    return parser
+
+
+def _load_callable(spec: str):
+    mod, _, fn = spec.partition(":")
+    if not fn:
+        raise SystemExit(f"--frozen-vae needs MODULE:FUNC, got {spec!r}")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.stage in STAGES_PENDING:
+        print(
+            f"stage '{args.stage}' ({STAGES_PENDING[args.stage]}) is not implemented yet: it needs the UNet side. "
+            "Only 'vae' runs today.",
+            file=sys.stderr,
+        )
+        return 2
+    from .training import dist
+    from .training.vae_stage import VAEStageConfig, train_vae_stage
+
+    fields = set(VAEStageConfig.__dataclass_fields__)
+    kwargs = {k: v for k, v in vars(args).items() if k in fields}
+    kwargs["synthetic"] = args.synthetic or 0  # None when --data was given
+    cfg = VAEStageConfig(**kwargs)
+    dist.init(cfg.device, timeout_s=args.dist_timeout)
+    frozen = _load_callable(args.frozen_vae)() if args.frozen_vae else None
+    try:
+        train_vae_stage(cfg, frozen_vae=frozen)
+    finally:
+        dist.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

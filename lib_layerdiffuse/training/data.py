@@ -1,0 +1,283 @@
+"""Training data: RGBA folders, a synthetic RGBA generator, and rank-aware batching.
+
+Every sample is a dict of float32 CHW tensors in [0, 1]:
+
+- ``rgba``: straight (not premultiplied) RGBA, alpha last;
+- ``alpha``: ``[1, H, W]``; ``padded``: the padded RGB ``I_c`` (core ``rgba.pad_rgb``,
+  the format the LayerDiffuse models were trained on);
+- ``premult``: the paper's premultiplied image ``I = I_c * I_alpha`` with RGB in [-1, 1],
+  stored in [0, 1] units, i.e. ``(I + 1) / 2`` = the RGBA flattened on 50% grey (core
+  ``rgba.flatten_on_grey``). This is what the frozen VAE encodes;
+- ``index``: the sample's index (for sharding checks).
+
+Batches are a pure function of (seed, step, rank): :class:`StepBatches` takes each
+epoch's order from :class:`torch.utils.data.distributed.DistributedSampler` (``set_epoch``),
+so every rank reads a disjoint shard, an epoch sees each sample once across ranks, and a
+resumed run continues with exactly the batches an uninterrupted one would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from .. import rgba as core_rgba
+
+IMAGE_SUFFIXES = {".png", ".webp"}
+HELD_OUT_OFFSET = 10_000_000  # synthetic indices from here on are never used for training
+
+
+class NoUsableImagesError(ValueError):
+    """A data folder without a single usable RGBA image; the message says what was found."""
+
+
+# ---------------------------------------------------------------------------------------
+# Preparation
+
+
+def resize_crop(rgba: np.ndarray, size: int) -> np.ndarray:
+    """Resize so the short side is ``size`` and centre-crop to ``size x size``.
+
+    Resizing is done on premultiplied colour (then divided back) so transparent pixels'
+    undefined colours do not bleed into visible edges.
+    """
+    h, w = rgba.shape[:2]
+    scale = size / min(h, w)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+        a = rgba[..., 3:]
+        pm = cv2.resize(np.ascontiguousarray(rgba[..., :3] * a), (nw, nh), interpolation=interp)
+        a = cv2.resize(np.ascontiguousarray(a), (nw, nh), interpolation=interp)[..., None].clip(0, 1)
+        c = np.where(a > 1e-6, pm / np.maximum(a, 1e-6), 0.0).clip(0, 1)
+        rgba = np.concatenate([c, a], axis=2).astype(np.float32)
+    top, left = (rgba.shape[0] - size) // 2, (rgba.shape[1] - size) // 2
+    return np.ascontiguousarray(rgba[top : top + size, left : left + size])
+
+
+def prepare(rgba: np.ndarray, index: int) -> dict:
+    """One training sample (see the module docstring) from an HxWx4 float32 straight RGBA."""
+    padded = core_rgba.pad_rgb(rgba)
+    premult = core_rgba.flatten_on_grey(rgba)
+
+    def chw(x):
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))).float()
+
+    return {
+        "rgba": chw(rgba),
+        "alpha": chw(rgba[..., 3:]),
+        "padded": chw(padded),
+        "premult": chw(premult),
+        "index": index,
+    }
+
+
+def usable(alpha: np.ndarray) -> str | None:
+    """None if the alpha has a transparent and a visible pixel, else why not (paper §3.4)."""
+    if alpha.min() >= 255:
+        return "no transparent pixel"
+    if alpha.max() <= 0:
+        return "no visible pixel"
+    return None
+
+
+def _read_rgba_uint8(path: Path) -> np.ndarray | str:
+    """HxWx4 uint8, or the reason it cannot be used."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+            if not has_alpha:
+                return f"no alpha channel (mode {im.mode})"
+            return np.array(im.convert("RGBA"))
+    except (OSError, ValueError) as e:
+        return f"unreadable ({type(e).__name__})"
+
+
+class RGBAFolder(Dataset):
+    """RGBA images (PNG or WebP with alpha, any size) under ``folder``, recursively.
+
+    Images without an alpha channel, without a transparent pixel or without a visible
+    pixel are dropped at construction (counted in ``self.rejected``); if none is left,
+    :class:`NoUsableImagesError` says what the folder held.
+    """
+
+    def __init__(self, folder: str | Path, size: int):
+        self.folder = Path(folder)
+        self.size = size
+        if not self.folder.is_dir():
+            raise NoUsableImagesError(f"data folder {self.folder} does not exist or is not a folder")
+        files = sorted(p for p in self.folder.rglob("*") if p.is_file())
+        images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+        self.paths: list[Path] = []
+        self.rejected: dict[str, int] = {}
+        for p in images:
+            img = _read_rgba_uint8(p)
+            reason = img if isinstance(img, str) else usable(img[..., 3])
+            if reason is None:
+                self.paths.append(p)
+            else:
+                self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        if not self.paths:
+            found = f"{len(files)} files, {len(images)} of them PNG/WebP"
+            if self.rejected:
+                found += "; rejected: " + ", ".join(f"{n} {why}" for why, n in sorted(self.rejected.items()))
+            raise NoUsableImagesError(
+                f"no usable RGBA images in {self.folder} ({found}). Training needs PNG/WebP images with an alpha "
+                "channel that have at least one transparent and one visible pixel."
+            )
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        img = _read_rgba_uint8(self.paths[i])
+        if isinstance(img, str):
+            raise NoUsableImagesError(f"{self.paths[i]} became unusable during training: {img}")
+        return prepare(resize_crop(img.astype(np.float32) / 255.0, self.size), i)
+
+
+# ---------------------------------------------------------------------------------------
+# Synthetic RGBA
+
+
+def _smooth_colour_field(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A smooth HxWx3 colour gradient so shapes are not flat."""
+    c0, c1 = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
+    ang = rng.uniform(0, 2 * math.pi)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
+    t = np.cos(ang) * xx + np.sin(ang) * yy
+    t = (t - t.min()) / max(float(np.ptp(t)), 1e-6)
+    return (c0 * (1 - t[..., None]) + c1 * t[..., None]).astype(np.float32)
+
+
+def _blur(mask: np.ndarray, sigma: float) -> np.ndarray:
+    return cv2.GaussianBlur(mask, (0, 0), sigma) if sigma > 0.3 else mask
+
+
+def _over(dst_pm: np.ndarray, dst_a: np.ndarray, colour: np.ndarray, alpha: np.ndarray):
+    """Porter-Duff 'over' in premultiplied space; alpha HxW."""
+    a = alpha[..., None]
+    return colour * a + dst_pm * (1 - a), a + dst_a * (1 - a)
+
+
+def synthetic_rgba(index: int, size: int, seed: int = 0) -> np.ndarray:
+    """A deterministic synthetic transparent image, HxWx4 float32 straight RGBA in [0, 1].
+
+    Seeded by (seed, index) only, so any rank can build any sample of its shard. Layers
+    composited 'over' a transparent canvas: soft opaque shapes, glass-like semi-transparent
+    panes, thin hair-like strokes and a radial glow. Always has a transparent and a
+    visible pixel.
+    """
+    rng = np.random.default_rng([seed, index])
+    pm = np.zeros((size, size, 3), np.float32)
+    acc = np.zeros((size, size, 1), np.float32)
+    s = size / 64.0  # features scale with the image
+    kinds = rng.choice(["shape", "glass", "hair", "glow"], size=rng.integers(2, 5), replace=True)
+    for kind in kinds:
+        colour = _smooth_colour_field(rng, size)
+        mask = np.zeros((size, size), np.float32)
+        if kind in ("shape", "glass"):
+            cx, cy = rng.uniform(0.2, 0.8, 2) * size
+            ax, ay = rng.uniform(0.1, 0.35, 2) * size
+            if rng.random() < 0.5:
+                cv2.ellipse(
+                    mask, (int(cx), int(cy)), (int(ax), int(ay)), rng.uniform(0, 180), 0, 360, 1.0, -1, cv2.LINE_AA
+                )
+            else:
+                pts = (rng.uniform(0.1, 0.9, (rng.integers(3, 7), 2)) * size).astype(np.int32)
+                cv2.fillPoly(mask, [cv2.convexHull(pts)], 1.0, cv2.LINE_AA)
+            mask = _blur(mask, rng.uniform(0.0, 2.0) * s)
+            if kind == "glass":  # low, uneven opacity with a brighter rim
+                rim = np.clip(mask - _blur(mask, 3.0 * s), 0, 1) * 2
+                mask = np.clip(mask * rng.uniform(0.15, 0.55) + rim * 0.4, 0, 1)
+                colour = np.clip(colour * 0.5 + 0.5, 0, 1)
+        elif kind == "hair":
+            base = rng.uniform(0.2, 0.8, 2) * size
+            for _ in range(rng.integers(4, 12)):
+                t = np.linspace(0, 1, 8)[:, None]
+                direction = rng.normal(0, 1, 2) * size * 0.5
+                bend = rng.normal(0, 1, 2) * size * 0.15
+                pts = base + t * direction + np.sin(t * math.pi) * bend + rng.normal(0, 0.05 * size, 2)
+                cv2.polylines(mask, [pts.astype(np.int32)], False, float(rng.uniform(0.5, 1.0)), 1, cv2.LINE_AA)
+            mask = np.clip(mask, 0, 1)
+        else:  # glow: a Gaussian falloff of a bright colour
+            cx, cy = rng.uniform(0.2, 0.8, 2) * size
+            r = rng.uniform(0.08, 0.3) * size
+            yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+            mask = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r)) * rng.uniform(0.6, 1.0)
+            colour = np.clip(colour * 0.3 + 0.7, 0, 1)
+        pm, acc = _over(pm, acc, colour, mask.astype(np.float32))
+    acc = np.clip(acc, 0, 1)
+    if acc.max() <= 0:  # rare: every layer fell outside; put a dot in the middle
+        acc[size // 2, size // 2] = 1.0
+        pm[size // 2, size // 2] = 0.5
+    if acc.min() >= 1:  # rare: fully covered; clear a corner
+        acc[0, 0] = 0.0
+        pm[0, 0] = 0.0
+    straight = np.where(acc > 1e-6, pm / np.maximum(acc, 1e-6), 0.0).clip(0, 1)
+    return np.concatenate([straight, acc], axis=2).astype(np.float32)
+
+
+class SyntheticRGBA(Dataset):
+    """``n`` synthetic samples; item i is ``synthetic_rgba(offset + i, size, seed)``."""
+
+    def __init__(self, n: int, size: int, seed: int = 0, offset: int = 0):
+        if n <= 0:
+            raise ValueError(f"synthetic sample count must be positive, got {n}")
+        self.n, self.size, self.seed, self.offset = n, size, seed, offset
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        return prepare(synthetic_rgba(self.offset + i, self.size, self.seed), i)
+
+
+# ---------------------------------------------------------------------------------------
+# Batching
+
+
+class StepBatches:
+    """Index lists for steps ``start .. stop - 1`` of one rank; usable as a ``batch_sampler``.
+
+    Step ``s`` is batch ``s % per_epoch`` of epoch ``s // per_epoch`` of this rank's
+    :class:`DistributedSampler` shard (shuffled with ``seed + epoch``, incomplete shards and
+    batches dropped so every rank takes the same number of steps).
+    """
+
+    def __init__(self, dataset_len: int, batch_size: int, rank: int, world_size: int, seed: int,
+                 start: int = 0, stop: int = 0, shuffle: bool = True):  # fmt: skip
+        self.sampler = DistributedSampler(
+            range(dataset_len), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=True
+        )
+        self.batch_size = batch_size
+        self.per_epoch = len(self.sampler) // batch_size
+        if self.per_epoch == 0:
+            raise ValueError(
+                f"{dataset_len} samples are too few for {world_size} process(es) x batch {batch_size}: "
+                f"each step needs {world_size * batch_size}"
+            )
+        self.start, self.stop = start, stop
+        self._epoch, self._order = None, None
+
+    def indices(self, step: int) -> list[int]:
+        epoch, j = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            self.sampler.set_epoch(epoch)
+            self._epoch, self._order = epoch, list(self.sampler)
+        return self._order[j * self.batch_size : (j + 1) * self.batch_size]
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            yield self.indices(step)
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)

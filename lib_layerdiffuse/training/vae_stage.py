@@ -1,0 +1,458 @@
+"""Stage 1 (paper §3.1): train the latent-transparency encoder E and decoder D.
+
+Against a frozen VAE (``encode(rgb01) -> (mean, std)``, ``decode(latent) -> rgb01``,
+unscaled latents): the user's SD/SDXL VAE through :class:`~.models.SDVAEAdapter`, or,
+where none can be downloaded, a :class:`~.models.TinyKLVAE` that this stage first trains
+on synthetic RGB and then freezes.
+
+One step, for a batch of RGBA samples (``data.prepare``):
+
+    mean, std = VAE.encode(I)                      I = premultiplied image (frozen, no grad)
+    x_eps     = lambda_offset * std * E(I_alpha, I_c)   (Eq. 2 with the paper's scaling)
+    x_a       = mean + x_eps
+    I_hat     = VAE.decode(x_a)                    (frozen weights, gradient flows to E)
+    [a, c]    = D(clamp(I_hat, 0, 1), x_a)         (Eq. 3; 30 % of x_eps dropped if asked)
+    L_vae     = 1 * L_recon + 1 * L_identity + 0.01 * L_disc          (Eq. 6)
+
+then one step of the PatchGAN discriminator. Distributed under torchrun: E+D and the
+discriminator are DDP-wrapped, the frozen VAE is not; rank 0 alone writes checkpoints,
+samples and logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from torch.utils.data import DataLoader
+
+from .. import rgba as core_rgba
+from . import checkpoint as ckpt
+from . import data as tdata
+from . import dist
+from .models import PatchDiscriminator, TinyKLVAE, TrainDecoder, TrainEncoder, Widths
+
+TINY_VAE_FILE = "tiny_vae.safetensors"
+
+
+# ---------------------------------------------------------------------------------------
+# Losses (images in [0, 1] in, the paper's units inside: RGB in [-1, 1], alpha in [0, 1])
+
+
+def to_paper_units(alpha: torch.Tensor, rgb01: torch.Tensor) -> torch.Tensor:
+    """``[alpha, 2 * rgb - 1]``: the discriminator's input, in the paper's value ranges."""
+    return torch.cat([alpha, rgb01 * 2 - 1], dim=1)
+
+
+def identity_loss(premult01: torch.Tensor, decoded01: torch.Tensor) -> torch.Tensor:
+    """Eq. 1: ``L_identity = ||I - D*_sd(E*_sd(I) + x_eps)||^2`` (mean squared error).
+
+    ``I`` is the premultiplied image; both arguments in [0, 1] units, the error is taken in
+    the paper's [-1, 1] RGB (a factor 4 over [0, 1]).
+    """
+    return F.mse_loss(decoded01 * 2 - 1, premult01 * 2 - 1)
+
+
+def recon_loss(raw: torch.Tensor, padded01: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Eq. 4: ``L_recon = ||I_c - I_c_hat||^2 + ||I_alpha - I_alpha_hat||^2``.
+
+    raw: D's unclipped ``[B, 4, H, W]`` (alpha first). ``I_c`` is the padded RGB (defined
+    everywhere), compared in [-1, 1]; alpha in [0, 1].
+    """
+    colour = F.mse_loss(raw[:, 1:4] * 2 - 1, padded01 * 2 - 1)
+    return colour + F.mse_loss(raw[:, :1], alpha)
+
+
+def generator_adversarial_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """Eq. 5, generator side: the hinge-GAN ``-E[Disc(D(...))]`` on ``[I_alpha_hat, I_c_hat]``."""
+    return -logits_fake.mean()
+
+
+def discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Eq. 5, discriminator side: hinge loss ``E[relu(1 - real)] + E[relu(1 + fake)]``."""
+    return F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean()
+
+
+def vae_objective(l_recon, l_identity, l_disc, w_recon=1.0, w_identity=1.0, w_disc=0.01) -> torch.Tensor:
+    """Eq. 6: ``L_vae = lambda_recon L_recon + lambda_identity L_identity + lambda_disc L_disc`` (1, 1, 0.01)."""
+    return w_recon * l_recon + w_identity * l_identity + w_disc * l_disc
+
+
+# ---------------------------------------------------------------------------------------
+# The trained pair
+
+
+class LatentTransparencyPair(nn.Module):
+    """E and D in one module so that one DDP wrapper covers both; the frozen VAE is held
+    outside the module tree (not a submodule: never replicated, never in the gradients)."""
+
+    def __init__(self, encoder: TrainEncoder, decoder: TrainDecoder, frozen_vae: nn.Module, lambda_offset: float):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.lambda_offset = lambda_offset
+        self._frozen = (frozen_vae,)  # a tuple is not registered as a submodule
+
+    @property
+    def frozen_vae(self) -> nn.Module:
+        return self._frozen[0]
+
+    def forward(self, alpha, padded, premult, keep: torch.Tensor | None = None):
+        vae = self.frozen_vae
+        with torch.no_grad():
+            mean, std = vae.encode(premult)
+        offset = self.encoder(torch.cat([alpha, padded], dim=1))
+        x_eps = self.lambda_offset * std * offset
+        x_a = mean + x_eps
+        decoded = vae.decode(x_a)
+        x_in, pixel = x_a, decoded
+        if keep is not None and bool((keep < 1).any()):
+            # robust decoder (§4, Fig. 15): some samples reach D without their offset
+            k = keep.to(x_a.dtype).view(-1, 1, 1, 1)
+            drop = (keep < 1).nonzero().flatten()
+            with torch.no_grad():
+                plain = decoded.detach().clone()
+                plain[drop] = vae.decode(mean[drop])
+            x_in = mean + x_eps * k
+            pixel = decoded * k + plain * (1 - k)
+        raw = self.decoder(pixel.clamp(0, 1), x_in)
+        return raw, decoded, mean
+
+
+def keep_mask(indices: list[int], step: int, p: float, seed: int) -> torch.Tensor | None:
+    """Per-sample offset keep flags, a function of (seed, step, sample index) only, so a
+    DDP step draws the same flags as one process on the combined batch."""
+    if p <= 0:
+        return None
+    flags = []
+    for i in indices:
+        g = torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_000_033 + int(i)) % (2**63))
+        flags.append(float(torch.rand(1, generator=g).item() >= p))
+    return torch.tensor(flags)
+
+
+# ---------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class VAEStageConfig:
+    out: str
+    data: str | None = None  # folder of RGBA images; or
+    synthetic: int = 0  # this many synthetic samples
+    steps: int = 1000
+    batch_size: int = 8  # per process
+    size: int = 64
+    lr: float = 1e-5
+    disc_lr: float | None = None  # default: lr
+    lambda_offset: float = 1e-2
+    offset_dropout: float = 0.0  # 0.3 for the paper's robust decoder
+    w_recon: float = 1.0
+    w_identity: float = 1.0
+    w_disc: float = 0.01
+    disc_start: int = 0
+    widths: str = "full"  # full | tiny
+    disc_width: int = 64
+    seed: int = 0
+    save_every: int = 500
+    sample_every: int = 500
+    log_every: int = 10
+    eval_count: int = 16
+    vae_path: str | None = None  # tiny VAE file; default <out>/tiny_vae.safetensors
+    vae_width: int = 32
+    vae_steps: int = 1000
+    vae_lr: float = 1e-3
+    num_workers: int = 0
+    export_dtype: str = "fp16"
+    resume: bool = True
+    device: str | None = None
+    trace_dir: str | None = None  # per-rank JSON lines of each step (tests, debugging)
+
+
+# ---------------------------------------------------------------------------------------
+# Progress
+
+
+class Progress:
+    """tqdm on rank 0 when installed, else a log line every ``log_every`` steps; silent elsewhere."""
+
+    def __init__(self, total: int, start: int, enabled: bool, log_every: int, label: str):
+        self.enabled, self.log_every, self.label, self.total = enabled, max(1, log_every), label, total
+        self.t0, self.s0 = time.perf_counter(), start
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, initial=start, desc=label, dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def update(self, step: int, logs: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        text = " ".join(f"{k}={v:.4g}" for k, v in logs.items())
+        if self.bar is not None:
+            self.bar.update(1)
+            if logs:
+                self.bar.set_postfix_str(text)
+            return
+        done = step + 1
+        if logs and (done % self.log_every == 0 or done == self.total):
+            rate = (done - self.s0) / max(time.perf_counter() - self.t0, 1e-9)
+            print(f"[{self.label}] step {done}/{self.total} {text} ({rate:.2f} steps/s)", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers
+
+
+def build_dataset(cfg: VAEStageConfig) -> torch.utils.data.Dataset:
+    if (cfg.data is None) == (cfg.synthetic <= 0):
+        raise ValueError("give exactly one of --data DIR or --synthetic N")
+    if cfg.data is not None:
+        return tdata.RGBAFolder(cfg.data, cfg.size)
+    return tdata.SyntheticRGBA(cfg.synthetic, cfg.size, seed=cfg.seed)
+
+
+def held_out(cfg: VAEStageConfig, train_set) -> torch.utils.data.Dataset:
+    """Held-out synthetic samples (indices never trained on); for folder data, its first images."""
+    if isinstance(train_set, tdata.SyntheticRGBA):
+        return tdata.SyntheticRGBA(cfg.eval_count, cfg.size, seed=cfg.seed, offset=tdata.HELD_OUT_OFFSET)
+    return torch.utils.data.Subset(train_set, range(min(cfg.eval_count, len(train_set))))
+
+
+def _loader(dataset, batches: tdata.StepBatches, num_workers: int):
+    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, persistent_workers=False)
+
+
+def pretrain_tiny_vae(cfg: VAEStageConfig, info: dist.DistInfo, path: Path) -> TinyKLVAE:
+    """Train the stand-in KL VAE on synthetic RGB (premultiplied and padded views), save it
+    (rank 0) and return it frozen. Uses its own synthetic stream (seed + 1)."""
+    torch.manual_seed(cfg.seed + 1)
+    vae = TinyKLVAE(cfg.vae_width).to(info.device)
+    model = dist.wrap(vae, info)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    n = max(cfg.synthetic, 256 * info.world_size)
+    ds = tdata.SyntheticRGBA(n, cfg.size, seed=cfg.seed + 1)
+    batches = tdata.StepBatches(len(ds), cfg.batch_size, info.rank, info.world_size, cfg.seed + 1, 0, cfg.vae_steps)
+    bar = Progress(cfg.vae_steps, 0, info.is_main, cfg.log_every, "tiny-vae")
+    for step, batch in enumerate(_loader(ds, batches, cfg.num_workers)):
+        x = torch.cat([batch["premult"], batch["padded"]]).to(info.device)
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + step * 1000 + info.rank)
+        noise = torch.randn((x.shape[0], 4, x.shape[2] // 8, x.shape[3] // 8), generator=g).to(info.device)
+        loss, rec = model(x, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.update(step, dist.mean_across_ranks({"loss": loss.item(), "mse": rec.item()}, info))
+    bar.close()
+    if info.is_main:
+        ckpt.atomic_save(vae.state_dict(), path, {"width": str(cfg.vae_width), "steps": str(cfg.vae_steps)})
+    dist.barrier()
+    return dist.freeze(vae)
+
+
+def load_tiny_vae(path: Path, device) -> TinyKLVAE:
+    meta = ckpt.read_metadata(path)
+    from safetensors.torch import load_file
+
+    vae = TinyKLVAE(int(meta.get("width", 32)))
+    vae.load_state_dict(load_file(str(path)), strict=True)
+    return dist.freeze(vae.to(device))
+
+
+def frozen_vae_for(cfg: VAEStageConfig, info: dist.DistInfo) -> nn.Module:
+    path = Path(cfg.vae_path) if cfg.vae_path else Path(cfg.out) / TINY_VAE_FILE
+    if path.exists():
+        return load_tiny_vae(path, info.device)
+    pretrain_tiny_vae(cfg, info, path)
+    return load_tiny_vae(path, info.device)  # every rank reads rank 0's file: identical weights
+
+
+def _param_digest(module: nn.Module) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in module.parameters():
+        h.update(p.detach().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_sample_grid(path: Path, batch: dict, raw: torch.Tensor, decoded: torch.Tensor, n: int = 4) -> Path:
+    """Rows: target RGBA, D's RGBA, frozen VAE decode; RGBA shown over the checkerboard."""
+    n = min(n, raw.shape[0])
+    rows = [[], [], []]
+    for i in range(n):
+        target = batch["rgba"][i].permute(1, 2, 0).numpy()
+        rows[0].append(core_rgba.checkerboard_preview(target))
+        rows[1].append(core_rgba.checkerboard_preview(core_rgba.from_decoder(raw[i])))
+        rows[2].append(decoded[i].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy())
+    grid = np.concatenate([np.concatenate(r, axis=1) for r in rows], axis=0)
+    grid = np.concatenate([grid, np.ones_like(grid[..., :1])], axis=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return core_rgba.write_png(path, grid)
+
+
+@torch.no_grad()
+def evaluate(pair: LatentTransparencyPair, dataset, device, batch_size: int = 8) -> dict[str, float]:
+    """Alpha PSNR, colour PSNR (alpha-weighted, visible pixels), L_identity and the frozen
+    VAE's own reconstruction error ``||I - D_sd(E_sd(I))||^2`` (both in [-1, 1] units)."""
+    pair.eval()
+    se_a = se_c = w_c = ident = own = 0.0
+    count = 0
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        b = {k: torch.stack([it[k] for it in items]).to(device) for k in ("alpha", "padded", "premult")}
+        raw, decoded, mean = pair(b["alpha"], b["padded"], b["premult"])
+        y = raw.clamp(0, 1)
+        se_a += float(((y[:, :1] - b["alpha"]) ** 2).sum()) / b["alpha"][0].numel()
+        wa = b["alpha"]
+        se_c += float((((y[:, 1:] - b["padded"]) ** 2) * wa).sum())
+        w_c += float(wa.sum()) * 3
+        ident += float(identity_loss(b["premult"], decoded)) * len(items)
+        own += float(identity_loss(b["premult"], pair.frozen_vae.decode(mean))) * len(items)
+        count += len(items)
+    pair.train()
+    mse_a, mse_c = se_a / count, se_c / max(w_c, 1e-9)
+    return {
+        "alpha_psnr": 10 * math.log10(1 / max(mse_a, 1e-12)),
+        "colour_psnr": 10 * math.log10(1 / max(mse_c, 1e-12)),
+        "identity": ident / count,
+        "vae_own_error": own / count,
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# The stage
+
+
+def train_vae_stage(cfg: VAEStageConfig, frozen_vae: nn.Module | None = None) -> dict:
+    """Run the stage (single process, or one rank of a torchrun job). Returns a summary."""
+    info = dist.init(cfg.device)
+    out = Path(cfg.out)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    widths = Widths.named(cfg.widths)
+    if cfg.size % widths.multiple:
+        raise ValueError(f"--size {cfg.size} must be a multiple of {widths.multiple} for the {cfg.widths} decoder")
+    dataset = build_dataset(cfg)
+
+    if frozen_vae is None:
+        frozen_vae = frozen_vae_for(cfg, info)
+    frozen_vae = dist.freeze(frozen_vae.to(info.device))
+
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    encoder, decoder = TrainEncoder(widths.encoder), TrainDecoder(widths.decoder, widths.decoder_attn_from)
+    pair = LatentTransparencyPair(encoder, decoder, frozen_vae, cfg.lambda_offset).to(info.device)
+    disc = PatchDiscriminator(4, cfg.disc_width).to(info.device)
+    opt_g = torch.optim.AdamW(pair.parameters(), lr=cfg.lr)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr or cfg.lr)
+    modules, optims = {"pair": pair, "disc": disc}, {"g": opt_g, "d": opt_d}
+
+    state_path = out / ckpt.STATE_FILE
+    start = 0
+    if cfg.resume and state_path.exists():
+        meta = ckpt.read_metadata(state_path)
+        if meta.get("widths") and json.loads(meta["widths"]) != widths.as_dict():
+            raise ValueError(f"{state_path} was trained with widths {meta['widths']}, not {widths.as_dict()}")
+        start = ckpt.load_state(state_path, modules, optims)
+        if info.is_main:
+            print(f"[vae] resuming from {state_path} at step {start}", flush=True)
+
+    pair_t, disc_t = dist.wrap(pair, info), dist.wrap(disc, info)
+    batches = tdata.StepBatches(len(dataset), cfg.batch_size, info.rank, info.world_size, cfg.seed, start, cfg.steps)
+    eval_set = held_out(cfg, dataset) if cfg.eval_count > 0 else None
+    meta_common = {"widths": json.dumps(widths.as_dict()), "config": json.dumps(dataclasses.asdict(cfg))}
+    trace = None
+    if cfg.trace_dir:
+        Path(cfg.trace_dir).mkdir(parents=True, exist_ok=True)
+        trace = open(Path(cfg.trace_dir) / f"rank{info.rank}.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+
+    def save(step_done: int) -> None:
+        if not info.is_main:
+            return
+        meta = {**meta_common, "step": str(step_done)}
+        ckpt.export(encoder, decoder, out, cfg.lambda_offset, cfg.export_dtype, meta)
+        ckpt.save_state(state_path, modules, optims, step_done, meta_common)
+
+    bar = Progress(cfg.steps, start, info.is_main, cfg.log_every, "vae")
+    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if info.is_main else None  # noqa: SIM115
+    last_logs: dict[str, float] = {}
+    step = start - 1
+    t0 = time.perf_counter()
+    try:
+        for step, batch in zip(range(start, cfg.steps), _loader(dataset, batches, cfg.num_workers), strict=True):
+            alpha, padded, premult = (batch[k].to(info.device) for k in ("alpha", "padded", "premult"))
+            indices = [int(i) for i in batch["index"]]
+            keep = keep_mask(indices, step, cfg.offset_dropout, cfg.seed)
+            raw, decoded, _ = pair_t(alpha, padded, premult, None if keep is None else keep.to(info.device))
+            l_id = identity_loss(premult, decoded)
+            l_rec = recon_loss(raw, padded, alpha)
+            use_disc = cfg.w_disc > 0 and step >= cfg.disc_start
+            fake = to_paper_units(raw[:, :1], raw[:, 1:4])
+            if use_disc:
+                # the discriminator's weights as constants: gradients reach E and D only
+                frozen_params = {k: v.detach() for k, v in disc.named_parameters()}
+                l_adv = generator_adversarial_loss(functional_call(disc, frozen_params, (fake,)))
+            else:
+                l_adv = raw.new_zeros(())
+            loss = vae_objective(l_rec, l_id, l_adv, cfg.w_recon, cfg.w_identity, cfg.w_disc)
+            opt_g.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_g.step()
+            logs = {"loss": loss.item(), "recon": l_rec.item(), "identity": l_id.item(), "adv": l_adv.item()}
+            if use_disc:
+                real = to_paper_units(alpha, padded)
+                logits = disc_t(torch.cat([real, fake.detach()]))
+                l_d = discriminator_loss(logits[: real.shape[0]], logits[real.shape[0] :])
+                opt_d.zero_grad(set_to_none=True)
+                l_d.backward()
+                opt_d.step()
+                logs["disc"] = l_d.item()
+            if trace is not None:
+                trace.write(json.dumps({"step": step, "rank": info.rank, "indices": indices, **logs,
+                                        "params": _param_digest(pair)}) + "\n")  # fmt: skip
+                trace.flush()
+            done = step + 1
+            want_log = done % cfg.log_every == 0 or done == cfg.steps
+            if want_log:  # a collective: every rank takes part
+                last_logs = dist.mean_across_ranks(logs, info)
+                if metrics is not None:
+                    metrics.write(json.dumps({"step": done, **last_logs}) + "\n")
+                    metrics.flush()
+            bar.update(step, last_logs if want_log else {})
+            if done % cfg.save_every == 0 or done == cfg.steps:
+                save(done)
+            if info.is_main and cfg.sample_every > 0 and (done % cfg.sample_every == 0 or done == cfg.steps):
+                save_sample_grid(out / "samples" / f"step_{done:07d}.png", batch, raw.detach().cpu(), decoded.cpu())
+    finally:
+        bar.close()
+        if trace is not None:
+            trace.close()
+        if metrics is not None:
+            metrics.close()
+    elapsed = time.perf_counter() - t0
+    summary = {"step": max(step + 1, start), "steps_run": max(step + 1 - start, 0), "seconds": elapsed,
+               "world_size": info.world_size, **{f"last_{k}": v for k, v in last_logs.items()}}  # fmt: skip
+    if info.is_main and cfg.eval_count > 0:
+        summary.update(evaluate(pair, eval_set, info.device))
+        with open(out / "summary.json", "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=1)
+        print("[vae] " + json.dumps(summary), flush=True)
+    dist.barrier()
+    return summary
