@@ -1,0 +1,139 @@
+"""The one mode table. The UI, the infotext parser, validation and the pipeline all read it.
+
+Labels are the official extension's, so its infotexts and API clients keep working; the
+six SDXL labels had no ``(SDXL) `` prefix before March 2024 and still resolve.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
+
+
+@dataclass(frozen=True)
+class Mode:
+    key: str  # the official enum name
+    label: str  # the official dropdown label
+    family: str  # "sd15" | "sdxl"
+    unet_file: str  # weight file stem of the UNet side
+    apply: str  # "attention_sharing" | "lora" | "diff"
+    frames: tuple[str, ...]  # what each image of a group is, in batch order
+    decode: tuple[int, ...] = ()  # indices within a group that get an RGBA decode
+    inputs: tuple[str, ...] = ()  # required layer images: "fg", "bg", "blend"
+    control: str | None = None  # SD1.5: the layer image fed to the control encoder
+    concat: tuple[str, ...] = ()  # SDXL: layer images concatenated after the noisy latent, in order
+    prompts: tuple[str, ...] = ()  # per-frame additional prompts ("fg"/"bg"/"blend"), frame order
+
+    @property
+    def group(self) -> int:
+        """Images per group: the batch size must be a multiple of this."""
+        return len(self.frames)
+
+    @property
+    def decoder_file(self) -> str | None:
+        if not self.decode:
+            return None
+        return "layer_sd15_vae_transparent_decoder" if self.family == "sd15" else "vae_transparent_decoder"
+
+    @property
+    def encoder_file(self) -> str | None:
+        """img2img: the modes that decode RGBA also encode RGBA init images."""
+        if not self.decode:
+            return None
+        return "layer_sd15_vae_transparent_encoder" if self.family == "sd15" else "vae_transparent_encoder"
+
+    @property
+    def uses_weight(self) -> bool:
+        return self.apply in ("lora", "diff")
+
+    @property
+    def uses_resize(self) -> bool:
+        return bool(self.inputs)
+
+    @property
+    def concat_channels(self) -> int:
+        return 4 * len(self.concat)
+
+    @property
+    def family_name(self) -> str:
+        return FAMILY_NAMES[self.family]
+
+    def is_decoded(self, index: int) -> bool:
+        """Whether image ``index`` of the batch (global index) gets an RGBA decode."""
+        return index % self.group in self.decode
+
+    def frame_name(self, index: int) -> str:
+        return self.frames[index % self.group]
+
+
+MODES: tuple[Mode, ...] = (
+    Mode("FG_ONLY_ATTN_SD15", "(SD1.5) Only Generate Transparent Image (Attention Injection)", "sd15",
+         "layer_sd15_transparent_attn", "attention_sharing", ("foreground",), decode=(0,)),
+    Mode("FG_TO_BG_SD15", "(SD1.5) From Foreground to Background (need batch size 2)", "sd15",
+         "layer_sd15_fg2bg", "attention_sharing", ("background", "blended"),
+         inputs=("fg",), control="fg", prompts=("bg", "blend")),
+    Mode("BG_TO_FG_SD15", "(SD1.5) From Background to Foreground (need batch size 2)", "sd15",
+         "layer_sd15_bg2fg", "attention_sharing", ("foreground", "blended"), decode=(0,),
+         inputs=("bg",), control="bg", prompts=("fg", "blend")),
+    Mode("JOINT_SD15", "(SD1.5) Generate Everything Together (need batch size 3)", "sd15",
+         "layer_sd15_joint", "attention_sharing", ("foreground", "background", "blended"), decode=(0,),
+         prompts=("fg", "bg", "blend")),
+    Mode("FG_ONLY_ATTN", "(SDXL) Only Generate Transparent Image (Attention Injection)", "sdxl",
+         "layer_xl_transparent_attn", "lora", ("foreground",), decode=(0,)),
+    Mode("FG_ONLY_CONV", "(SDXL) Only Generate Transparent Image (Conv Injection)", "sdxl",
+         "layer_xl_transparent_conv", "diff", ("foreground",), decode=(0,)),
+    Mode("FG_TO_BLEND", "(SDXL) From Foreground to Blending", "sdxl",
+         "layer_xl_fg2ble", "diff", ("blended",), inputs=("fg",), concat=("fg",)),
+    Mode("FG_BLEND_TO_BG", "(SDXL) From Foreground and Blending to Background", "sdxl",
+         "layer_xl_fgble2bg", "diff", ("background",), inputs=("fg", "blend"), concat=("fg", "blend")),
+    Mode("BG_TO_BLEND", "(SDXL) From Background to Blending", "sdxl",
+         "layer_xl_bg2ble", "diff", ("blended",), inputs=("bg",), concat=("bg",)),
+    Mode("BG_BLEND_TO_FG", "(SDXL) From Background and Blending to Foreground", "sdxl",
+         "layer_xl_bgble2fg", "diff", ("foreground",), decode=(0,), inputs=("bg", "blend"), concat=("bg", "blend")),
+)  # fmt: skip
+
+DEFAULT = MODES[4]  # SDXL attention injection, as the official
+LABELS = [m.label for m in MODES]
+INPUT_NAMES = {"fg": "Foreground", "bg": "Background", "blend": "Blending"}
+RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
+DEFAULT_RESIZE = "Crop and Resize"
+
+_LOOKUP: dict[str, Mode] = {}
+for _m in MODES:
+    _LOOKUP[_m.label] = _m
+    _LOOKUP[_m.key] = _m
+    if _m.family == "sdxl":  # pre-March-2024 labels
+        _LOOKUP[_m.label.removeprefix("(SDXL) ")] = _m
+
+
+def resolve(name: str) -> Mode:
+    """A mode by label (current or legacy) or enum name; a clear error otherwise."""
+    mode = _LOOKUP.get(str(name).strip())
+    if mode is None:
+        raise ValueError(f"Unknown LayerDiffuse method {name!r}. Valid methods: " + "; ".join(LABELS))
+    return mode
+
+
+def check_batch(mode: Mode, batch_size: int) -> None:
+    if batch_size % mode.group:
+        raise ValueError(
+            f"'{mode.label}' generates groups of {mode.group} images ({', '.join(mode.frames)}): "
+            f"the batch size must be a multiple of {mode.group}, but it is {batch_size}. "
+            f"Set Batch size to {max(mode.group, batch_size - batch_size % mode.group)}."
+        )
+
+
+def check_family(mode: Mode, model_family: str | None) -> None:
+    """Refuse an SD1.5 mode on an SDXL model and the reverse, before any weight is touched."""
+    if model_family == mode.family:
+        return
+    found = FAMILY_NAMES.get(model_family or "", model_family or "an unrecognised architecture")
+    raise ValueError(
+        f"'{mode.label}' needs an {mode.family_name} checkpoint, but the loaded model is {found}. "
+        f"Load an {mode.family_name} checkpoint or pick a "
+        f"{'(SDXL)' if mode.family == 'sd15' else '(SD1.5)'} method that matches {found}."
+        if model_family in FAMILY_NAMES
+        else f"'{mode.label}' needs an {mode.family_name} checkpoint, but the loaded model is {found}. "
+        f"LayerDiffuse supports SD1.5 and SDXL models only."
+    )

@@ -1,0 +1,70 @@
+"""Host-independent facts about the denoising UNet: its family, and the Stop At threshold."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# attn2 context width -> family: SD1.5 768, SD2 1024, SDXL 2048
+_CONTEXT_FAMILY = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
+
+
+def detect_family(unet: nn.Module) -> str | None:
+    """``"sd15"``, ``"sdxl"``, ``"sd2"`` or None, from an ldm/sgm UNet's parameter names and shapes.
+
+    Reads the cross-attention context width (768 / 1024 / 2048); a UNet without
+    cross-attention, or of another layout (Flux, SD3, ...), gives None.
+    """
+    for name, p in unet.named_parameters():
+        if name.endswith("attn2.to_k.weight"):
+            return _CONTEXT_FAMILY.get(p.shape[1])
+    return None
+
+
+def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+
+
+def percent_to_sigma(alphas_cumprod: torch.Tensor, percent: float) -> float:
+    """Forge's ``predictor.percent_to_sigma`` computed from a model's ``alphas_cumprod``.
+
+    p <= 0 gives a huge sigma (Stop At 0: never patched), p >= 1 gives 0 (patched to the
+    end); otherwise the sigma at timestep ``(1 - p) * 999``, interpolated log-linearly
+    between the discrete sigmas ``sqrt((1 - acp) / acp)``.
+    """
+    if percent <= 0.0:
+        return 999999999.9
+    if percent >= 1.0:
+        return 0.0
+    log_sigmas = sigmas_from_alphas_cumprod(alphas_cumprod.detach().float().cpu()).log()
+    t = min(max((1.0 - percent) * 999.0, 0.0), len(log_sigmas) - 1)
+    lo, hi = int(t // 1), int(-(-t // 1))
+    w = t - lo
+    return float(((1 - w) * log_sigmas[lo] + w * log_sigmas[hi]).exp())
+
+
+class StopAt:
+    """Turns LayerDiffuse off for the rest of sampling once sigma falls below a threshold.
+
+    ``StopAt(alphas_cumprod, stop_at, on_stop)``; call ``step(sigma)`` before each UNet
+    call. ``on_stop`` runs once, at the first sigma below the threshold (the official
+    compares ``sigma < sigma_end``), and the switch stays off for that sampling pass.
+    """
+
+    def __init__(self, alphas_cumprod: torch.Tensor | None, stop_at: float, on_stop):
+        self.sigma_end = 0.0 if alphas_cumprod is None else percent_to_sigma(alphas_cumprod, stop_at)
+        if alphas_cumprod is None and stop_at <= 0:
+            self.sigma_end = 999999999.9
+        self.on_stop = on_stop
+        self.stopped = False
+
+    def step(self, sigma) -> bool:
+        """True while LayerDiffuse is active for this sigma."""
+        if self.stopped:
+            return False
+        s = float(sigma.max()) if isinstance(sigma, torch.Tensor) else float(sigma)
+        if s < self.sigma_end:
+            self.stopped = True
+            self.on_stop()
+            return False
+        return True
