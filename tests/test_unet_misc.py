@@ -1,0 +1,87 @@
+"""Stop At thresholds, family detection and the layer-image preparation."""
+
+import numpy as np
+import pytest
+import torch
+from unet_tree import build_tree
+
+from lib_layerdiffuse import conditioning as C
+from lib_layerdiffuse.unet import StopAt, detect_family, percent_to_sigma, sigmas_from_alphas_cumprod
+
+
+def sd_alphas_cumprod():
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0).float()
+
+
+def test_percent_to_sigma_matches_forge_rule():
+    acp = sd_alphas_cumprod()
+    sig = sigmas_from_alphas_cumprod(acp)
+    assert percent_to_sigma(acp, 1.0) == 0.0 and percent_to_sigma(acp, 1.5) == 0.0
+    assert percent_to_sigma(acp, 0.0) == pytest.approx(999999999.9) and percent_to_sigma(acp, -1) > 1e8
+    # p = 0.5 -> t = 499.5: log-linear between sigma[499] and sigma[500]
+    expected = float(torch.exp((sig[499].log() + sig[500].log()) / 2))
+    assert percent_to_sigma(acp, 0.5) == pytest.approx(expected, rel=1e-6)
+    assert percent_to_sigma(acp, 1e-9) == pytest.approx(float(sig[-1]), rel=1e-5)
+    # monotone: a later stop means a smaller sigma
+    values = [percent_to_sigma(acp, p) for p in np.linspace(0.05, 0.95, 10)]
+    assert all(a > b for a, b in zip(values, values[1:], strict=False))
+
+
+def test_stop_at_switches_once():
+    acp = sd_alphas_cumprod()
+    calls = []
+    stop = StopAt(acp, 0.5, lambda: calls.append(1))
+    sigmas = torch.tensor([14.6, 5.0, 2.0, float(stop.sigma_end) * 1.01, float(stop.sigma_end) * 0.99, 0.5, 0.1])
+    active = [stop.step(s) for s in sigmas]
+    assert active == [True, True, True, True, False, False, False]
+    assert calls == [1]
+    never = StopAt(acp, 0.0, lambda: calls.append(2))
+    assert not never.step(torch.tensor([14.6])) and calls == [1, 2]
+    always = StopAt(acp, 1.0, lambda: calls.append(3))
+    assert all(always.step(s) for s in sigmas) and calls == [1, 2]
+
+
+def test_detect_family():
+    with torch.device("meta"):
+        assert detect_family(build_tree("sd15", tiny=False)) == "sd15"
+        assert detect_family(build_tree("sdxl", tiny=False)) == "sdxl"
+    assert detect_family(torch.nn.Linear(3, 3)) is None
+
+
+def test_resize_modes():
+    img = np.random.default_rng(0).random((30, 60, 3), dtype=np.float32)
+    assert C.resize_image(img, "Just Resize", 16, 16).shape == (16, 16, 3)
+    crop = C.resize_image(img, "Crop and Resize", 32, 32)  # scale 32/30, centre crop of the width
+    assert crop.shape == (32, 32, 3)
+    img[0], img[-1], img[:, 0], img[:, -1] = 0.25, 0.25, 0.25, 0.25
+    fill = C.resize_image(img, "Resize and Fill", 32, 32)  # scale 32/60: 16 rows of image, rest border median
+    assert fill.shape == (32, 32, 3)
+    assert np.allclose(fill[:8], 0.25) and np.allclose(fill[-8:], 0.25)
+    same = C.resize_image(img, "Crop and Resize", 30, 60)
+    assert np.array_equal(same, img)
+    with pytest.raises(ValueError, match="Unknown resize mode 'Stretch'"):
+        C.resize_image(img, "Stretch", 8, 8)
+
+
+def test_prepare_layer_image_flattens_before_resizing():
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., 0] = 255
+    rgba[:, :8, 3] = 255  # left half opaque red, right half transparent
+    out = C.prepare_layer_image(rgba, "Just Resize", 16, 16)
+    assert out.dtype == np.float32 and out.shape == (16, 16, 3)
+    np.testing.assert_allclose(out[0, 0], [1.0, 0.0, 0.0])
+    np.testing.assert_allclose(out[0, -1], [0.5, 0.5, 0.5])
+    assert C.as_rgba_float(np.zeros((4, 4, 3), np.uint8))[..., 3].min() == 1.0
+    with pytest.raises(ValueError, match="HxWx3 or HxWx4"):
+        C.as_rgba_float(np.zeros((4, 4), np.uint8))
+    t = C.to_tensor(out)
+    assert t.shape == (1, 3, 16, 16)
+
+
+def test_layer_prompt_and_condition_latent():
+    assert C.layer_prompt("", "a cat") is None and C.layer_prompt("  ", "a cat") is None
+    assert C.layer_prompt("glass", "a cat") == "glass, a cat"
+    a, b = torch.randn(1, 4, 3, 3), torch.randn(1, 4, 3, 3)
+    c = C.condition_latent([a, b])
+    assert c.shape == (1, 8, 3, 3) and torch.equal(c[:, :4], a) and torch.equal(c[:, 4:], b)
