@@ -40,7 +40,12 @@ def _vae_parser(sub) -> None:
     p.add_argument("--w-identity", type=float, default=1.0)
     p.add_argument("--w-disc", type=float, default=0.01)
     p.add_argument("--disc-start", type=int, default=0, help="first step with the adversarial loss")
-    p.add_argument("--widths", choices=["full", "tiny"], default="full", help="full = the official shapes")
+    p.add_argument(
+        "--widths",
+        choices=["full", "small", "tiny"],
+        default="full",
+        help="full = the official shapes (exportable to the extension); small/tiny: CPU experiments, tests",
+    )
     p.add_argument("--disc-width", type=int, default=64, help="PatchGAN base channels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=500)
@@ -58,6 +63,9 @@ def _vae_parser(sub) -> None:
     p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore <out>/train_state.safetensors")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dist-timeout", type=float, default=1800.0, help="seconds a rank waits for a dead peer")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (batch-size must divide)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast the forwards")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute D's blocks in backward (less memory)")
     p.add_argument("--trace-dir", default=None, help="write per-rank step traces (indices, losses, param digest)")
 
 

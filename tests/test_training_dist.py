@@ -66,7 +66,7 @@ def test_torchrun_two_ranks_match_one_process_and_resume(tmp_path):
     assert r0[0]["params"] == r1[0]["params"]  # identical parameters after the step
     # rank 0 alone wrote: one state file, the two exports, no temporaries; one log line per step
     assert sorted(p.name for p in ddp_out.iterdir()) == sorted(
-        [ckpt.STATE_FILE, ckpt.ENCODER_FILE, ckpt.DECODER_FILE, "metrics.jsonl"]
+        [ckpt.STATE_FILE, ckpt.ENCODER_FILE, ckpt.DECODER_FILE, "metrics.jsonl", "summary.json"]
     )
     assert res.stdout.count("[vae] step 1/1") == 1
 

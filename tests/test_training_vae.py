@@ -192,6 +192,22 @@ def test_resume_continues_step_count_and_losses(tmp_path, tiny_vae_file):
     assert ckpt.read_metadata(b / ckpt.STATE_FILE)["step"] == "5"
 
 
+def test_grad_accum_checkpointing_and_bf16(tmp_path, tiny_vae_file):
+    from safetensors.torch import load_file
+
+    kw = {**TINY, "synthetic": 16, "vae_path": str(tiny_vae_file), "sample_every": 0, "eval_count": 0, "steps": 2}
+    states = {}
+    for name, extra in {"plain": {}, "accum": {"grad_accum": 2}, "ckpt": {"grad_checkpointing": True}}.items():
+        train_vae_stage(VAEStageConfig(out=str(tmp_path / name), **kw, **extra))
+        states[name] = load_file(str(tmp_path / name / ckpt.STATE_FILE))
+    for name in ("accum", "ckpt"):  # same step, within float tolerance
+        for k, v in states["plain"].items():
+            if k.startswith("model."):
+                torch.testing.assert_close(states[name][k], v, rtol=1e-4, atol=1e-5, msg=f"{name}: {k}")
+    summary = train_vae_stage(VAEStageConfig(out=str(tmp_path / "bf16"), precision="bf16", **kw))
+    assert np.isfinite(summary["last_loss"])
+
+
 def test_atomic_save_keeps_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "x.safetensors"
     ckpt.atomic_save({"a": torch.ones(3)}, path)

@@ -27,6 +27,9 @@ FULL_DECODER_CHANNELS = core.CHANNELS
 # the latent still joins at 1/8 size) with attention at the 1/8 level.
 TINY_ENCODER_WIDTHS = (8, 8, 8, 8, 16, 16, 16, 16)
 TINY_DECODER_CHANNELS = (8, 8, 16, 16)
+# Small: short CPU runs that reach a meaningful PSNR (5 levels: sides multiple of 16).
+SMALL_ENCODER_WIDTHS = (16, 16, 32, 32, 64, 64, 64, 64)
+SMALL_DECODER_CHANNELS = (16, 16, 32, 32, 64)
 # The core's forward calls its own norm class (a fused-SiLU GroupNorm where present), so
 # the top-level norm built here must be that same class.
 _CoreNorm = getattr(core, "FastGroupNorm", nn.GroupNorm)
@@ -64,7 +67,9 @@ class Widths:
             return cls()
         if name == "tiny":
             return cls(TINY_ENCODER_WIDTHS, TINY_DECODER_CHANNELS, 3)
-        raise ValueError(f"unknown width preset {name!r}: use 'full' (the official shapes) or 'tiny' (tests)")
+        if name == "small":
+            return cls(SMALL_ENCODER_WIDTHS, SMALL_DECODER_CHANNELS, 4)
+        raise ValueError(f"unknown width preset {name!r}: 'full' (the official shapes), 'small' or 'tiny' (tests)")
 
 
 class TrainEncoder(core.TransparentVAEEncoder):

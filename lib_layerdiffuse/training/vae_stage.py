@@ -21,7 +21,9 @@ samples and logs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -31,11 +33,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from torch.func import functional_call
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from .. import rgba as core_rgba
+from .. import vae as core_vae
 from . import checkpoint as ckpt
 from . import data as tdata
 from . import dist
@@ -176,6 +181,9 @@ class VAEStageConfig:
     resume: bool = True
     device: str | None = None
     trace_dir: str | None = None  # per-rank JSON lines of each step (tests, debugging)
+    grad_accum: int = 1  # split each per-process batch into this many micro-batches
+    precision: str = "fp32"  # fp32 | bf16 (autocast; fp16 would need loss scaling)
+    grad_checkpointing: bool = False  # recompute D's resnet/attention blocks in backward
 
 
 # ---------------------------------------------------------------------------------------
@@ -292,6 +300,15 @@ def _param_digest(module: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def _peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated, or this process's peak resident set on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def save_sample_grid(path: Path, batch: dict, raw: torch.Tensor, decoded: torch.Tensor, n: int = 4) -> Path:
     """Rows: target RGBA, D's RGBA, frozen VAE decode; RGBA shown over the checkerboard."""
     n = min(n, raw.shape[0])
@@ -337,6 +354,92 @@ def evaluate(pair: LatentTransparencyPair, dataset, device, batch_size: int = 8)
 
 
 # ---------------------------------------------------------------------------------------
+# One optimisation step
+
+
+def autocast_factory(precision: str, device: torch.device):
+    """A context-manager factory for the forward passes: fp32 (none) or bf16 autocast."""
+    if precision == "fp32":
+        return contextlib.nullcontext
+    if precision == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    raise ValueError(f"precision must be fp32 or bf16, got {precision!r} (fp16 would need a loss scaler)")
+
+
+def _checkpointed(forward, *args):
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False)
+
+
+def enable_gradient_checkpointing(module: nn.Module) -> int:
+    """Recompute every resnet and attention block of ``module`` in the backward pass
+    (activation memory for compute). Whole up blocks are not checkpointed: they pop their
+    skips from a shared list, which a recomputation would pop twice. Returns the count."""
+    n = 0
+    for m in module.modules():
+        if isinstance(m, (core_vae.ResnetBlock, core_vae.SelfAttention)):
+            m.forward = functools.partial(_checkpointed, m.forward)
+            n += 1
+    return n
+
+
+def _no_sync(module: nn.Module, sync: bool):
+    """DDP's no_sync for all but the last micro-batch: gradients are all-reduced once per step."""
+    return module.no_sync() if not sync and isinstance(module, DDP) else contextlib.nullcontext()
+
+
+def _step(cfg, info, pair_t, disc, disc_t, opt_g, opt_d, alpha, padded, premult, keep, use_disc, amp):
+    """E+D step then discriminator step over ``cfg.grad_accum`` micro-batches.
+
+    Returns (averaged logs, raw and decoded of the first micro-batch on the CPU)."""
+    k = cfg.grad_accum
+    if alpha.shape[0] % k:
+        raise ValueError(f"--batch-size {alpha.shape[0]} is not a multiple of --grad-accum {k}")
+    micro = alpha.shape[0] // k
+    parts = list(zip(alpha.split(micro), padded.split(micro), premult.split(micro), strict=True))
+    keeps = keep.to(info.device).split(micro) if keep is not None else [None] * k
+    logs = {"loss": 0.0, "recon": 0.0, "identity": 0.0, "adv": 0.0}
+    fakes, first = [], None
+    opt_g.zero_grad(set_to_none=True)
+    for j, ((a, p, m), kp) in enumerate(zip(parts, keeps, strict=True)):
+        with _no_sync(pair_t, j == k - 1):
+            with amp():
+                raw, decoded, _ = pair_t(a, p, m, kp)
+            raw, decoded = raw.float(), decoded.float()  # losses in fp32
+            l_id = identity_loss(m, decoded)
+            l_rec = recon_loss(raw, p, a)
+            fake = to_paper_units(raw[:, :1], raw[:, 1:4])
+            if use_disc:
+                # the discriminator's weights as constants: gradients reach E and D only
+                frozen_params = {n: v.detach() for n, v in disc.named_parameters()}
+                with amp():
+                    logits = functional_call(disc, frozen_params, (fake,))
+                l_adv = generator_adversarial_loss(logits.float())
+            else:
+                l_adv = raw.new_zeros(())
+            loss = vae_objective(l_rec, l_id, l_adv, cfg.w_recon, cfg.w_identity, cfg.w_disc)
+            (loss / k).backward()
+        for name, v in (("loss", loss), ("recon", l_rec), ("identity", l_id), ("adv", l_adv)):
+            logs[name] += v.item() / k
+        fakes.append(fake.detach())
+        if first is None:
+            first = (raw.detach().cpu(), decoded.detach().cpu())
+    opt_g.step()
+    if use_disc:
+        opt_d.zero_grad(set_to_none=True)
+        logs["disc"] = 0.0
+        for j, ((a, p, _), f) in enumerate(zip(parts, fakes, strict=True)):
+            with _no_sync(disc_t, j == k - 1):
+                real = to_paper_units(a, p)
+                with amp():
+                    logits = disc_t(torch.cat([real, f])).float()  # one forward per backward (DDP)
+                l_d = discriminator_loss(logits[: real.shape[0]], logits[real.shape[0] :])
+                (l_d / k).backward()
+            logs["disc"] += l_d.item() / k
+        opt_d.step()
+    return logs, first[0], first[1]
+
+
+# ---------------------------------------------------------------------------------------
 # The stage
 
 
@@ -374,6 +477,9 @@ def train_vae_stage(cfg: VAEStageConfig, frozen_vae: nn.Module | None = None) ->
         if info.is_main:
             print(f"[vae] resuming from {state_path} at step {start}", flush=True)
 
+    if cfg.grad_checkpointing:
+        enable_gradient_checkpointing(decoder)
+    amp = autocast_factory(cfg.precision, info.device)
     pair_t, disc_t = dist.wrap(pair, info), dist.wrap(disc, info)
     batches = tdata.StepBatches(len(dataset), cfg.batch_size, info.rank, info.world_size, cfg.seed, start, cfg.steps)
     eval_set = held_out(cfg, dataset) if cfg.eval_count > 0 else None
@@ -400,30 +506,9 @@ def train_vae_stage(cfg: VAEStageConfig, frozen_vae: nn.Module | None = None) ->
             alpha, padded, premult = (batch[k].to(info.device) for k in ("alpha", "padded", "premult"))
             indices = [int(i) for i in batch["index"]]
             keep = keep_mask(indices, step, cfg.offset_dropout, cfg.seed)
-            raw, decoded, _ = pair_t(alpha, padded, premult, None if keep is None else keep.to(info.device))
-            l_id = identity_loss(premult, decoded)
-            l_rec = recon_loss(raw, padded, alpha)
             use_disc = cfg.w_disc > 0 and step >= cfg.disc_start
-            fake = to_paper_units(raw[:, :1], raw[:, 1:4])
-            if use_disc:
-                # the discriminator's weights as constants: gradients reach E and D only
-                frozen_params = {k: v.detach() for k, v in disc.named_parameters()}
-                l_adv = generator_adversarial_loss(functional_call(disc, frozen_params, (fake,)))
-            else:
-                l_adv = raw.new_zeros(())
-            loss = vae_objective(l_rec, l_id, l_adv, cfg.w_recon, cfg.w_identity, cfg.w_disc)
-            opt_g.zero_grad(set_to_none=True)
-            loss.backward()
-            opt_g.step()
-            logs = {"loss": loss.item(), "recon": l_rec.item(), "identity": l_id.item(), "adv": l_adv.item()}
-            if use_disc:
-                real = to_paper_units(alpha, padded)
-                logits = disc_t(torch.cat([real, fake.detach()]))
-                l_d = discriminator_loss(logits[: real.shape[0]], logits[real.shape[0] :])
-                opt_d.zero_grad(set_to_none=True)
-                l_d.backward()
-                opt_d.step()
-                logs["disc"] = l_d.item()
+            logs, raw, decoded = _step(cfg, info, pair_t, disc, disc_t, opt_g, opt_d, alpha, padded, premult, keep,
+                                       use_disc, amp)  # fmt: skip
             if trace is not None:
                 trace.write(json.dumps({"step": step, "rank": info.rank, "indices": indices, **logs,
                                         "params": _param_digest(pair)}) + "\n")  # fmt: skip
@@ -439,7 +524,7 @@ def train_vae_stage(cfg: VAEStageConfig, frozen_vae: nn.Module | None = None) ->
             if done % cfg.save_every == 0 or done == cfg.steps:
                 save(done)
             if info.is_main and cfg.sample_every > 0 and (done % cfg.sample_every == 0 or done == cfg.steps):
-                save_sample_grid(out / "samples" / f"step_{done:07d}.png", batch, raw.detach().cpu(), decoded.cpu())
+                save_sample_grid(out / "samples" / f"step_{done:07d}.png", batch, raw, decoded)
     finally:
         bar.close()
         if trace is not None:
@@ -448,9 +533,11 @@ def train_vae_stage(cfg: VAEStageConfig, frozen_vae: nn.Module | None = None) ->
             metrics.close()
     elapsed = time.perf_counter() - t0
     summary = {"step": max(step + 1, start), "steps_run": max(step + 1 - start, 0), "seconds": elapsed,
-               "world_size": info.world_size, **{f"last_{k}": v for k, v in last_logs.items()}}  # fmt: skip
-    if info.is_main and cfg.eval_count > 0:
-        summary.update(evaluate(pair, eval_set, info.device))
+               "world_size": info.world_size, "peak_mem_mb": _peak_memory_mb(info.device),
+               **{f"last_{k}": v for k, v in last_logs.items()}}  # fmt: skip
+    if info.is_main:
+        if eval_set is not None:
+            summary.update(evaluate(pair, eval_set, info.device))
         with open(out / "summary.json", "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=1)
         print("[vae] " + json.dumps(summary), flush=True)
