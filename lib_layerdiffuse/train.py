@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
+import threading
 
 STAGES_PENDING = {
     "diffusion": "§3.2 diffusion fine-tune on adjusted latents",
@@ -85,6 +88,15 @@ def _load_callable(spec: str):
     return getattr(importlib.import_module(mod), fn)
 
 
+def _on_sigterm(signum, frame):
+    # torchrun sends SIGTERM to the surviving ranks when one dies; raising (instead of the
+    # default silent death) runs the cleanup: a half-written temporary checkpoint is removed
+    rank = os.environ.get("RANK", "0")
+    print(f"[train] rank {rank}: stopped by SIGTERM (a peer process failed or the job was cancelled); "
+          "the last complete checkpoint in --out is intact and resumable", file=sys.stderr, flush=True)  # fmt: skip
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.stage in STAGES_PENDING:
@@ -101,12 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = {k: v for k, v in vars(args).items() if k in fields}
     kwargs["synthetic"] = args.synthetic or 0  # None when --data was given
     cfg = VAEStageConfig(**kwargs)
-    dist.init(cfg.device, timeout_s=args.dist_timeout)
-    frozen = _load_callable(args.frozen_vae)() if args.frozen_vae else None
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
+        dist.init(cfg.device, timeout_s=args.dist_timeout)
+        frozen = _load_callable(args.frozen_vae)() if args.frozen_vae else None
         train_vae_stage(cfg, frozen_vae=frozen)
     finally:
         dist.cleanup()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 
