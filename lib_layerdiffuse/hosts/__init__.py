@@ -1,0 +1,49 @@
+"""Host detection by import probing. Only this package touches a WebUI's API.
+
+``detect()`` returns the host id: "a1111", "forge2", "neo", "forge1" or "unknown".
+``SUPPORTED`` lists the ones this version drives; the others get :func:`unsupported_message`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+SUPPORTED = ("a1111",)
+NAMES = {
+    "a1111": "AUTOMATIC1111 WebUI",
+    "forge2": "Forge (2024 backend)",
+    "neo": "Forge Neo",
+    "forge1": "Forge1-style host (reForge / Forge Classic)",
+    "unknown": "an unrecognised WebUI",
+}
+
+
+def _has(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def detect() -> str:
+    if _has("backend.patcher.unet"):
+        try:
+            from modules_forge import forge_version  # type: ignore
+
+            if "neo" in str(getattr(forge_version, "version", "")).lower():
+                return "neo"
+        except ImportError:
+            pass
+        return "forge2"
+    if _has("modules_forge.unet_patcher") or _has("ldm_patched"):
+        return "forge1"
+    if _has("modules.scripts") and _has("modules.processing"):
+        return "a1111"
+    return "unknown"
+
+
+def unsupported_message(host: str) -> str:
+    return (
+        f"LayerDiffuse does not support {NAMES.get(host, host)} yet. "
+        f"Supported: {', '.join(NAMES[h] for h in SUPPORTED)} 1.10 or newer."
+    )
