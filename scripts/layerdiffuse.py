@@ -22,7 +22,6 @@ HOST = hosts.detect()
 if HOST == "a1111":
     from lib_layerdiffuse.hosts import a1111 as host
     from lib_layerdiffuse.pipeline import Generation, LayerDiffuseError, preview
-    from lib_layerdiffuse.unet import detect_family
 else:
     host = None
 
@@ -152,7 +151,7 @@ class LayerDiffuseScript(scripts.Script):
             refuse(p, hosts.unsupported_message(HOST))
             return
         try:
-            family = detect_family(host.unet(p))
+            family = host.family(p)
             gen = Generation(host.ops(p), settings, p.batch_size, p.width, p.height, p.all_prompts, family=family)
         except (ValueError, RuntimeError) as e:
             refuse(p, str(e).removeprefix("LayerDiffuse: "))
@@ -196,59 +195,8 @@ class LayerDiffuseScript(scripts.Script):
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         gen = getattr(p, "_layerdiffuse", None)
-        if gen is None:
-            return
-        x = kwargs["x"]
-        unet = host.unet(p)
-        try:
-            gen.begin_sampling(unet, x.shape, host.alphas_cumprod(p), encode_condition=host.encode_condition(p))
-            if getattr(gen, "init_rgba", None) and x is getattr(p, "init_latent", None):
-                self._offset_init_latent(p, gen)
-        except Exception as e:  # raised here A1111 would only log it: abort sampling from the UNet instead
-            gen.close()
-            message = str(e).removeprefix("LayerDiffuse: ")
-            log.error("LayerDiffuse: %s", message)
-
-            def abort(module, args):
-                raise LayerDiffuseError(f"LayerDiffuse: {message}")
-
-            handle = unet.register_forward_pre_hook(abort)
-            original_close = p.close
-
-            def close():
-                handle.remove()
-                original_close()
-
-            p.close = close
-
-    @staticmethod
-    def _offset_init_latent(p, gen):
-        """The init latent with the transparent-encoder offset (``mean + std * offset``), every init image."""
-        import torch
-        from modules import images as host_images
-
-        if getattr(p, "paste_to", None) is not None:
-            log.warning("LayerDiffuse: 'Inpaint only masked' keeps the plain init latent (no transparency offset)")
-            return
-        rgba = [np.asarray(host_images.resize_image(p.resize_mode, im, p.width, p.height), dtype=np.float32) / 255.0
-                for im in gen.init_rgba]  # fmt: skip
-        latent = gen.encode_init(rgba)
-        if latent is None:
-            return
-        latent = (latent * host.latent_scale(p)).to(p.init_latent.device, p.init_latent.dtype)
-        if latent.shape[0] == 1:
-            latent = latent.repeat(p.init_latent.shape[0], 1, 1, 1)
-        if latent.shape != p.init_latent.shape:
-            log.warning(
-                "LayerDiffuse: init latent shape %s != %s; offset skipped",
-                tuple(latent.shape),
-                tuple(p.init_latent.shape),
-            )
-            return
-        if getattr(p, "mask", None) is not None:  # inpaint: the masked area keeps what A1111 put there
-            latent = latent * p.mask + p.init_latent * p.nmask
-        with torch.no_grad():
-            p.init_latent = latent
+        if gen is not None:
+            host.begin_sampling(p, gen, kwargs["x"])
 
     def post_sample(self, p, ps, *args):
         gen = getattr(p, "_layerdiffuse", None)

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from modules import devices, images, modelloader, paths, shared  # type: ignore
 
-from ..pipeline import HostOps
+from ..pipeline import HostOps, LayerDiffuseError
+from ..unet import detect_family
 from ..weights import FILES, WeightFileError, check_state, read_header, sha256_of
 
 log = logging.getLogger("layerdiffuse")
@@ -210,3 +211,59 @@ def check_saved(params):
         )
         log.warning(msg)
         print(msg)
+
+
+def family(p) -> str | None:
+    return detect_family(unet(p))
+
+
+def begin_sampling(p, gen, x):
+    """process_before_every_sampling: install the mode for this pass (first or hires).
+
+    A failure here must not let sampling run unpatched (A1111 only logs hook exceptions):
+    a pre-hook on the UNet then raises it during sampling, so the request fails visibly.
+    """
+    model = unet(p)
+    try:
+        gen.begin_sampling(model, x.shape, alphas_cumprod(p), encode_condition=encode_condition(p))
+        if getattr(gen, "init_rgba", None) and x is getattr(p, "init_latent", None):
+            offset_init_latent(p, gen)
+    except Exception as e:
+        gen.close()
+        message = str(e).removeprefix("LayerDiffuse: ")
+        log.error("LayerDiffuse: %s", message)
+
+        def abort(module, args):
+            raise LayerDiffuseError(f"LayerDiffuse: {message}")
+
+        handle = model.register_forward_pre_hook(abort)
+        original_close = p.close
+
+        def close():
+            handle.remove()
+            original_close()
+
+        p.close = close
+
+
+def offset_init_latent(p, gen):
+    """img2img: the init latent with the transparent-encoder offset (``mean + std * offset``), every init image."""
+    if getattr(p, "paste_to", None) is not None:
+        log.warning("LayerDiffuse: 'Inpaint only masked' keeps the plain init latent (no transparency offset)")
+        return
+    rgba = [np.asarray(images.resize_image(p.resize_mode, im, p.width, p.height), dtype=np.float32) / 255.0
+            for im in gen.init_rgba]  # fmt: skip
+    latent = gen.encode_init(rgba)
+    if latent is None:
+        return
+    latent = (latent * latent_scale(p)).to(p.init_latent.device, p.init_latent.dtype)
+    if latent.shape[0] == 1:
+        latent = latent.repeat(p.init_latent.shape[0], 1, 1, 1)
+    if latent.shape != p.init_latent.shape:
+        log.warning(
+            "LayerDiffuse: init latent %s != %s; offset skipped", tuple(latent.shape), tuple(p.init_latent.shape)
+        )
+        return
+    if getattr(p, "mask", None) is not None:  # inpaint: the masked area keeps what A1111 put there
+        latent = latent * p.mask + p.init_latent * p.nmask
+    p.init_latent = latent
