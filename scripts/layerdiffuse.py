@@ -200,9 +200,11 @@ class LayerDiffuseScript(scripts.Script):
 
     def post_sample(self, p, ps, *args):
         gen = getattr(p, "_layerdiffuse", None)
-        if gen is None or getattr(ps.samples, "already_decoded", False):
+        if gen is None:
             return
-        gen.keep_latents(p.iteration, ps.samples)
+        latents = host.final_latents(p, gen, ps.samples)
+        if latents is not None:
+            gen.keep_latents(p.iteration, latents)
 
     def postprocess_image_after_composite(self, p, pp, *args):
         gen = getattr(p, "_layerdiffuse", None)

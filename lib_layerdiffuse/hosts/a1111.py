@@ -226,6 +226,7 @@ def begin_sampling(p, gen, x):
     model = unet(p)
     try:
         gen.begin_sampling(model, x.shape, alphas_cumprod(p), encode_condition=encode_condition(p))
+        capture_samples(p, gen)
         if getattr(gen, "init_rgba", None) and x is getattr(p, "init_latent", None):
             offset_init_latent(p, gen)
     except Exception as e:
@@ -267,3 +268,29 @@ def offset_init_latent(p, gen):
     if getattr(p, "mask", None) is not None:  # inpaint: the masked area keeps what A1111 put there
         latent = latent * p.mask + p.init_latent * p.nmask
     p.init_latent = latent
+
+
+def capture_samples(p, gen):
+    """Keep the sampler's result latent: after hires fix A1111 hands post_sample decoded images only."""
+    sampler = getattr(p, "sampler", None)
+    if sampler is None:
+        return
+    for name in ("sample", "sample_img2img"):
+        original = getattr(sampler, name, None)
+        if original is None or getattr(original, "_layerdiffuse", False):
+            continue
+
+        def wrapped(*args, _original=original, **kwargs):
+            samples = _original(*args, **kwargs)
+            gen.sampled = samples
+            return samples
+
+        wrapped._layerdiffuse = True
+        setattr(sampler, name, wrapped)
+
+
+def final_latents(p, gen, samples):
+    """post_sample: the final latent batch (the captured one when the host already decoded)."""
+    if getattr(samples, "already_decoded", False):
+        return getattr(gen, "sampled", None)
+    return samples
