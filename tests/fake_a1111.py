@@ -1,0 +1,631 @@
+"""Small stand-ins of the AUTOMATIC1111 (1.10) modules the script and its adapter import.
+
+Signatures follow ``/work/shared/reference/hosts.md`` (§2 hooks and call order, §4 saving,
+§5 latents, §6.1 UNet layout and batch rows, §7 prompts and seeds). Nothing here is
+imported by production code: :func:`install` puts a fake ``modules`` package and a fake
+``gradio`` into ``sys.modules`` and :func:`uninstall` removes them, so only the test module
+that calls them sees a WebUI.
+
+The driver :func:`process_images` runs one generation the way A1111's
+``processing.process_images`` does, with script hooks wrapped like ``ScriptRunner`` (an
+exception raised in a hook is only reported), ``p.sample`` called directly (so a script
+may replace it to refuse), a tiny sampler calling the real ldm UNet on cond rows then
+uncond rows, a fake VAE, saving through ``images.save_image`` (``on_image_saved``
+callbacks included) and ``p.close()`` in a ``finally``.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.machinery
+import io
+import os
+import re
+import sys
+import types
+import zlib
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+from torch import nn
+
+CONTEXT_DIM = 32  # the tiny UNet's cross-attention width
+TOKENS = 77
+
+
+def tiny_unet() -> nn.Module:
+    """A runnable ldm UNet with SD1.5's block layout (the 32 attention modules of SD1.5)."""
+    from lib_layerdiffuse.ldm_unet import UNetModel
+
+    return UNetModel(in_channels=4, model_channels=32, out_channels=4, num_res_blocks=2, channel_mult=(1, 1, 1, 1),
+                     transformer_depth=(1, 1, 1, 0), transformer_depth_middle=1, num_heads=2,
+                     context_dim=CONTEXT_DIM, use_linear_in_transformer=False)  # fmt: skip
+
+
+def sd15_alphas_cumprod() -> torch.Tensor:
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0).float()
+
+
+# ---------------------------------------------------------------------------------------
+# gradio (3.41-like, only what ui() touches)
+
+
+class Component:
+    def __init__(self, *args, **kwargs):
+        self.args = args
+        self.kwargs = kwargs
+        self.value = kwargs.get("value", args[0] if args else None)
+        self.events = []
+
+    def change(self, fn, inputs=None, outputs=None, **kwargs):
+        self.events.append(("change", fn, inputs, outputs))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _gradio() -> types.ModuleType:
+    gr = _module("gradio")
+    for name in ("Dropdown", "Row", "Column", "Image", "Slider", "Radio", "Checkbox", "Textbox", "HTML", "Accordion"):
+        setattr(gr, name, type(name, (Component,), {}))
+    gr.update = lambda **kwargs: {"__type__": "update", **kwargs}
+    return gr
+
+
+# ---------------------------------------------------------------------------------------
+# modules.*
+
+
+def _module(name: str, package: bool = False) -> types.ModuleType:
+    m = types.ModuleType(name)
+    m.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=package)  # find_spec() works on it
+    if package:
+        m.__path__ = []
+    return m
+
+
+class Script:
+    """``modules.scripts.Script`` (the parts the runner and the script use)."""
+
+    filename = None
+    args_from = None
+    args_to = None
+    alwayson = False
+    is_txt2img = False
+    is_img2img = False
+    infotext_fields = None
+    paste_field_names = None
+
+    def title(self):
+        raise NotImplementedError
+
+    def show(self, is_img2img):
+        return True
+
+    def elem_id(self, item_id):
+        need_tabname = self.show(True) == self.show(False)
+        tabname = (("img2img" if self.is_img2img else "txt2img") + "_") if need_tabname else ""
+        title = re.sub(r"[^a-z_0-9]", "", re.sub(r"\s", "_", self.title().lower()))
+        return f"script_{tabname}{title}_{item_id}"
+
+
+class PostSampleArgs:
+    def __init__(self, samples):
+        self.samples = samples
+
+
+class PostprocessImageArgs:
+    def __init__(self, image):
+        self.image = image
+
+
+class ImageSaveParams:
+    def __init__(self, image, p, filename, pnginfo):
+        self.image = image
+        self.p = p
+        self.filename = filename
+        self.pnginfo = pnginfo
+
+
+def _script_callbacks() -> types.ModuleType:
+    sc = _module("modules.script_callbacks")
+    sc.ImageSaveParams = ImageSaveParams
+    sc.callbacks_image_saved = []
+    sc.callbacks_before_image_saved = []
+    sc.callbacks_app_started = []
+    sc.on_image_saved = sc.callbacks_image_saved.append
+    sc.on_before_image_saved = sc.callbacks_before_image_saved.append
+    sc.on_app_started = sc.callbacks_app_started.append
+
+    def image_saved_callback(params):
+        for cb in sc.callbacks_image_saved:
+            cb(params)
+
+    def before_image_saved_callback(params):
+        for cb in sc.callbacks_before_image_saved:
+            cb(params)
+
+    def app_started_callback(demo=None, app=None):
+        for cb in sc.callbacks_app_started:
+            cb(demo, app)
+
+    sc.image_saved_callback = image_saved_callback
+    sc.before_image_saved_callback = before_image_saved_callback
+    sc.app_started_callback = app_started_callback
+    return sc
+
+
+def _images(shared, paths, script_callbacks) -> types.ModuleType:
+    images = _module("modules.images")
+    images.counter = 0
+
+    def save_image_with_geninfo(image, geninfo, filename, extension=None, pnginfo_section_name="parameters"):
+        """A1111's: PNG keeps the mode (RGBA stays RGBA) with a tEXt chunk; jpg/webp drop alpha."""
+        extension = (extension or os.path.splitext(filename)[1]).lower()
+        fmt = Image.registered_extensions()[extension]
+        if extension == ".png":
+            info = PngImagePlugin.PngInfo()
+            if shared.opts.enable_pnginfo and geninfo is not None:
+                info.add_text(pnginfo_section_name, geninfo)
+            image.save(filename, format=fmt, pnginfo=info)
+        elif extension in (".jpg", ".jpeg", ".webp"):
+            if image.mode == "RGBA":
+                image = image.convert("RGB")
+            image.save(filename, format=fmt, quality=95)
+        else:
+            image.save(filename, format=fmt)
+
+    def save_image(image, path, basename, seed=None, prompt=None, extension="png", info=None, short_filename=False,
+                   no_prompt=False, grid=False, pnginfo_section_name="parameters", p=None, existing_info=None,
+                   forced_filename=None, suffix="", save_to_dirs=None):  # fmt: skip
+        """``modules.images.save_image``: a relative path is relative to the WebUI folder (data_path)."""
+        images.counter += 1
+        name = forced_filename or f"{images.counter:05}-{seed}{'-' + basename if basename else ''}{suffix}"
+        fullfn = os.path.join(path, f"{name}.{extension}")
+        params = ImageSaveParams(image, p, fullfn, {pnginfo_section_name: info})
+        script_callbacks.before_image_saved_callback(params)
+        image, fullfn = params.image, params.filename
+        on_disk = fullfn if os.path.isabs(fullfn) else os.path.join(paths.data_path, fullfn)
+        os.makedirs(os.path.dirname(on_disk), exist_ok=True)
+        tmp = on_disk + ".tmp"
+        save_image_with_geninfo(image, params.pnginfo.get(pnginfo_section_name), tmp, "." + extension)
+        os.replace(tmp, on_disk)
+        image.already_saved_as = fullfn
+        images.saved.append(on_disk)
+        script_callbacks.image_saved_callback(params)
+        return fullfn, None
+
+    def resize_image(resize_mode, im, width, height, upscaler_name=None):
+        """0 = just resize, 1 = crop and resize, 2 = resize and fill (fill simplified)."""
+        if resize_mode == 0:
+            return im.resize((width, height), Image.LANCZOS)
+        ratio, src_ratio = width / height, im.width / im.height
+        if (resize_mode == 1) == (ratio > src_ratio):
+            w, h = width, max(1, round(width * im.height / im.width))
+        else:
+            w, h = max(1, round(height * im.width / im.height)), height
+        resized = im.resize((w, h), Image.LANCZOS)
+        out = Image.new(im.mode, (width, height))
+        out.paste(resized, ((width - w) // 2, (height - h) // 2))
+        return out
+
+    def flatten(img, bgcolor):
+        if img.mode == "RGBA":
+            background = Image.new("RGBA", img.size, bgcolor)
+            background.paste(img, mask=img)
+            img = background
+        return img.convert("RGB")
+
+    images.saved = []
+    images.save_image = save_image
+    images.save_image_with_geninfo = save_image_with_geninfo
+    images.resize_image = resize_image
+    images.flatten = flatten
+    return images
+
+
+def _api(shared) -> tuple[types.ModuleType, types.ModuleType]:
+    pkg = _module("modules.api", package=True)
+    api = _module("modules.api.api")
+
+    def encode_pil_to_base64(image):
+        """A1111's: the API image follows opts.samples_format; jpg/webp drop alpha."""
+        with io.BytesIO() as out:
+            if isinstance(image, str):
+                return image
+            fmt = shared.opts.samples_format.lower()
+            if fmt == "png":
+                image.save(out, format="PNG")
+            else:
+                if image.mode == "RGBA":
+                    image = image.convert("RGB")
+                image.save(out, format="JPEG" if fmt in ("jpg", "jpeg") else "WEBP", quality=90)
+            data = out.getvalue()
+        return base64.b64encode(data)
+
+    api.encode_pil_to_base64 = encode_pil_to_base64
+    pkg.api = api
+    return pkg, api
+
+
+NAMES = ("modules", "modules.scripts", "modules.script_callbacks", "modules.shared", "modules.paths",
+         "modules.devices", "modules.images", "modules.modelloader", "modules.ui_components",
+         "modules.processing", "modules.api", "modules.api.api", "gradio")  # fmt: skip
+
+
+def install(models_dir, data_path) -> SimpleNamespace:
+    """Put the fake ``modules`` and ``gradio`` into ``sys.modules``; returns them (and what they replaced)."""
+    saved = {n: sys.modules[n] for n in NAMES if n in sys.modules}
+    root = _module("modules", package=True)
+    scripts = _module("modules.scripts")
+    scripts.Script = Script
+    scripts.AlwaysVisible = object()
+    scripts.PostSampleArgs = PostSampleArgs
+    scripts.PostprocessImageArgs = PostprocessImageArgs
+    script_callbacks = _script_callbacks()
+    shared = _module("modules.shared")
+    shared.cmd_opts = SimpleNamespace(layerdiffuse_models_dir=str(models_dir))
+    shared.opts = SimpleNamespace(samples_format="png", enable_pnginfo=True, samples_save=True,
+                                  img2img_background_color="#ffffff", jpeg_quality=95)  # fmt: skip
+    paths = _module("modules.paths")
+    paths.models_path = os.path.join(str(data_path), "models")
+    paths.data_path = str(data_path)
+    devices = _module("modules.devices")
+    devices.device = torch.device("cpu")
+    devices.dtype = torch.float32
+    images = _images(shared, paths, script_callbacks)
+    modelloader = _module("modules.modelloader")
+    modelloader.calls = []
+
+    def load_file_from_url(url, *, model_dir, progress=True, file_name=None, hash_prefix=None):
+        modelloader.calls.append((url, model_dir, file_name))
+        raise OSError("offline (fake modelloader)")
+
+    modelloader.load_file_from_url = load_file_from_url
+    ui_components = _module("modules.ui_components")
+    ui_components.InputAccordion = type("InputAccordion", (Component,), {})
+    processing = _module("modules.processing")
+    processing.StableDiffusionProcessingTxt2Img = Txt2Img
+    processing.StableDiffusionProcessingImg2Img = Img2Img
+    processing.Processed = Processed
+    processing.DecodedSamples = DecodedSamples
+    processing.create_infotext = create_infotext
+    api_pkg, api = _api(shared)
+    gradio = _gradio()
+    new = dict(zip(NAMES, (root, scripts, script_callbacks, shared, paths, devices, images, modelloader,
+                           ui_components, processing, api_pkg, api, gradio), strict=True))  # fmt: skip
+    for name, mod in new.items():
+        if "." in name:
+            parent, _, attr = name.rpartition(".")
+            setattr(new[parent], attr, mod)
+    sys.modules.update(new)
+    return SimpleNamespace(saved=saved, **{n.replace("modules.", "").replace(".", "_"): m for n, m in new.items()})
+
+
+def uninstall(fake: SimpleNamespace, extra=()):
+    """Remove the fakes (and ``extra`` module names that imported them); put back what was there."""
+    for name in (*NAMES, *extra):
+        sys.modules.pop(name, None)
+    sys.modules.update(fake.saved)
+
+
+# ---------------------------------------------------------------------------------------
+# model, processing objects, the generation driver
+
+
+class FakeVAE(nn.Module):
+    """``first_stage_model``: ``encoder`` (8x down to 8 moment channels) and ``quant_conv``."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(7)
+        self.encoder = nn.Sequential(nn.AvgPool2d(8), nn.Conv2d(3, 8, 1))
+        self.quant_conv = nn.Conv2d(8, 8, 1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+    def encode_scaled(self, rgb01: torch.Tensor, scale: float) -> torch.Tensor:
+        """The deterministic 'get_first_stage_encoding' (posterior mean, scaled)."""
+        with torch.no_grad():
+            mean, _ = self.quant_conv(self.encoder(rgb01 * 2 - 1)).chunk(2, dim=1)
+        return mean * scale
+
+
+class FakeSDModel:
+    def __init__(self, unet: nn.Module):
+        self.model = SimpleNamespace(diffusion_model=unet)
+        self.scale_factor = 0.18215
+        self.alphas_cumprod = sd15_alphas_cumprod()
+        self.first_stage_model = FakeVAE()
+        self.is_sd1 = True
+
+    def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
+        """Nearest 8x upsample of the latent's first 3 channels, in [-1, 1]."""
+        return torch.nn.functional.interpolate(z[:, :3].float() / self.scale_factor, scale_factor=8).tanh()
+
+    def get_learned_conditioning(self, prompts: list[str]) -> torch.Tensor:
+        """A deterministic context per prompt text ``[len, 77, 32]``."""
+        out = []
+        for text in prompts:
+            g = torch.Generator().manual_seed(zlib.crc32(text.encode()))
+            out.append(torch.randn(TOKENS, CONTEXT_DIM, generator=g))
+        return torch.stack(out)
+
+
+class Runner:
+    """``ScriptRunner`` for one always-on script: exceptions in hooks are only reported."""
+
+    def __init__(self, script, args):
+        self.script = script
+        self.args = list(args)
+        self.errors: list[tuple[str, BaseException]] = []
+        self.called: list[str] = []
+
+    def _call(self, name, p, *extra, **kwargs):
+        self.called.append(name)
+        fn = getattr(self.script, name, None)
+        if fn is None:
+            return
+        try:
+            fn(p, *extra, *self.args, **kwargs)
+        except Exception as e:  # errors.report(...)
+            self.errors.append((name, e))
+
+    def __getattr__(self, name):
+        return lambda p, *extra, **kwargs: self._call(name, p, *extra, **kwargs)
+
+
+class Processing:
+    """Common part of ``StableDiffusionProcessingTxt2Img`` / ``Img2Img``."""
+
+    def __init__(self, sd_model, outpath_samples, prompt="a cat", negative_prompt="", width=64, height=64,
+                 batch_size=1, n_iter=1, seed=100, steps=2, cfg_scale=7.0, do_not_save_samples=False):  # fmt: skip
+        self.sd_model = sd_model
+        self.outpath_samples = outpath_samples
+        self.prompt, self.negative_prompt = prompt, negative_prompt
+        self.width, self.height = width, height
+        self.batch_size, self.n_iter = batch_size, n_iter
+        self.seed, self.steps, self.cfg_scale = seed, steps, cfg_scale
+        self.subseed_strength = 0.0
+        self.do_not_save_samples = do_not_save_samples
+        self.extra_generation_params: dict = {}
+        self.comments: dict = {}
+        self.closed = 0
+        self.unet_rows: list[tuple[int, float]] = []  # (rows, timestep) of each UNet call
+        self.sampler_outputs: list[torch.Tensor] = []  # the latent each sampler run returned
+        self.sampled: list[torch.Tensor] = []  # the final latent batch of each iteration
+        self.iteration = 0
+        self.batch_index = 0
+
+    def save_samples(self):
+        from modules import shared  # type: ignore
+
+        return shared.opts.samples_save and not self.do_not_save_samples
+
+    def comment(self, text):
+        self.comments[text] = 1
+
+    def close(self):
+        self.closed += 1
+        self.sampler = None
+        self.c = None
+        self.uc = None
+
+    def setup_prompts(self):
+        n = self.batch_size * self.n_iter
+        self.all_prompts = self.prompt if isinstance(self.prompt, list) else [self.prompt] * n
+        self.all_negative_prompts = [self.negative_prompt] * n
+        self.all_seeds = [self.seed + i for i in range(n)]
+        self.all_subseeds = [self.seed + i for i in range(n)]
+
+    def noise(self, shape, seeds):
+        rows = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
+        return torch.stack(rows)
+
+    def run_sampler(self, x, c, uc, t_start=999):
+        """A few Euler-like steps; each UNet call has the cond rows, then the uncond rows."""
+        unet = self.sd_model.model.diffusion_model
+        for t in np.linspace(t_start, 0, self.steps):
+            rows = torch.cat([x, x])
+            ts = torch.full((rows.shape[0],), float(t))
+            self.unet_rows.append((rows.shape[0], float(t)))
+            eps = unet(rows, ts, context=torch.cat([c, uc]))
+            e_c, e_u = eps.chunk(2)
+            x = x - 0.1 * (e_u + self.cfg_scale * (e_c - e_u))
+        self.sampler_outputs.append(x.clone())
+        return x
+
+
+class Sampler:
+    """``sd_samplers.create_sampler(...)``: a new one per pass (A1111 sets ``p.sampler`` before the hook)."""
+
+    def __init__(self, p):
+        self.p = p
+
+    def sample(self, p, x, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
+        return p.run_sampler(x, conditioning, unconditional_conditioning)
+
+    def sample_img2img(self, p, x, noise, conditioning, unconditional_conditioning, steps=None,
+                       image_conditioning=None):  # fmt: skip
+        return p.run_sampler(x + 0.1 * noise, conditioning, unconditional_conditioning,
+                             t_start=int(p.denoising_strength * 999))  # fmt: skip
+
+
+class DecodedSamples(list):
+    """What A1111 1.10's hires pass returns: images already decoded ([-1, 1], one tensor per image)."""
+
+    already_decoded = True
+
+
+class Txt2Img(Processing):
+    def __init__(self, *args, enable_hr=False, hr_scale=2.0, denoising_strength=0.5, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.enable_hr, self.hr_scale, self.denoising_strength = enable_hr, hr_scale, denoising_strength
+        self.is_hr_pass = False
+
+    def setup_prompts(self):
+        super().setup_prompts()
+        if self.enable_hr:
+            self.all_hr_prompts = list(self.all_prompts)
+
+    def init(self, all_prompts, all_seeds, all_subseeds):
+        pass
+
+    def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
+        self.sampler = Sampler(self)
+        x = self.noise((4, self.height // 8, self.width // 8), seeds)
+        self.scripts.process_before_every_sampling(self, x=x, noise=x, c=conditioning, uc=unconditional_conditioning)
+        samples = self.sampler.sample(self, x, conditioning, unconditional_conditioning)
+        if not self.enable_hr:
+            return samples
+        return self.sample_hr_pass(samples, conditioning, unconditional_conditioning, seeds)
+
+    def sample_hr_pass(self, samples, c, uc, seeds):
+        """Latent upscale, a new sampler, the hook again, img2img sampling, then decoded images (1.10)."""
+        self.is_hr_pass = True
+        samples = torch.nn.functional.interpolate(samples, scale_factor=self.hr_scale, mode="nearest")
+        noise = self.noise(tuple(samples.shape[1:]), [s + 1000 for s in seeds])
+        self.sampler = Sampler(self)
+        self.scripts.before_hr(self)
+        self.scripts.process_before_every_sampling(self, x=samples, noise=noise, c=c, uc=uc)
+        samples = self.sampler.sample_img2img(self, samples, noise, c, uc)
+        self.sampler = None
+        decoded = DecodedSamples(self.sd_model.decode_first_stage(samples))
+        self.is_hr_pass = False
+        return decoded
+
+
+class Img2Img(Processing):
+    def __init__(self, *args, init_images=(), denoising_strength=0.75, resize_mode=0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.init_images = list(init_images)
+        self.denoising_strength = denoising_strength
+        self.resize_mode = resize_mode
+        self.mask = None
+        self.paste_to = None
+        self.init_latent = None
+
+    def init(self, all_prompts, all_seeds, all_subseeds):
+        """Flatten on ``img2img_background_color`` (white), resize, VAE-encode into ``init_latent``."""
+        from modules import images, shared  # type: ignore
+
+        self.sampler = Sampler(self)  # img2img creates its sampler in init()
+        imgs = []
+        for img in self.init_images:
+            img = images.flatten(img, shared.opts.img2img_background_color)
+            img = images.resize_image(self.resize_mode, img, self.width, self.height)
+            imgs.append(np.asarray(img, dtype=np.float32) / 255.0)
+        if len(imgs) == 1:
+            batch = np.repeat(imgs[0][None], self.batch_size, axis=0)
+        elif len(imgs) <= self.batch_size:
+            self.batch_size = len(imgs)
+            batch = np.stack(imgs)
+        else:
+            raise RuntimeError(f"bad number of images passed: {len(imgs)}; expecting {self.batch_size} or less")
+        rgb = torch.from_numpy(batch).permute(0, 3, 1, 2)
+        self.init_latent = self.sd_model.first_stage_model.encode_scaled(rgb, self.sd_model.scale_factor)
+        self.plain_init_latent = self.init_latent.clone()
+
+    def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
+        x = self.noise(tuple(self.init_latent.shape[1:]), seeds)
+        self.scripts.process_before_every_sampling(
+            self, x=self.init_latent, noise=x, c=conditioning, uc=unconditional_conditioning
+        )
+        self.sampled_init_latent = self.init_latent.clone()  # what the sampler starts from
+        return self.sampler.sample_img2img(self, self.init_latent, x, conditioning, unconditional_conditioning)
+
+
+def _quote(text):
+    text = str(text)
+    if "," not in text and "\n" not in text and ":" not in text:
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def create_infotext(p, index: int) -> str:
+    params = {"Steps": p.steps, "Seed": p.all_seeds[index], "Size": f"{p.width}x{p.height}"}
+    params.update(p.extra_generation_params)
+    line = ", ".join(f"{k}: {_quote(v)}" for k, v in params.items() if v is not None)
+    neg = p.all_negative_prompts[index]
+    return f"{p.all_prompts[index]}\n" + (f"Negative prompt: {neg}\n" if neg else "") + line
+
+
+class Processed:
+    def __init__(self, p, images, infotexts):
+        self.images = images
+        self.infotexts = infotexts
+        self.seed = p.all_seeds[0]
+
+    def infotext(self, p, index):
+        return create_infotext(p, index)
+
+
+def process_images(p: Processing, script, args) -> Processed:
+    """One generation in A1111 1.10's order; ``p.close()`` always runs (``with closing(p)``)."""
+    p.scripts = Runner(script, args)
+    p.script_args = list(args)
+    try:
+        with torch.no_grad():
+            return _process_images_inner(p)
+    finally:
+        p.close()
+
+
+def _process_images_inner(p: Processing) -> Processed:
+    from modules import images, shared  # type: ignore
+    from modules.scripts import PostprocessImageArgs, PostSampleArgs  # type: ignore
+
+    p.scripts.before_process(p)
+    p.setup_prompts()
+    p.scripts.process(p)
+    p.init(p.all_prompts, p.all_seeds, p.all_subseeds)
+    output_images, infotexts = [], []
+    for n in range(p.n_iter):
+        p.iteration = n
+        b = p.batch_size
+        p.prompts = p.all_prompts[n * b : (n + 1) * b]
+        p.negative_prompts = p.all_negative_prompts[n * b : (n + 1) * b]
+        p.seeds = p.all_seeds[n * b : (n + 1) * b]
+        p.subseeds = p.all_subseeds[n * b : (n + 1) * b]
+        p.scripts.before_process_batch(p, batch_number=n, prompts=p.prompts, seeds=p.seeds, subseeds=p.subseeds)
+        p.scripts.process_batch(p, batch_number=n, prompts=p.prompts, seeds=p.seeds, subseeds=p.subseeds)
+        p.c = p.sd_model.get_learned_conditioning(p.prompts)
+        p.uc = p.sd_model.get_learned_conditioning(p.negative_prompts)
+        samples = p.sample(conditioning=p.c, unconditional_conditioning=p.uc, seeds=p.seeds, subseeds=p.subseeds,
+                           subseed_strength=p.subseed_strength, prompts=p.prompts)  # fmt: skip
+        p.sampled.append(p.sampler_outputs[-1])
+        ps = PostSampleArgs(samples)
+        p.scripts.post_sample(p, ps)
+        samples = ps.samples
+        if getattr(samples, "already_decoded", False):
+            x = torch.stack(list(samples)).float()
+        else:
+            x = p.sd_model.decode_first_stage(samples)
+        x = ((x + 1) / 2).clamp(0, 1)
+        p.scripts.postprocess_batch(p, images=x, batch_number=n)
+        for i, xi in enumerate(x):
+            p.batch_index = i
+            arr = (xi.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            pp = PostprocessImageArgs(Image.fromarray(arr))
+            p.scripts.postprocess_image(p, pp)
+            pp = PostprocessImageArgs(pp.image)
+            p.scripts.postprocess_image_after_composite(p, pp)
+            image = pp.image
+            index = n * b + i
+            text = create_infotext(p, index)
+            if p.save_samples():
+                images.save_image(image, p.outpath_samples, "", p.seeds[i], p.prompts[i], shared.opts.samples_format,
+                                  info=text, p=p)  # fmt: skip
+            image.info["parameters"] = text
+            output_images.append(image)
+            infotexts.append(text)
+    res = Processed(p, output_images, infotexts)
+    p.scripts.postprocess(p, res)
+    return res

@@ -1,0 +1,525 @@
+"""The A1111 script and adapter end to end, on stand-ins of the WebUI (tests/fake_a1111.py).
+
+Generations run the script's hooks in A1111 1.10's order on a tiny runnable ldm UNet with
+SD1.5's block layout; weight files are generated (full SD1.5 decoder/encoder layout, fp16;
+attention-sharing files shaped for the tiny UNet). The tiny UNet's context width is not
+768, so the model family is injected ("sd15"). Except in ``test_real_decoder_end_to_end``
+the transparent decode itself is a fast stand-in (the real decoder is still loaded and
+checked from its file); what is checked here is the host glue: which latent, which image,
+what reaches disk.
+"""
+
+import base64
+import importlib.util
+import io
+import logging
+import re
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import fake_a1111 as fa
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from unet_tree import same_bits, snapshot
+from weightgen import make_state_dict, manifest_shapes
+
+import lib_layerdiffuse.hosts
+from lib_layerdiffuse import modes as M
+from lib_layerdiffuse import pipeline, session
+from lib_layerdiffuse.attention_sharing import AttentionSharing
+from lib_layerdiffuse.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = "layerdiffuse_script_under_test"
+TRANSPARENT = "(SD1.5) Only Generate Transparent Image (Attention Injection)"
+FG2BG = "(SD1.5) From Foreground to Background (need batch size 2)"
+BG2FG = "(SD1.5) From Background to Foreground (need batch size 2)"
+JOINT = "(SD1.5) Generate Everything Together (need batch size 3)"
+SDXL_ATTN = "(SDXL) Only Generate Transparent Image (Attention Injection)"
+SHARING = {"layer_sd15_transparent_attn": (1, False), "layer_sd15_joint": (3, False),
+           "layer_sd15_fg2bg": (2, True), "layer_sd15_bg2fg": (2, True)}  # fmt: skip
+
+
+def write_weights(folder: Path):
+    with torch.device("meta"):
+        unet = fa.tiny_unet()
+    for i, (name, (frames, control)) in enumerate(SHARING.items()):
+        with torch.device("meta"):
+            probe = AttentionSharing(unet, frames, control)
+        shapes = {k: list(v.shape) for k, v in probe.state_dict().items()}
+        save_file(make_state_dict(shapes, seed=20 + i, dtype=torch.float16), str(folder / f"{name}.safetensors"))
+    for seed, name in ((30, "layer_sd15_vae_transparent_decoder"), (31, "layer_sd15_vae_transparent_encoder")):
+        state = make_state_dict(manifest_shapes(name), seed=seed, dtype=torch.float16)
+        save_file(state, str(folder / f"{name}.safetensors"))
+        del state
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: one thread is much faster on a shared 2-core machine
+    root = tmp_path_factory.mktemp("webui")
+    models = root / "layer_model"
+    models.mkdir()
+    write_weights(models)
+    fake = fa.install(models, root)
+    try:
+        spec = importlib.util.spec_from_file_location(SCRIPT, ROOT / "scripts" / "layerdiffuse.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[SCRIPT] = mod
+        spec.loader.exec_module(mod)
+        assert mod.HOST == "a1111" and mod.host is not None
+        yield SimpleNamespace(fake=fake, mod=mod, host=mod.host, root=root, models=models)
+    finally:
+        fa.uninstall(fake, extra=(SCRIPT, "lib_layerdiffuse.hosts.a1111"))
+        lib_layerdiffuse.hosts.__dict__.pop("a1111", None)
+        torch.set_num_threads(threads)
+
+
+class DecodeSpy:
+    """Stands in for ``pipeline.decode_rgba``: alpha from the latent, RGB from the pixels; records its inputs."""
+
+    def __init__(self):
+        self.latents, self.pixels = [], []
+
+    @staticmethod
+    def alpha(latent):
+        up = torch.nn.functional.interpolate(latent[:, :1].float() * 4, scale_factor=8, mode="nearest")
+        return torch.sigmoid(up)
+
+    def __call__(self, decoder, pixel, latent, *args, **kwargs):
+        assert decoder.__class__.__name__ == "TransparentVAEDecoder"
+        self.latents.append(latent.detach().clone())
+        self.pixels.append(pixel.detach().clone())
+        return torch.cat([self.alpha(latent), pixel.float()], dim=1).clip(0, 1)
+
+
+@pytest.fixture
+def ctx(env, monkeypatch, request):
+    """Per test: options reset, the family injected, the decode spied, a fresh tiny UNet."""
+    monkeypatch.setattr(env.fake.shared.opts, "samples_format", "png")
+    monkeypatch.setattr(env.host, "detect_family", lambda unet: "sd15")
+    monkeypatch.setattr(session, "detect_family", lambda unet: "sd15")
+    spy = DecodeSpy()
+    monkeypatch.setattr(pipeline, "decode_rgba", spy)
+    monkeypatch.setattr(env.fake.images, "saved", [])
+    torch.manual_seed(0)
+    unet = fa.tiny_unet().eval()
+    out = f"outputs/{re.sub(r'[^A-Za-z0-9_]', '_', request.node.name)}"  # relative, as A1111's default
+    return SimpleNamespace(env=env, spy=spy, unet=unet, model=fa.FakeSDModel(unet), outpath=out)
+
+
+def b64_png(image: Image.Image) -> str:
+    with io.BytesIO() as f:
+        image.save(f, format="PNG")
+        return base64.b64encode(f.getvalue()).decode()
+
+
+def rgba_image(seed=0, size=64) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (size, size, 4), dtype=np.uint8)
+    arr[: size // 2, :, 3] = 0  # a transparent half
+    return Image.fromarray(arr, "RGBA")
+
+
+def positional(method, weight=1.0, stop_at=1.0, fg=None, bg=None, blend=None, prompts=("", "", "")):
+    return [True, method, weight, stop_at, fg, bg, blend, "Crop and Resize", False, *prompts]
+
+
+def named(**values):
+    """The named API form: one dict; A1111 fills the other positions with the UI defaults."""
+    defaults = [False, M.DEFAULT.label, 1.0, 1.0, None, None, None, M.DEFAULT_RESIZE, False, "", "", ""]
+    return [{"enabled": True, **values}, *defaults[1:]]
+
+
+def generate(ctx, args, kind="txt2img", **kwargs):
+    cls = fa.Txt2Img if kind == "txt2img" else fa.Img2Img
+    p = cls(ctx.model, ctx.outpath, **kwargs)
+    script = ctx.env.mod.LayerDiffuseScript()
+    script.is_img2img = kind == "img2img"
+    processed = fa.process_images(p, script, args)
+    return p, processed
+
+
+def saved_files(ctx, suffix=".png"):
+    return [Path(f) for f in ctx.env.fake.images.saved if f.endswith(suffix)]
+
+
+def read(path):
+    with Image.open(path) as im:
+        im.load()
+        return im.mode, np.array(im), im.info.get("parameters")
+
+
+def unet_state(unet):
+    return snapshot(unet), dict(unet.named_modules()), dict(unet.named_parameters())
+
+
+def assert_unet_as_before(unet, before):
+    tensors, modules, params = before
+    assert same_bits(snapshot(unet), tensors)
+    now = dict(unet.named_modules())
+    assert now.keys() == modules.keys() and all(now[k] is modules[k] for k in now)
+    assert all(v is params[k] for k, v in unet.named_parameters())
+    for name, m in unet.named_modules():
+        hooks = (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks)
+        assert not any(hooks), f"hook left on {name or 'the UNet'}"
+
+
+def check_decoded(ctx, p, processed, decoded: list[int], total: int):
+    """Frames in ``decoded`` are RGBA PNGs on disk (alpha of their final latent, infotext); others RGB."""
+    scale = p.sd_model.scale_factor
+    files = saved_files(ctx)
+    mains = [f for f in files if "-checkerboard" not in f.name]
+    assert len(mains) == total
+    assert len(ctx.spy.latents) == len(decoded)
+    for k, index in enumerate(decoded):
+        it, i = divmod(index, p.batch_size)
+        final = p.sampled[it][i : i + 1] / scale
+        assert torch.allclose(ctx.spy.latents[k], final), "decoded from another latent than the final one"
+    for index, path in enumerate(mains):
+        mode, arr, text = read(path)
+        assert text and "layerdiffusion_enabled: True" in text and "layerdiffusion_method: " in text
+        assert mode == ("RGBA" if index in decoded else "RGB"), (index, mode)
+        if index in decoded:
+            it, i = divmod(index, p.batch_size)
+            want = DecodeSpy.alpha(p.sampled[it][i : i + 1] / scale)[0, 0].numpy()
+            assert np.abs(arr[..., 3].astype(np.float32) / 255 - want).max() <= 1 / 255 + 1e-6
+            assert np.array_equal(arr[..., 3], getattr(processed.images[index], ctx.env.host.TAG))
+    # previews: appended after the main images, with infotexts, and saved
+    assert len(processed.images) == total + len(decoded) == len(processed.infotexts)
+    assert all(im.mode == "RGB" for im in processed.images[total:])
+    assert len([f for f in files if "-checkerboard" in f.name]) == len(decoded)
+
+
+# ---------------------------------------------------------------------------------------
+# txt2img, every SD1.5 mode
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_transparent(ctx, batch):
+    before = unet_state(ctx.unet)
+    p, processed = generate(ctx, positional(TRANSPARENT), batch_size=batch)
+    assert p.scripts.errors == []
+    assert [r for r, _ in p.unet_rows] == [2 * batch] * p.steps  # cond rows, then uncond rows
+    check_decoded(ctx, p, processed, list(range(batch)), batch)
+    assert p.closed == 1
+    assert_unet_as_before(ctx.unet, before)
+
+
+def test_joint_batch3_layer_prompts(ctx):
+    before = unet_state(ctx.unet)
+    p, processed = generate(ctx, positional(JOINT, prompts=("fgp", "bgp", "blp")), batch_size=3)
+    assert p.scripts.errors == []
+    check_decoded(ctx, p, processed, [0], 3)
+    assert [t.split("\n")[0] for t in processed.infotexts[:3]] == ["fgp, a cat", "bgp, a cat", "blp, a cat"]
+    assert "layerdiffusion_fg_additional_prompt: fgp" in processed.infotexts[0]
+    assert_unet_as_before(ctx.unet, before)
+
+
+def test_fg2bg_positional_base64(ctx):
+    fg = b64_png(rgba_image(1, size=80))
+    p, processed = generate(ctx, positional(FG2BG, fg=fg), batch_size=2)
+    assert p.scripts.errors == []
+    check_decoded(ctx, p, processed, [], 2)  # fg2bg decodes nothing: background and blended are RGB
+    assert "layerdiffusion_fg_image: True" in processed.infotexts[0]
+    assert p._layerdiffuse.calls > 0
+
+
+def test_bg2fg_named_form(ctx):
+    bg = "data:image/png;base64," + b64_png(rgba_image(2))
+    p, processed = generate(ctx, named(method=BG2FG, bg_image=bg, stop_at=None), batch_size=2)
+    assert p.scripts.errors == []
+    check_decoded(ctx, p, processed, [0], 2)
+
+
+@pytest.mark.parametrize(
+    "method,batch,n_iter,decoded",
+    [(BG2FG, 4, 1, [0, 2]), (JOINT, 6, 1, [0, 3]), (TRANSPARENT, 1, 2, [0, 1])],
+    ids=["bg2fg-2N", "joint-3N", "transparent-n_iter2"],
+)
+def test_batch_multiples(ctx, method, batch, n_iter, decoded):
+    bg = b64_png(rgba_image(3)) if method == BG2FG else None
+    p, processed = generate(ctx, positional(method, bg=bg), batch_size=batch, n_iter=n_iter)
+    assert p.scripts.errors == []
+    check_decoded(ctx, p, processed, decoded, batch * n_iter)
+
+
+def test_hires_decodes_from_the_hires_latent(ctx):
+    before = unet_state(ctx.unet)
+    calls = []
+    orig = ctx.env.mod.LayerDiffuseScript.process_before_every_sampling
+
+    def spy(self, p, *args, **kwargs):
+        calls.append(tuple(kwargs["x"].shape))
+        return orig(self, p, *args, **kwargs)
+
+    ctx.env.mod.LayerDiffuseScript.process_before_every_sampling = spy
+    try:
+        p, processed = generate(ctx, positional(TRANSPARENT), batch_size=1, enable_hr=True)
+    finally:
+        ctx.env.mod.LayerDiffuseScript.process_before_every_sampling = orig
+    assert calls == [(1, 4, 8, 8), (1, 4, 16, 16)]
+    assert len(p.unet_rows) == 2 * p.steps
+    assert tuple(ctx.spy.latents[0].shape) == (1, 4, 16, 16)
+    check_decoded(ctx, p, processed, [0], 1)
+    assert processed.images[0].size == (128, 128)
+    assert_unet_as_before(ctx.unet, before)
+
+
+# ---------------------------------------------------------------------------------------
+# refusals: each one really stops sampling, with a clear message
+
+
+REFUSALS = {
+    "batch": (dict(args=positional(JOINT), batch_size=2), r"batch size must be a multiple of 3, but it is 2"),
+    "missing-image": (dict(args=positional(FG2BG), batch_size=2), r"needs a Foreground image"),
+    "unknown-method": (dict(args=positional("Make It Transparent"), batch_size=1), r"Unknown LayerDiffuse method"),
+    "bad-weight": (dict(args=positional(TRANSPARENT, weight=5), batch_size=1), r"weight must be between 0.0 and 2.0"),
+    "and-prompt": (dict(args=positional(JOINT), batch_size=3, prompt="a cat AND a dog"), r"composable prompts \(AND\)"),
+    "sdxl-on-sd15": (dict(args=positional(SDXL_ATTN), batch_size=1), r"needs an SDXL checkpoint.*SD1\.5"),
+    "named-unknown-key": (dict(args=named(method=TRANSPARENT, colour="red"), batch_size=1), r"unknown setting 'colour'"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_refusal_stops_sampling(ctx, case, capsys):
+    kwargs, message = REFUSALS[case]
+    kwargs = dict(kwargs)
+    args = kwargs.pop("args")
+    before = unet_state(ctx.unet)
+    p = fa.Txt2Img(ctx.model, ctx.outpath, **kwargs)
+    script = ctx.env.mod.LayerDiffuseScript()
+    with pytest.raises(RuntimeError, match=r"^LayerDiffuse: .*" + message) as info:
+        fa.process_images(p, script, args)
+    assert "LayerDiffuse: " not in str(info.value)[len("LayerDiffuse: ") :]  # no doubled prefix
+    assert p.unet_rows == [] and p.sampled == []  # the sampler never ran
+    assert ctx.env.fake.images.saved == []
+    assert p.closed == 1
+    assert p.scripts.errors == []
+    assert re.search(message, capsys.readouterr().out)  # printed to the console too
+    assert_unet_as_before(ctx.unet, before)
+
+
+def test_disabled_does_nothing(ctx):
+    before = unet_state(ctx.unet)
+    args = positional(JOINT)
+    args[0] = False
+    p, processed = generate(ctx, args, batch_size=2)  # would be refused if enabled
+    assert not hasattr(p, "_layerdiffuse") and p.extra_generation_params == {}
+    assert [read(f)[0] for f in saved_files(ctx)] == ["RGB", "RGB"]
+    assert_unet_as_before(ctx.unet, before)
+
+
+# ---------------------------------------------------------------------------------------
+# restore after failure, Stop At
+
+
+class Boom(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("method,batch", [(TRANSPARENT, 1), (FG2BG, 2)])
+def test_restore_after_unet_exception(ctx, method, batch):
+    before = unet_state(ctx.unet)
+    seen = []
+
+    def boom(module, args, output):
+        seen.append(1)
+        if len(seen) == 2:  # the second UNet call, mid-sampling
+            raise Boom("injected")
+
+    handle = ctx.unet.output_blocks[4].register_forward_hook(boom)
+    fg = b64_png(rgba_image(4)) if method == FG2BG else None
+    p = fa.Txt2Img(ctx.model, ctx.outpath, batch_size=batch, steps=3)
+    try:
+        with pytest.raises(Boom):
+            fa.process_images(p, ctx.env.mod.LayerDiffuseScript(), positional(method, fg=fg))
+    finally:
+        handle.remove()
+    assert len(p.unet_rows) == 2 and p.closed == 1
+    assert p._layerdiffuse.calls > 0  # the units were installed and ran before the failure
+    assert ctx.env.fake.images.saved == []
+    assert_unet_as_before(ctx.unet, before)
+
+
+def test_missing_weights_offline_aborts_sampling(ctx, tmp_path, monkeypatch):
+    """A failure inside process_before_every_sampling (A1111 only logs it) must not let sampling
+    run unpatched: the first UNet call raises the message, and p.close removes that hook."""
+    empty = tmp_path / "no_weights"
+    monkeypatch.setattr(ctx.env.fake.shared.cmd_opts, "layerdiffuse_models_dir", str(empty))
+    monkeypatch.setattr(ctx.env.fake.modelloader, "calls", [])
+    before = unet_state(ctx.unet)
+    p = fa.Txt2Img(ctx.model, ctx.outpath, batch_size=1)
+    with pytest.raises(RuntimeError, match="LayerDiffuse needs layer_sd15_transparent_attn.safetensors") as info:
+        fa.process_images(p, ctx.env.mod.LayerDiffuseScript(), positional(TRANSPARENT))
+    text = str(info.value)
+    assert "https://huggingface.co/LayerDiffusion/layerdiffusion-v1/resolve/" in text and str(empty) in text
+    assert [c[2] for c in ctx.env.fake.modelloader.calls] == ["layer_sd15_transparent_attn.safetensors.part"]
+    assert list(empty.iterdir()) == []  # no partial file left
+    assert len(p.unet_rows) == 1 and p.sampled == [] and p.closed == 1
+    assert ctx.env.fake.images.saved == []
+    assert_unet_as_before(ctx.unet, before)
+
+
+def test_stop_at_switches_units_off_mid_sampling(ctx):
+    before = unet_state(ctx.unet)
+    record = []
+    p = fa.Txt2Img(ctx.model, ctx.outpath, batch_size=1, steps=4)
+
+    def after(module, args, output):
+        state = p._layerdiffuse.session.sharing.state
+        record.append((float(args[1][0]), state.enabled, state.calls))
+
+    handle = ctx.unet.register_forward_hook(after)
+    try:
+        processed = fa.process_images(p, ctx.env.mod.LayerDiffuseScript(), positional(TRANSPARENT, stop_at=0.5))
+    finally:
+        handle.remove()
+    assert [t for t, _, _ in record] == [999.0, 666.0, 333.0, 0.0]
+    assert [e for _, e, _ in record] == [True, True, False, False]
+    calls = [c for _, _, c in record]
+    assert calls[0] > 0 and calls[1] > calls[0] and calls[3] == calls[2]  # no sharing after the switch
+    assert "layerdiffusion_ending_step: 0.5" in processed.infotexts[0]
+    assert_unet_as_before(ctx.unet, before)
+
+
+# ---------------------------------------------------------------------------------------
+# saving, API
+
+
+def test_jpg_format_gets_a_png_copy(ctx):
+    ctx.env.fake.shared.opts.samples_format = "jpg"
+    p, processed = generate(ctx, positional(TRANSPARENT), batch_size=1)
+    jpgs = [f for f in saved_files(ctx, ".jpg") if "-checkerboard" not in f.name]
+    assert len(jpgs) == 1 and read(jpgs[0])[0] == "RGB"  # A1111's jpg drops alpha
+    png = jpgs[0].with_suffix(".png")
+    mode, arr, text = read(png)
+    assert mode == "RGBA"
+    assert np.array_equal(arr[..., 3], getattr(processed.images[0], ctx.env.host.TAG))
+    assert arr[..., 3].min() < 255  # a real alpha, not an opaque copy
+    assert text and "layerdiffusion_method: " in text
+
+
+def test_destroyed_alpha_warns(ctx, caplog):
+    def wipe(params):  # Forge's stealth infotext: putalpha(255) in place, before saving
+        if params.image.mode == "RGBA":
+            params.image.putalpha(255)
+
+    callbacks = ctx.env.fake.script_callbacks.callbacks_before_image_saved
+    callbacks.append(wipe)
+    try:
+        with caplog.at_level(logging.WARNING, logger="layerdiffuse"):
+            generate(ctx, positional(TRANSPARENT), batch_size=1)
+    finally:
+        callbacks.remove(wipe)
+    assert "lost the transparency" in caplog.text
+    assert "save as PNG" in caplog.text
+
+
+def test_intact_png_does_not_warn(ctx, caplog):
+    with caplog.at_level(logging.WARNING, logger="layerdiffuse"):
+        generate(ctx, positional(TRANSPARENT), batch_size=1)
+    assert "lost the transparency" not in caplog.text
+
+
+def test_api_png_encoder(env, monkeypatch):
+    api = env.fake.api_api
+    monkeypatch.setattr(api, "encode_pil_to_base64", api.encode_pil_to_base64)  # undone after the test
+    monkeypatch.setattr(env.fake.shared.opts, "samples_format", "jpg")
+    env.fake.script_callbacks.app_started_callback(None, None)
+    env.fake.script_callbacks.app_started_callback(None, None)  # a second start does not wrap twice
+    assert getattr(api.encode_pil_to_base64, "_layerdiffuse", False)
+    rgba = np.random.default_rng(0).random((16, 16, 4)).astype(np.float32)
+    ours = env.host.to_pil_rgba(rgba)
+    ours.info["parameters"] = "a cat\nlayerdiffusion_enabled: True"
+    with Image.open(io.BytesIO(base64.b64decode(api.encode_pil_to_base64(ours)))) as im:
+        assert im.format == "PNG" and im.mode == "RGBA"
+        assert np.array_equal(np.array(im)[..., 3], getattr(ours, env.host.TAG))
+        assert im.info.get("parameters") == ours.info["parameters"]
+    plain = Image.new("RGBA", (16, 16), (1, 2, 3, 4))  # not ours: the host's format as before
+    with Image.open(io.BytesIO(base64.b64decode(api.encode_pil_to_base64(plain)))) as im:
+        assert im.format == "JPEG" and im.mode == "RGB"
+
+
+# ---------------------------------------------------------------------------------------
+# img2img
+
+
+def test_img2img_offsets_every_init_image(ctx):
+    from lib_layerdiffuse.rgba import flatten_on_grey
+    from lib_layerdiffuse.vae import apply_offset, encode_offset
+
+    inits = [rgba_image(5), rgba_image(6)]
+    before = unet_state(ctx.unet)
+    p, processed = generate(ctx, positional(TRANSPARENT), kind="img2img", init_images=inits, batch_size=2)
+    assert p.scripts.errors == []
+    host = ctx.env.host
+    # A1111 got grey-flattened copies (its own flatten is white)
+    flat = np.asarray(p.init_images[0], dtype=np.float32)
+    assert np.allclose(flat[0, 0], flatten_on_grey(np.asarray(inits[0], np.float32)[:1, :1] / 255)[0, 0] * 255, atol=1)
+    adjusted, plain = p.sampled_init_latent, p.plain_init_latent
+    assert adjusted.shape == plain.shape == (2, 4, 8, 8)
+    encoder = pipeline.cached_model("encoder", host.weight_path("layer_sd15_vae_transparent_encoder"), "cpu",
+                                    torch.float32)  # fmt: skip
+    for i, im in enumerate(inits):
+        assert not torch.allclose(adjusted[i], plain[i]), f"init image {i} got no offset"
+        rgba = np.asarray(im, dtype=np.float32) / 255
+        mean, std = host.encode_moments(p)(torch.from_numpy(flatten_on_grey(rgba)).permute(2, 0, 1)[None])
+        want = apply_offset(mean, std, encode_offset(encoder, [rgba])) * p.sd_model.scale_factor
+        assert torch.allclose(adjusted[i], want[0], atol=1e-5), f"init image {i} has another image's offset"
+    check_decoded(ctx, p, processed, [0, 1], 2)
+    assert_unet_as_before(ctx.unet, before)
+
+
+# ---------------------------------------------------------------------------------------
+# UI, infotext paste, the real decoder
+
+
+def test_ui_builds_without_gradio(env):
+    script = env.mod.LayerDiffuseScript()
+    components = script.ui(False)
+    assert len(components) == 12
+    assert type(components[0]).__name__ == "InputAccordion"
+    assert components[0].kwargs["elem_id"] == "script_txt2img_layerdiffuse_enabled"
+    method = components[1]
+    assert method.value == M.DEFAULT.label and method.kwargs["choices"] == M.LABELS
+    (_, fn, inputs, outputs), *_ = method.events
+    updates = fn(FG2BG)
+    assert len(updates) == len(outputs) == 8
+    assert [u["visible"] for u in updates[:5]] == [True, False, False, True, False]
+    assert [k for _, k in script.infotext_fields if isinstance(k, str)] == script.paste_field_names
+
+
+def test_infotext_paste_legacy_sdxl_label(env):
+    params = {
+        "layerdiffusion_enabled": "True",
+        "layerdiffusion_method": "Only Generate Transparent Image (Attention Injection)",  # before March 2024
+        "layerdiffusion_weight": "0.8",
+        "layerdiffusion_ending_step": "0.6",
+        "layerdiffusion_resize_mode": "Crop and Resize",
+        "layerdiffusion_fg_image": "False",
+    }
+    s = Settings.from_infotext(params)
+    assert s.enabled and s.method == SDXL_ATTN and s.weight == 0.8 and s.stop_at == 0.6
+    assert env.mod._paste_method(params) == SDXL_ATTN
+    assert Settings.from_infotext(Settings(enabled=True, method=JOINT, bg_additional_prompt="x").infotext()) == (
+        Settings(enabled=True, method=JOINT, bg_additional_prompt="x")
+    )
+
+
+def test_real_decoder_end_to_end(ctx, monkeypatch):
+    """One generation through the real transparent decoder (the official 8-view decode)."""
+    from lib_layerdiffuse import vae
+
+    monkeypatch.setattr(pipeline, "decode_rgba", vae.decode_rgba)
+    p, processed = generate(ctx, positional(TRANSPARENT), batch_size=1)
+    assert p.scripts.errors == [] and not p.comments
+    main = [f for f in saved_files(ctx) if "-checkerboard" not in f.name]
+    mode, arr, text = read(main[0])
+    assert mode == "RGBA" and "layerdiffusion_enabled: True" in text
+    assert np.array_equal(arr[..., 3], getattr(processed.images[0], ctx.env.host.TAG))
