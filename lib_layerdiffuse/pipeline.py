@@ -66,6 +66,7 @@ class Generation:
         self.mode = settings.mode
         self.batch_size = batch_size
         M.check_family(self.mode, family)
+        self.family = family
         M.check_batch(self.mode, batch_size)
         C.check_inputs(self.mode, {k: settings.image(k) for k in ("fg", "bg", "blend")}, height, width)
         if prompts and self.mode.group > 1 and any(" AND " in p for p in prompts):
@@ -108,6 +109,7 @@ class Generation:
         rows, _, h, w = x_shape
         M.check_batch(self.mode, rows)
         state = self.ops.load_state(self.ops.weight_path(self.mode.unet_file))
+        family = family if family is not None else self.family  # detected once, in process()
         session = UNetSession(unet, self.mode, state, weight=self.settings.weight, family=family,
                               source=f"{self.mode.unet_file}.safetensors")  # fmt: skip
         session.install()
@@ -184,7 +186,7 @@ class Generation:
             return None
         if index not in self.latents:
             raise LayerDiffuseError(f"no latent was kept for image {index}; the transparent decode needs it")
-        pixel = torch.from_numpy(np.ascontiguousarray(pixel_rgb[..., :3])).float().div(255).permute(2, 0, 1)[None]
+        pixel = torch.from_numpy(np.array(pixel_rgb[..., :3], dtype=np.float32)).div(255).permute(2, 0, 1)[None]
         h, w = pixel.shape[-2:]
         latent = self.latents[index][None] / latent_scale
         if latent.shape[-2:] != (h // 8, w // 8):
