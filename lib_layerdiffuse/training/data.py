@@ -281,3 +281,139 @@ class StepBatches:
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start)
+
+
+# ---------------------------------------------------------------------------------------
+# Multi-layer triplets {fg RGBA, bg RGB, blended RGB} (paper §3.3-3.4)
+#
+# A triplet item holds the foreground's fields of :func:`prepare` prefixed ``fg_``
+# (``fg_rgba``, ``fg_alpha``, ``fg_padded``, ``fg_premult``), the background ``bg`` and the
+# blended image ``blend`` as ``[3, H, W]`` RGB in [0, 1], and ``index``.
+
+FRAME_NAMES = ("fg", "bg", "blend")
+RGB_SUFFIXES = IMAGE_SUFFIXES | {".jpg", ".jpeg"}
+
+
+def synthetic_background(index: int, size: int, seed: int = 0) -> np.ndarray:
+    """A deterministic opaque background, HxWx3 float32 in [0, 1]: a colour gradient, a few
+    opaque shapes and mild texture. Its random stream is separate from the foreground's."""
+    rng = np.random.default_rng([seed, index, 0xB6])
+    img = _smooth_colour_field(rng, size)
+    for _ in range(rng.integers(1, 4)):
+        colour = _smooth_colour_field(rng, size)
+        mask = np.zeros((size, size), np.float32)
+        cx, cy = rng.uniform(0.0, 1.0, 2) * size
+        ax, ay = rng.uniform(0.15, 0.5, 2) * size
+        cv2.ellipse(mask, (int(cx), int(cy)), (int(ax), int(ay)), rng.uniform(0, 180), 0, 360, 1.0, -1, cv2.LINE_AA)
+        mask = _blur(mask, rng.uniform(0.0, 3.0) * size / 64.0)[..., None]
+        img = img * (1 - mask) + colour * mask
+    img = img + rng.normal(0, 0.02, img.shape).astype(np.float32)
+    return np.clip(img, 0, 1).astype(np.float32)
+
+
+def blend_over(fg_rgba: np.ndarray, bg_rgb: np.ndarray) -> np.ndarray:
+    """Straight-alpha ``fg over bg``: ``fg_rgb * a + bg * (1 - a)``, HxWx3."""
+    a = fg_rgba[..., 3:]
+    return (fg_rgba[..., :3] * a + bg_rgb * (1 - a)).astype(np.float32)
+
+
+def prepare_triplet(fg_rgba: np.ndarray, bg_rgb: np.ndarray, blend_rgb: np.ndarray, index: int) -> dict:
+    """One triplet item (see above) from HxW float32 arrays in [0, 1]."""
+    fg = prepare(fg_rgba, index)
+    item = {f"fg_{k}": v for k, v in fg.items() if k != "index"}
+
+    def chw(x):
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))).float()
+
+    item.update(bg=chw(bg_rgb), blend=chw(blend_rgb), index=index)
+    return item
+
+
+class SyntheticTriplets(Dataset):
+    """``n`` synthetic triplets: fg = ``synthetic_rgba``, bg = ``synthetic_background``,
+    blend = fg over bg. Item i depends on (seed, offset + i) only, as :class:`SyntheticRGBA`."""
+
+    def __init__(self, n: int, size: int, seed: int = 0, offset: int = 0):
+        if n <= 0:
+            raise ValueError(f"synthetic sample count must be positive, got {n}")
+        self.n, self.size, self.seed, self.offset = n, size, seed, offset
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        fg = synthetic_rgba(self.offset + i, self.size, self.seed)
+        bg = synthetic_background(self.offset + i, self.size, self.seed)
+        return prepare_triplet(fg, bg, blend_over(fg, bg), i)
+
+
+def _read_rgb(path: Path, size: int) -> np.ndarray:
+    with Image.open(path) as im:
+        rgb = np.array(im.convert("RGB")).astype(np.float32) / 255.0
+    rgba = np.concatenate([rgb, np.ones_like(rgb[..., :1])], axis=2)
+    return resize_crop(rgba, size)[..., :3]
+
+
+class TripletFolder(Dataset):
+    """Triplets from ``root/fg`` (RGBA PNG/WebP), ``root/bg`` and ``root/blend`` (RGB; PNG,
+    WebP or JPEG), matched by file name without the suffix.
+
+    A name is used when all three files exist and the fg has a usable alpha (as
+    :class:`RGBAFolder`); the others are counted in ``self.rejected``. No usable triplet:
+    :class:`NoUsableImagesError` with what was found.
+    """
+
+    def __init__(self, root: str | Path, size: int):
+        self.root = Path(root)
+        self.size = size
+        dirs = {name: self.root / name for name in FRAME_NAMES}
+        absent = [str(d) for d in dirs.values() if not d.is_dir()]
+        if absent:
+            raise NoUsableImagesError(
+                f"triplet folder {self.root} needs the sub-folders fg/, bg/ and blend/; missing: {', '.join(absent)}"
+            )
+
+        def index(folder: Path, suffixes) -> dict[str, Path]:
+            return {p.stem: p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in suffixes}
+
+        fgs, bgs, blends = (
+            index(dirs["fg"], IMAGE_SUFFIXES),
+            index(dirs["bg"], RGB_SUFFIXES),
+            index(dirs["blend"], RGB_SUFFIXES),
+        )
+        self.names: list[str] = []
+        self.rejected: dict[str, int] = {}
+
+        def reject(why: str) -> None:
+            self.rejected[why] = self.rejected.get(why, 0) + 1
+
+        for stem, path in fgs.items():
+            if stem not in bgs or stem not in blends:
+                reject("no matching bg/blend file")
+                continue
+            img = _read_rgba_uint8(path)
+            reason = img if isinstance(img, str) else usable(img[..., 3])
+            if reason is None:
+                self.names.append(stem)
+            else:
+                reject(f"fg {reason}")
+        self.paths = {s: (fgs[s], bgs[s], blends[s]) for s in self.names}
+        if not self.names:
+            found = f"{len(fgs)} fg, {len(bgs)} bg, {len(blends)} blend images"
+            if self.rejected:
+                found += "; rejected: " + ", ".join(f"{n} {why}" for why, n in sorted(self.rejected.items()))
+            raise NoUsableImagesError(
+                f"no usable triplets in {self.root} ({found}). Each triplet is fg/NAME.png (RGBA with a transparent "
+                "and a visible pixel), bg/NAME.* and blend/NAME.* (RGB)."
+            )
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> dict:
+        fg_path, bg_path, blend_path = self.paths[self.names[i]]
+        img = _read_rgba_uint8(fg_path)
+        if isinstance(img, str):
+            raise NoUsableImagesError(f"{fg_path} became unusable during training: {img}")
+        fg = resize_crop(img.astype(np.float32) / 255.0, self.size)
+        return prepare_triplet(fg, _read_rgb(bg_path, self.size), _read_rgb(blend_path, self.size), i)

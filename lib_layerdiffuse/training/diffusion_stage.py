@@ -1,0 +1,225 @@
+"""Stage 2 (paper §3.2, Eq. 7): fine-tune the UNet on adjusted latents.
+
+    x_a   = scale * (mean + std * E(I_alpha, I_c))    frozen VAE + frozen stage-1 encoder
+    x_t   = sqrt(abar_t) x_a + sqrt(1 - abar_t) eps   SD's scaled-linear DDPM schedule
+    L     = || eps - eps_theta(x_t, t, c) ||^2          (Eq. 7)
+
+The base UNet stays frozen (never in DDP, no gradients). What trains is :class:`UNetDelta`:
+
+* ``lora`` (rank r): ``W + up @ down`` on the attention projections (``to_q``, ``to_k``,
+  ``to_v``, ``to_out.0`` of every attn1/attn2; ``--targets all``: every Linear weight);
+  ``up`` starts at zero, ``down ~ N(0, 1/r)``, no alpha (as the official files);
+* ``diff``: a full offset ``W + delta`` per target tensor (``--targets all``: every tensor).
+
+The forward runs the base UNet with the effective weights substituted
+(``torch.func.functional_call``), computed in fp32 exactly as the extension merges a patch
+file (:func:`lib_layerdiffuse.patches.patched_tensor` at weight 1). The export is the
+official SDXL patch format: ``diffusion_model.<key>::lora::0`` = up ``[out, r]``,
+``::lora::1`` = down ``[r, in]``, or ``::diff::0`` = the offset; with ``--export-dtype
+fp32`` parse_patch_state + compute_patched_tensors on the base UNet give the trained
+weights bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from .. import patches as core_patches
+from . import checkpoint as ckpt
+from . import data as tdata
+from . import dist
+from .unet_training import (
+    LatentSource,
+    StageParts,
+    UNetStageConfig,
+    draw_noise_and_timesteps,
+    prepare_frozen,
+    q_sample,
+    resolve_latent_scale,
+    run_stage,
+    sample_context,
+    sample_y,
+    scaled_linear_alphas_cumprod,
+    stack_items,
+    unet_context_dim,
+)
+
+PATCH_FILE = "unet_patch.safetensors"
+ATTN_PROJECTIONS = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")
+
+
+def target_names(unet: nn.Module, mode: str, targets: str) -> list[str]:
+    """Parameter names (ldm, no prefix) that the delta covers."""
+    if targets == "attn":
+        names = [n for n, _ in unet.named_parameters()
+                 if any(n.endswith(f"{a}.{p}") for a in ("attn1", "attn2") for p in ATTN_PROJECTIONS)]  # fmt: skip
+    elif targets == "all":
+        if mode == "lora":
+            linear = {f"{n}.weight" for n, m in unet.named_modules() if isinstance(m, nn.Linear)}
+            names = [n for n, _ in unet.named_parameters() if n in linear]
+        else:
+            names = [n for n, _ in unet.named_parameters()]
+    else:
+        raise ValueError(f"--targets must be 'attn' or 'all', got {targets!r}")
+    if not names:
+        raise ValueError(f"the UNet has no parameters for --targets {targets} (mode {mode})")
+    return names
+
+
+class UNetDelta(nn.Module):
+    """The trainable part of the fine-tune, around a frozen UNet that it does not own.
+
+    ``forward(x, t, context, y=None)`` = the UNet with every target weight replaced by its
+    :meth:`effective` value. Parameters live in ``up``/``down`` (lora) or ``delta`` (diff),
+    keyed by the ldm name with dots as ``__``.
+    """
+
+    def __init__(self, unet: nn.Module, mode: str = "lora", rank: int = 256, targets: str = "attn"):
+        super().__init__()
+        if mode not in ("lora", "diff"):
+            raise ValueError(f"mode must be 'lora' or 'diff', got {mode!r}")
+        self._unet = (unet,)  # not a submodule: never in DDP, never in the state
+        self.mode, self.rank = mode, rank
+        self.names = target_names(unet, mode, targets)
+        params = dict(unet.named_parameters())
+        if mode == "lora":
+            self.up, self.down = nn.ParameterDict(), nn.ParameterDict()
+            for n in self.names:
+                w = params[n]
+                self.up[self._key(n)] = nn.Parameter(torch.zeros(w.shape[0], rank, device=w.device))
+                self.down[self._key(n)] = nn.Parameter(torch.randn(rank, w.shape[1], device=w.device) / rank)
+        else:
+            self.delta = nn.ParameterDict(
+                {self._key(n): nn.Parameter(torch.zeros(params[n].shape, device=params[n].device)) for n in self.names}
+            )
+
+    @staticmethod
+    def _key(name: str) -> str:
+        return name.replace(".", "__")
+
+    @property
+    def unet(self) -> nn.Module:
+        return self._unet[0]
+
+    def effective(self) -> dict[str, torch.Tensor]:
+        """``{name: W_base + delta}`` in fp32 math, cast to the base dtype (the patch merge's arithmetic)."""
+        base = dict(self.unet.named_parameters())
+        out = {}
+        with torch.autocast(base[self.names[0]].device.type, enabled=False):
+            for n in self.names:
+                w = base[n]
+                k = self._key(n)
+                if self.mode == "lora":
+                    d = torch.mm(self.up[k].float().flatten(1), self.down[k].float().flatten(1)).reshape(w.shape)
+                else:
+                    d = self.delta[k].float()
+                out[n] = (w.float() + d).to(w.dtype)
+        return out
+
+    def forward(self, x, t, context=None, y=None):
+        kwargs = {"context": context} if y is None else {"context": context, "y": y}
+        return functional_call(self.unet, self.effective(), (x, t), kwargs)
+
+    def export_state(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+        """The official SDXL patch-file tensors (``diffusion_model.<key>::lora|diff::<i>``)."""
+        state = {}
+        for n in self.names:
+            k, key = self._key(n), core_patches.PREFIX + n
+            if self.mode == "lora":
+                state[f"{key}::lora::0"] = self.up[k].detach().to(dtype)
+                state[f"{key}::lora::1"] = self.down[k].detach().to(dtype)
+            else:
+                state[f"{key}::diff::0"] = self.delta[k].detach().to(dtype)
+        return state
+
+
+@dataclass
+class DiffusionStageConfig(UNetStageConfig):
+    mode: str = "lora"  # lora | diff
+    targets: str = "attn"  # attn | all
+
+
+def _rgba_dataset(cfg: UNetStageConfig, offset: int = 0, n: int | None = None):
+    if (cfg.data is None) == (cfg.synthetic <= 0):
+        raise ValueError("give exactly one of --data DIR or --synthetic N")
+    if cfg.data is not None:
+        return tdata.RGBAFolder(cfg.data, cfg.size)
+    return tdata.SyntheticRGBA(n or cfg.synthetic, cfg.size, seed=cfg.seed, offset=offset)
+
+
+def _eval_batch(cfg: UNetStageConfig, train_set) -> dict | None:
+    if cfg.eval_count <= 0:
+        return None
+    if cfg.data is None:
+        held = tdata.SyntheticRGBA(cfg.eval_count, cfg.size, seed=cfg.seed, offset=tdata.HELD_OUT_OFFSET)
+        batch = stack_items(held, range(cfg.eval_count))
+        batch["index"] = batch["index"] + tdata.HELD_OUT_OFFSET
+        return batch
+    return stack_items(train_set, range(min(cfg.eval_count, len(train_set))))
+
+
+def train_diffusion_stage(cfg: DiffusionStageConfig, frozen_vae: nn.Module | None = None,
+                          unet: nn.Module | None = None) -> dict:  # fmt: skip
+    """Run stage 2 (single process or one torchrun rank); returns the summary."""
+    if not cfg.encoder:
+        raise ValueError("the diffusion stage trains on adjusted latents: give --encoder, the "
+                         "transparent_encoder.safetensors of a vae-stage run (or a published encoder file)")  # fmt: skip
+    info = dist.init(cfg.device)
+    out = Path(cfg.out)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    dataset = _rgba_dataset(cfg)
+    vae, encoder, base = prepare_frozen(cfg, info, frozen_vae, unet)
+    source = LatentSource(vae, encoder)
+
+    def first_latents():
+        b = stack_items(dataset, range(min(32, len(dataset))))
+        return source.transparent(*(b[k].to(info.device) for k in ("alpha", "padded", "premult")))
+
+    source.scale = resolve_latent_scale(cfg.latent_scale, frozen_vae is not None, first_latents, info)
+    ctx_dim = unet_context_dim(base)
+    adm = getattr(base, "adm_in_channels", None)
+    acp = scaled_linear_alphas_cumprod().to(info.device)
+
+    torch.manual_seed(cfg.seed)  # the same initial delta on every rank
+    delta = UNetDelta(base, cfg.mode, cfg.rank, cfg.targets).to(info.device)
+
+    def loss_fn(model, batch, step):
+        dev = info.device
+        x0 = source.transparent(*(batch[k].to(dev) for k in ("alpha", "padded", "premult")))
+        indices = [int(i) for i in batch["index"]]
+        noise, t = draw_noise_and_timesteps(indices, step, cfg.seed, tuple(x0.shape[1:]))
+        noise, t = noise.to(dev), t.to(dev)
+        ctx = sample_context(indices, 0, cfg.context_tokens, ctx_dim, cfg.seed).to(dev)
+        y = sample_y(indices, adm, cfg.seed).to(dev) if adm else None
+        eps = model(q_sample(x0, t, noise, acp), t, ctx, y)
+        return F.mse_loss(eps.float(), noise), {}
+
+    def export(out_dir: Path, step: int, meta: dict) -> Path:
+        meta = {**meta, "format": "sdxl-patch", "mode": cfg.mode, "rank": str(cfg.rank), "targets": cfg.targets}
+        return ckpt.atomic_save(delta.export_state(ckpt.DTYPES[cfg.export_dtype]), out_dir / PATCH_FILE, meta)
+
+    parts = StageParts(
+        label="diffusion",
+        model=delta,
+        dataset=dataset,
+        loss=loss_fn,
+        export=export,
+        eval_batch=_eval_batch(cfg, dataset),
+        signature={
+            "stage": "diffusion",
+            "mode": cfg.mode,
+            "rank": cfg.rank,
+            "targets": cfg.targets,
+            "names": len(delta.names),
+        },  # fmt: skip
+        metadata={"latent_scale": repr(source.scale)},
+    )
+    return run_stage(cfg, info, parts)

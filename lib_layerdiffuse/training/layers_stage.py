@@ -1,0 +1,280 @@
+"""Stage 3 (paper §3.3, Eq. 8-9): per-frame LoRAs with attention sharing on a frozen SD1.5 UNet.
+
+A batch of B triplets becomes ``B * F`` UNet rows in groups of F consecutive frames (e.g.
+``[fg, bg]`` or ``[fg, bg, blend]``), the layout the extension's SD1.5 modes sample with.
+Every attn1/attn2 of the 16 SD1.5 transformers is replaced by an attention-sharing unit
+(:mod:`lib_layerdiffuse.attention_sharing`): frame f's projections get LoRA f, and a
+cross-frame ("temporal") attention mixes the frames at each token. One timestep per group;
+the joint loss of Eq. 9 is ``|| [eps_f, eps_b, ...] - eps_theta(x_f, x_b, ..., t, c) ||^2``.
+
+Latents: fg = the adjusted latent of the fg RGBA (frozen VAE + stage-1 encoder, as stage 2;
+without ``--encoder`` the plain VAE mean of the premultiplied fg), bg and blend = the frozen
+VAE's mean. Conditioning: a fixed random prompt embedding per sample and frame.
+
+Conditional variants (``--condition fg|bg``):
+
+* ``--condition-via latent`` (the paper): the condition frame stays in the group with
+  ``eps = 0`` ("always eps_f = 0"): its input is ``sqrt(abar_t) x_f`` and its target 0.
+* ``--condition-via control`` (the official SD1.5 fg2bg / bg2fg files): the condition image
+  (fg flattened on grey, or bg) goes through the control encoder (``kwargs_encoder``) and
+  every unit's ``control_convs``; the group holds the other frames only (fg2bg: ``[bg,
+  blend]``, bg2fg: ``[fg, blend]``).
+
+Trained: every unit's LoRAs (``down ~ N(0, 1/r)``, ``up = 0``), its temporal layers
+(``temporal_o`` zero-initialised, so training starts at the base UNet) and, with control,
+the control encoder and convs (last conv zero-initialised). The export is exactly the
+official SD1.5 layout (``hookers.layers.N.*``, ``kwargs_encoder.*`` with control) and loads
+into :class:`~lib_layerdiffuse.attention_sharing.AttentionSharing` with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import attention_sharing as sharing
+from . import checkpoint as ckpt
+from . import data as tdata
+from . import dist
+from .unet_training import (
+    LatentSource,
+    StageParts,
+    UNetStageConfig,
+    draw_noise_and_timesteps,
+    prepare_frozen,
+    q_sample,
+    resolve_latent_scale,
+    run_stage,
+    sample_context,
+    scaled_linear_alphas_cumprod,
+    stack_items,
+    unet_context_dim,
+)
+
+SHARING_FILE = "attention_sharing.safetensors"
+FRAME_IDS = {name: i for i, name in enumerate(tdata.FRAME_NAMES)}
+# the official file a set-up corresponds to (frames in the UNet group, control frame)
+OFFICIAL_NAMES = {
+    (("fg",), None): "layer_sd15_transparent_attn",
+    (("fg", "bg", "blend"), None): "layer_sd15_joint",
+    (("bg", "blend"), "fg"): "layer_sd15_fg2bg",
+    (("fg", "blend"), "bg"): "layer_sd15_bg2fg",
+}
+
+
+class TrainableSharingUnit(sharing.AttentionSharingUnit):
+    """The core unit with a differentiable forward: the merged per-frame weights and the
+    control features are recomputed with gradients on every call (the core caches them
+    under ``no_grad`` for sampling). Same parameters, same names, same arithmetic."""
+
+    def _merged_weights(self, name: str, dtype, device):
+        org = self.original_module[0].to_out[0] if name == "to_out" else getattr(self.original_module[0], name)
+        base = org.weight.to(device, torch.float32)
+        w = torch.stack([base + m.up.weight.float() @ m.down.weight.float() for m in getattr(self, f"{name}_lora")])
+        w = w.transpose(1, 2).to(dtype)
+        return w, None if org.bias is None else org.bias.to(device, dtype)
+
+    def _control(self, tokens: int, dtype, device) -> torch.Tensor:
+        """``[F, B, tokens, C]``: one control image per group (signals ``[B, 256, h, w]``)."""
+        if self.control_signals is None or tokens not in self.control_signals:
+            raise RuntimeError(f"no control signal for {tokens} tokens; the model sets them in forward()")
+        sig = self.control_signals[tokens].to(device)
+        return torch.stack([conv(sig).flatten(2).transpose(1, 2) for conv in self.control_convs]).to(dtype)
+
+
+class LayerSharingModel(nn.Module):
+    """The trained modules with the official state layout (``hookers.layers.N``,
+    ``kwargs_encoder``), installed into a frozen SD1.5-layout UNet that it does not own.
+
+    ``forward(x, t, context, control=None)``: ``x [B*F, 4, h, w]`` in groups of F frames,
+    ``control [B, 3, H, W]`` in [0, 1] (one image per group; with ``use_control``).
+    """
+
+    def __init__(self, unet: nn.Module, frames: int, use_control: bool, rank: int = sharing.RANK):
+        super().__init__()
+        missing = [n for n in sharing.MODULE_MAP_SD15 if not sharing._has_submodule(unet, n)]
+        if missing:
+            raise ValueError(f"the UNet lacks {len(missing)} of the 32 SD1.5 attention modules (e.g. {missing[0]}): "
+                             "the layers stage needs an SD1.5-layout UNet (e.g. --unet-preset tiny-sd15)")  # fmt: skip
+        self._unet = (unet,)
+        self.frames = frames
+        self.state = sharing.SharingState()
+        originals = [unet.get_submodule(n) for n in sharing.MODULE_MAP_SD15]
+        if any(isinstance(m, sharing.AttentionSharingUnit) for m in originals):
+            raise RuntimeError("the UNet already holds attention-sharing units")
+        self._originals = originals
+        units = [TrainableSharingUnit(m, frames, use_control, rank, self.state) for m in originals]
+        self.hookers = nn.Module()
+        self.hookers.layers = nn.ModuleList(units)
+        self.kwargs_encoder = sharing.ControlEncoder() if use_control else None
+        with torch.no_grad():
+            for u in units:
+                for name in ("to_q", "to_k", "to_v", "to_out"):
+                    for lora in getattr(u, f"{name}_lora"):
+                        nn.init.normal_(lora.down.weight, std=1.0 / rank)
+                        nn.init.zeros_(lora.up.weight)
+                nn.init.zeros_(u.temporal_o.weight)
+                nn.init.zeros_(u.temporal_o.bias)
+                if u.control_convs is not None:
+                    for conv in u.control_convs:
+                        nn.init.zeros_(conv[2].weight)
+                        nn.init.zeros_(conv[2].bias)
+        self.install()
+
+    @property
+    def unet(self) -> nn.Module:
+        return self._unet[0]
+
+    def install(self) -> None:
+        for name, unit in zip(sharing.MODULE_MAP_SD15, self.hookers.layers, strict=True):
+            parent, _, attr = name.rpartition(".")
+            setattr(self.unet.get_submodule(parent), attr, unit)
+
+    def restore(self) -> None:
+        for name, original in zip(sharing.MODULE_MAP_SD15, self._originals, strict=True):
+            parent, _, attr = name.rpartition(".")
+            setattr(self.unet.get_submodule(parent), attr, original)
+
+    def forward(self, x, t, context, control=None):
+        if self.kwargs_encoder is not None:
+            if control is None:
+                raise ValueError("this model was built with control: pass the condition image")
+            signals = self.kwargs_encoder(control * 2.0 - 1.0)
+            for u in self.hookers.layers:
+                u.set_control_signals(signals)
+        try:
+            return self.unet(x, t, context)
+        finally:
+            for u in self.hookers.layers:
+                u.set_control_signals(None)
+
+
+@dataclass
+class LayersStageConfig(UNetStageConfig):
+    frames: str = "fg,bg"  # the frames of a group, in order (fg, bg, blend)
+    condition: str = "none"  # none | fg | bg
+    condition_via: str = "latent"  # latent (paper: eps = 0) | control (official fg2bg / bg2fg layout)
+
+
+def frame_layout(cfg: LayersStageConfig) -> tuple[list[str], str | None, str | None]:
+    """(frames in each UNet group, the eps = 0 frame or None, the control frame or None)."""
+    frames = [f.strip() for f in cfg.frames.split(",") if f.strip()]
+    if not frames or len(set(frames)) != len(frames) or any(f not in FRAME_IDS for f in frames):
+        raise ValueError(f"--frames must list distinct names out of fg, bg, blend; got {cfg.frames!r}")
+    cond = None if cfg.condition in (None, "none") else cfg.condition
+    if cond is None:
+        return frames, None, None
+    if cond not in ("fg", "bg") or cond not in frames:
+        raise ValueError(f"--condition {cond} must be fg or bg and one of --frames {cfg.frames}")
+    if cfg.condition_via == "latent":
+        if len(frames) < 2:
+            raise ValueError("a condition frame needs at least one other frame to generate")
+        return frames, cond, None
+    if cfg.condition_via == "control":
+        rest = [f for f in frames if f != cond]
+        if not rest:
+            raise ValueError("with --condition-via control the condition frame leaves the group: add another frame")
+        return rest, None, cond
+    raise ValueError(f"--condition-via must be latent or control, got {cfg.condition_via!r}")
+
+
+def _triplets(cfg: LayersStageConfig):
+    if (cfg.data is None) == (cfg.synthetic <= 0):
+        raise ValueError("give exactly one of --data DIR (fg/, bg/, blend/) or --synthetic N")
+    if cfg.data is not None:
+        return tdata.TripletFolder(cfg.data, cfg.size)
+    return tdata.SyntheticTriplets(cfg.synthetic, cfg.size, seed=cfg.seed)
+
+
+def _eval_batch(cfg: LayersStageConfig, train_set) -> dict | None:
+    if cfg.eval_count <= 0:
+        return None
+    if cfg.data is None:
+        held = tdata.SyntheticTriplets(cfg.eval_count, cfg.size, seed=cfg.seed, offset=tdata.HELD_OUT_OFFSET)
+        batch = stack_items(held, range(cfg.eval_count))
+        batch["index"] = batch["index"] + tdata.HELD_OUT_OFFSET
+        return batch
+    return stack_items(train_set, range(min(cfg.eval_count, len(train_set))))
+
+
+def _frame_latents(source: LatentSource, batch: dict, frames: list[str], device) -> torch.Tensor:
+    """``[B, F, 4, h, w]`` scaled latents of the named frames."""
+    out = []
+    for f in frames:
+        if f == "fg":
+            out.append(source.transparent(*(batch[k].to(device) for k in ("fg_alpha", "fg_padded", "fg_premult"))))
+        else:
+            out.append(source.plain(batch[f].to(device)))
+    return torch.stack(out, dim=1)
+
+
+def train_layers_stage(cfg: LayersStageConfig, frozen_vae: nn.Module | None = None,
+                       unet: nn.Module | None = None) -> dict:  # fmt: skip
+    """Run stage 3 (single process or one torchrun rank); returns the summary."""
+    frames, eps_zero, control = frame_layout(cfg)
+    info = dist.init(cfg.device)
+    out = Path(cfg.out)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    dataset = _triplets(cfg)
+    vae, encoder, base = prepare_frozen(cfg, info, frozen_vae, unet)
+    source = LatentSource(vae, encoder)
+
+    def first_latents():
+        b = stack_items(dataset, range(min(32, len(dataset))))
+        return _frame_latents(source, b, frames, info.device)
+
+    source.scale = resolve_latent_scale(cfg.latent_scale, frozen_vae is not None, first_latents, info)
+    ctx_dim = unet_context_dim(base)
+    acp = scaled_linear_alphas_cumprod().to(info.device)
+    nf = len(frames)
+    zero_at = frames.index(eps_zero) if eps_zero else None
+
+    torch.manual_seed(cfg.seed)  # the same initial modules on every rank
+    model = LayerSharingModel(base, nf, control is not None, cfg.rank).to(info.device)
+
+    def loss_fn(m, batch, step):
+        dev = info.device
+        x0 = _frame_latents(source, batch, frames, dev)  # [B, F, 4, h, w]
+        b = x0.shape[0]
+        indices = [int(i) for i in batch["index"]]
+        noise, t = draw_noise_and_timesteps(indices, step, cfg.seed, tuple(x0.shape[1:]))
+        if zero_at is not None:
+            noise[:, zero_at] = 0.0  # the condition frame: eps = 0, a clean (scaled) latent
+        noise, t = noise.to(dev).flatten(0, 1), t.to(dev).repeat_interleave(nf)
+        ctx = torch.stack([sample_context(indices, FRAME_IDS[f], cfg.context_tokens, ctx_dim, cfg.seed)
+                           for f in frames], dim=1).flatten(0, 1).to(dev)  # fmt: skip
+        cimg = None
+        if control is not None:
+            cimg = (batch["fg_premult"] if control == "fg" else batch["bg"]).to(dev)
+        eps = m(q_sample(x0.flatten(0, 1), t, noise, acp), t, ctx, cimg)
+        per_frame = (eps.float() - noise).pow(2).reshape(b, nf, -1).mean(dim=(0, 2))
+        logs = {f"mse_{f}": float(v) for f, v in zip(frames, per_frame.detach(), strict=True)}
+        return per_frame.mean(), logs
+
+    def export(out_dir: Path, step: int, meta: dict) -> Path:
+        state = {k: v.detach().to(ckpt.DTYPES[cfg.export_dtype]) for k, v in model.state_dict().items()}
+        return ckpt.atomic_save(state, out_dir / SHARING_FILE, {**meta, **layout_meta})
+
+    official = OFFICIAL_NAMES.get((tuple(frames), control)) if eps_zero is None else None
+    layout_meta = {"format": "sd15-attention-sharing", "frames": ",".join(frames), "control": control or "",
+                   "eps_zero_frame": eps_zero or "", "rank": str(cfg.rank),
+                   "official_counterpart": official or ""}  # fmt: skip
+    parts = StageParts(
+        label="layers",
+        model=model,
+        dataset=dataset,
+        loss=loss_fn,
+        export=export,
+        eval_batch=_eval_batch(cfg, dataset),
+        signature={"stage": "layers", "frames": frames, "control": control, "eps_zero": eps_zero, "rank": cfg.rank},
+        metadata={"latent_scale": repr(source.scale), **layout_meta},
+    )
+    try:
+        return run_stage(cfg, info, parts)
+    finally:
+        model.restore()

@@ -1,0 +1,346 @@
+"""What the two UNet stages share (paper §3.2 and §3.3): the noise schedule, per-sample
+draws, stand-in text conditioning, the adjusted-latent source and one training loop.
+
+* Noise schedule: SD's DDPM "scaled linear" betas (``linspace(sqrt(8.5e-4), sqrt(1.2e-2),
+  1000) ** 2``), ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``, epsilon target (Eq. 7).
+* Every random draw of a step (timestep, noise) is a function of (seed, step, sample index)
+  only, as stage 1's offset dropout: a DDP step on N ranks sees the draws one process sees
+  on the combined batch, and a resumed run the draws of an uninterrupted one.
+* Conditioning: there is no text encoder here. Each sample (and each frame of a triplet)
+  gets a fixed random "prompt embedding" ``[tokens, context_dim]`` drawn from (seed, index,
+  frame); SDXL-style UNets (``adm_in_channels``) also get a fixed random ``y``. This stands
+  in for captions on the synthetic set; real captions need a text encoder (left for later).
+* Latents: ``LatentSource`` encodes with the frozen VAE (posterior mean and std, unscaled)
+  and applies a latent-transparency encoder exported by stage 1 as the extension does,
+  ``x_a = mean + std * offset`` (λ_offset is folded into that file), then multiplies by the
+  latent scale (SD1.5 0.18215, SDXL 0.13025; ``auto``: 1 / std of the training latents,
+  for the stand-in VAE).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+from safetensors import safe_open
+from torch import nn
+
+from .. import ldm_unet
+from . import checkpoint as ckpt
+from . import data as tdata
+from . import dist
+from .models import TrainEncoder
+from .vae_stage import (
+    Progress,
+    _loader,
+    _no_sync,
+    _param_digest,
+    _peak_memory_mb,
+    autocast_factory,
+    frozen_vae_for,
+)
+
+NUM_TIMESTEPS = 1000
+SD15_LATENT_SCALE = 0.18215
+
+# Tiny UNets with the real ldm names (CPU tests, experiments). "tiny-sd15" has the SD1.5
+# block layout: its 16 transformers sit where MODULE_MAP_SD15 expects them.
+UNET_PRESETS: dict[str, dict] = {
+    "tiny-sd15": dict(in_channels=4, model_channels=32, out_channels=4, num_res_blocks=2, channel_mult=(1, 1, 1, 1),
+                      transformer_depth=(1, 1, 1, 0), transformer_depth_middle=1, num_heads=2, context_dim=32,
+                      use_linear_in_transformer=False),
+    "tiny-sdxl": dict(in_channels=4, model_channels=32, out_channels=4, num_res_blocks=(1, 2), channel_mult=(1, 2),
+                      transformer_depth=(0, 2), transformer_depth_middle=1, num_head_channels=16, context_dim=32,
+                      use_linear_in_transformer=True, adm_in_channels=24),
+}  # fmt: skip
+
+
+def scaled_linear_alphas_cumprod(n: int = NUM_TIMESTEPS, start: float = 0.00085, end: float = 0.012) -> torch.Tensor:
+    """SD's ``alphas_cumprod`` (float64 math, float32 result), as ldm ``make_beta_schedule('linear')``."""
+    betas = torch.linspace(start**0.5, end**0.5, n, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0).float()
+
+
+def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` with one timestep per row."""
+    a = alphas_cumprod.to(x0.device)[t].view(-1, *([1] * (x0.dim() - 1)))
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def _generator(*parts: int) -> torch.Generator:
+    h = 0
+    for p in parts:
+        h = (h * 1_000_003 + int(p)) % (2**61 - 1)
+    return torch.Generator().manual_seed(h)
+
+
+def draw_noise_and_timesteps(indices: list[int], step: int, seed: int, shape: tuple[int, ...],
+                             num_timesteps: int = NUM_TIMESTEPS) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Per-sample ``noise [B, *shape]`` and ``t [B]`` from (seed, step, index) alone (CPU)."""
+    noise, ts = [], []
+    for i in indices:
+        g = _generator(seed, 7, step + 1, i)
+        ts.append(int(torch.randint(0, num_timesteps, (1,), generator=g)))
+        noise.append(torch.randn(shape, generator=g))
+    return torch.stack(noise), torch.tensor(ts, dtype=torch.long)
+
+
+def sample_context(indices: list[int], frame: int, tokens: int, dim: int, seed: int) -> torch.Tensor:
+    """The fixed stand-in prompt embedding of each sample and frame: ``[B, tokens, dim]``."""
+    return torch.stack([torch.randn(tokens, dim, generator=_generator(seed, 11, i, frame)) for i in indices])
+
+
+def sample_y(indices: list[int], dim: int, seed: int) -> torch.Tensor:
+    """The fixed stand-in SDXL ``y`` vector of each sample: ``[B, dim]``."""
+    return torch.stack([torch.randn(dim, generator=_generator(seed, 13, i)) for i in indices])
+
+
+def unet_context_dim(unet: nn.Module) -> int:
+    for name, m in unet.named_modules():
+        if name.endswith("attn2") and hasattr(m, "to_k"):
+            return m.to_k.in_features
+    raise ValueError("the UNet has no cross-attention (attn2) module: cannot tell its context width")
+
+
+def build_unet(preset: str, seed: int) -> nn.Module:
+    if preset not in UNET_PRESETS:
+        raise ValueError(f"unknown --unet-preset {preset!r}; choose from {sorted(UNET_PRESETS)} or pass --unet")
+    torch.manual_seed(seed + 2)
+    return ldm_unet.UNetModel(**UNET_PRESETS[preset])
+
+
+# ---------------------------------------------------------------------------------------
+# Latents
+
+
+def load_transparent_encoder(path: str | Path, device) -> TrainEncoder:
+    """A stage-1 export (or a published encoder file) as a frozen fp32 encoder; widths read
+    from the file. The file's output is the offset applied as ``mean + std * offset``."""
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        state = {k: f.get_tensor(k).float() for k in f.keys()}
+    convs = sorted(int(k.split(".")[1]) for k in state if k.startswith("blocks.") and k.endswith(".weight"))
+    if len(convs) != 9 or any(c != 2 * i for i, c in enumerate(convs)):
+        raise ValueError(f"{path} is not a latent-transparency encoder file (blocks.0 .. blocks.16 convs expected)")
+    widths = tuple(state[f"blocks.{c}.weight"].shape[0] for c in convs[:-1])
+    enc = TrainEncoder(widths)
+    enc.load_state_dict(state, strict=True)
+    return dist.freeze(enc.to(device))
+
+
+class LatentSource:
+    """Frozen VAE (+ frozen transparency encoder) -> scaled diffusion latents, no gradients."""
+
+    def __init__(self, vae: nn.Module, encoder: nn.Module | None, scale: float = 1.0):
+        self.vae, self.encoder, self.scale = vae, encoder, scale
+
+    @torch.no_grad()
+    def transparent(self, alpha: torch.Tensor, padded: torch.Tensor, premult: torch.Tensor) -> torch.Tensor:
+        """The adjusted latent ``scale * (mean + std * E(alpha, padded))`` of an RGBA batch;
+        without an encoder, ``scale * mean`` of the premultiplied image."""
+        mean, std = self.vae.encode(premult)
+        if self.encoder is not None:
+            mean = mean + std * self.encoder(torch.cat([alpha, padded], dim=1))
+        return self.scale * mean
+
+    @torch.no_grad()
+    def plain(self, rgb01: torch.Tensor) -> torch.Tensor:
+        mean, _ = self.vae.encode(rgb01)
+        return self.scale * mean
+
+
+def resolve_latent_scale(value: str | float | None, have_user_vae: bool, latents_fn: Callable[[], torch.Tensor],
+                         info: dist.DistInfo) -> float:  # fmt: skip
+    """A number; ``auto`` = 1 / std of ``latents_fn()`` (unscaled latents), the same on every
+    rank (rank 0's value is broadcast). Default: auto for the stand-in VAE, SD1.5's 0.18215
+    for a user VAE (pass 0.13025 for SDXL)."""
+    if value is None:
+        value = SD15_LATENT_SCALE if have_user_vae else "auto"
+    if str(value) != "auto":
+        return float(value)
+    t = torch.tensor([1.0 / float(latents_fn().float().std())], dtype=torch.float64, device=info.device)
+    if info.distributed:
+        torch_dist.broadcast(t, src=0)
+    return float(t.item())
+
+
+def stack_items(dataset, indices) -> dict:
+    items = [dataset[i] for i in indices]
+    return {k: torch.stack([it[k] for it in items]) if isinstance(items[0][k], torch.Tensor) else
+            torch.tensor([it[k] for it in items]) for k in items[0]}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------
+# Configuration shared by both stages
+
+
+@dataclass
+class UNetStageConfig:
+    out: str
+    data: str | None = None
+    synthetic: int = 0
+    steps: int = 1000
+    batch_size: int = 4  # per process
+    size: int = 64  # pixels; the latent is size / 8
+    lr: float = 1e-5  # paper: AdamW 1e-5 (LoRA runs often use 1e-4)
+    weight_decay: float = 0.0
+    rank: int = 256  # LoRA rank (paper: 256 on all layers)
+    encoder: str | None = None  # stage-1 export (transparent_encoder.safetensors)
+    latent_scale: str | None = None  # a number or "auto"; default see resolve_latent_scale
+    unet_preset: str = "tiny-sd15"  # when no --unet hook gives the model
+    context_tokens: int = 77
+    seed: int = 0
+    save_every: int = 500
+    log_every: int = 10
+    eval_count: int = 8
+    vae_path: str | None = None
+    vae_width: int = 32
+    vae_steps: int = 1000
+    vae_lr: float = 1e-3
+    num_workers: int = 0
+    export_dtype: str = "fp16"
+    resume: bool = True
+    device: str | None = None
+    trace_dir: str | None = None
+    grad_accum: int = 1
+    precision: str = "fp32"
+
+
+def split_batch(batch: dict, k: int) -> list[dict]:
+    n = len(batch["index"])
+    if n % k:
+        raise ValueError(f"--batch-size {n} is not a multiple of --grad-accum {k}")
+    m = n // k
+    return [{key: v[j * m : (j + 1) * m] for key, v in batch.items()} for j in range(k)]
+
+
+def prepare_frozen(cfg: UNetStageConfig, info: dist.DistInfo, frozen_vae: nn.Module | None,
+                   unet: nn.Module | None) -> tuple[nn.Module, nn.Module | None, nn.Module]:  # fmt: skip
+    """The frozen VAE (user's, or the stand-in tiny VAE trained/loaded like stage 1), the
+    frozen transparency encoder (or None) and the frozen base UNet, all on the device."""
+    vae = frozen_vae if frozen_vae is not None else frozen_vae_for(cfg, info)
+    vae = dist.freeze(vae.to(info.device))
+    encoder = load_transparent_encoder(cfg.encoder, info.device) if cfg.encoder else None
+    if unet is None:
+        unet = build_unet(cfg.unet_preset, cfg.seed)
+    return vae, encoder, dist.freeze(unet.to(info.device))
+
+
+# ---------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class StageParts:
+    label: str
+    model: nn.Module  # the trained module, unwrapped, on the device; every parameter trains
+    dataset: torch.utils.data.Dataset
+    loss: Callable  # (module (maybe DDP), batch dict on CPU, step) -> (loss tensor, {name: float})
+    export: Callable  # (out dir, step_done, metadata) -> Path; rank 0 only
+    eval_batch: dict | None = None  # fixed held-out batch; evaluated with step -1 draws
+    signature: dict = dataclasses.field(default_factory=dict)  # must match to resume
+    metadata: dict = dataclasses.field(default_factory=dict)  # written into every file
+
+
+def evaluate(parts: StageParts) -> float | None:
+    if parts.eval_batch is None:
+        return None
+    was = parts.model.training
+    parts.model.eval()
+    with torch.no_grad():
+        loss, _ = parts.loss(parts.model, parts.eval_batch, -1)
+    parts.model.train(was)
+    return float(loss)
+
+
+def run_stage(cfg: UNetStageConfig, info: dist.DistInfo, parts: StageParts) -> dict:
+    """Optimise ``parts.model`` with AdamW for ``cfg.steps`` steps (resuming from
+    ``<out>/train_state.safetensors``); DDP when distributed; rank 0 writes the export, the
+    state, ``metrics.jsonl`` and ``summary.json``. Returns the summary."""
+    out = Path(cfg.out)
+    model = parts.model
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    modules, optims = {"model": model}, {"opt": opt}
+    signature = json.dumps(parts.signature, sort_keys=True)
+    state_path = out / ckpt.STATE_FILE
+    start = 0
+    if cfg.resume and state_path.exists():
+        meta = ckpt.read_metadata(state_path)
+        if meta.get("signature") != signature:
+            raise ValueError(f"{state_path} was written by another set-up ({meta.get('signature')}), not {signature}; "
+                             "use another --out or --no-resume")  # fmt: skip
+        start = ckpt.load_state(state_path, modules, optims)
+        if info.is_main:
+            print(f"[{parts.label}] resuming from {state_path} at step {start}", flush=True)
+    meta_common = {"signature": signature, "config": json.dumps(dataclasses.asdict(cfg)),
+                   **{k: str(v) for k, v in parts.metadata.items()}}  # fmt: skip
+    eval_start = evaluate(parts) if info.is_main else None
+    model_t = dist.wrap(model, info)
+    amp = autocast_factory(cfg.precision, info.device)
+    batches = tdata.StepBatches(len(parts.dataset), cfg.batch_size, info.rank, info.world_size, cfg.seed, start,
+                                cfg.steps)  # fmt: skip
+    trace = None
+    if cfg.trace_dir:
+        Path(cfg.trace_dir).mkdir(parents=True, exist_ok=True)
+        trace = open(Path(cfg.trace_dir) / f"rank{info.rank}.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+
+    def save(done: int) -> None:
+        if info.is_main:
+            parts.export(out, done, {**meta_common, "step": str(done)})
+            ckpt.save_state(state_path, modules, optims, done, meta_common)
+
+    bar = Progress(cfg.steps, start, info.is_main, cfg.log_every, parts.label)
+    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if info.is_main else None  # noqa: SIM115
+    last_logs: dict[str, float] = {}
+    step = start - 1
+    t0 = time.perf_counter()
+    try:
+        for step, batch in zip(range(start, cfg.steps), _loader(parts.dataset, batches, cfg.num_workers), strict=True):
+            micro = split_batch(batch, cfg.grad_accum)
+            logs: dict[str, float] = {}
+            opt.zero_grad(set_to_none=True)
+            for j, mb in enumerate(micro):
+                with _no_sync(model_t, j == len(micro) - 1):
+                    with amp():
+                        loss, mlogs = parts.loss(model_t, mb, step)
+                    (loss.float() / len(micro)).backward()
+                for k, v in {"loss": float(loss.detach()), **mlogs}.items():
+                    logs[k] = logs.get(k, 0.0) + v / len(micro)
+            opt.step()
+            if trace is not None:
+                trace.write(json.dumps({"step": step, "rank": info.rank, "indices": [int(i) for i in batch["index"]],
+                                        **logs, "params": _param_digest(model)}) + "\n")  # fmt: skip
+                trace.flush()
+            done = step + 1
+            want_log = done % cfg.log_every == 0 or done == cfg.steps
+            if want_log:  # a collective: every rank takes part
+                last_logs = dist.mean_across_ranks(logs, info)
+                if metrics is not None:
+                    metrics.write(json.dumps({"step": done, **last_logs}) + "\n")
+                    metrics.flush()
+            bar.update(step, last_logs if want_log else {})
+            if done % cfg.save_every == 0 or done == cfg.steps:
+                save(done)
+    finally:
+        bar.close()
+        if trace is not None:
+            trace.close()
+        if metrics is not None:
+            metrics.close()
+    summary = {"step": max(step + 1, start), "steps_run": max(step + 1 - start, 0),
+               "seconds": time.perf_counter() - t0, "world_size": info.world_size,
+               "peak_mem_mb": _peak_memory_mb(info.device), **{f"last_{k}": v for k, v in last_logs.items()},
+               **{k: str(v) for k, v in parts.metadata.items()}}  # fmt: skip
+    if info.is_main:
+        summary["eval_loss_start"] = eval_start
+        summary["eval_loss_end"] = evaluate(parts)
+        with open(out / "summary.json", "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=1)
+        print(f"[{parts.label}] " + json.dumps(summary), flush=True)
+    dist.barrier()
+    return summary
