@@ -1,11 +1,15 @@
 """Command line for training: ``python -m lib_layerdiffuse.train <stage> ...``.
 
-Stages: ``vae`` (paper §3.1, latent-transparency encoder/decoder). ``diffusion`` (§3.2)
-and ``layers`` (§3.3) are reserved: they need the UNet side and are not implemented yet.
+Stages: ``vae`` (paper §3.1, latent-transparency encoder/decoder), ``diffusion`` (§3.2,
+UNet fine-tune on adjusted latents, SDXL patch-file export) and ``layers`` (§3.3, per-frame
+LoRAs with attention sharing, SD1.5 attention-sharing export).
 
 The same command runs in one process, or distributed under torchrun:
 
     python -m lib_layerdiffuse.train vae --synthetic 2048 --out runs/vae --steps 2000
+    python -m lib_layerdiffuse.train diffusion --synthetic 2048 --out runs/diff \
+        --encoder runs/vae/transparent_encoder.safetensors --vae-path runs/vae/tiny_vae.safetensors
+    python -m lib_layerdiffuse.train layers --synthetic 2048 --out runs/joint --frames fg,bg,blend
     torchrun --nproc_per_node 2 -m lib_layerdiffuse.train vae --synthetic 2048 --out runs/vae
 
 ``--batch-size`` is per process: the global batch is ``batch_size * world_size``.
@@ -19,11 +23,6 @@ import os
 import signal
 import sys
 import threading
-
-STAGES_PENDING = {
-    "diffusion": "§3.2 diffusion fine-tune on adjusted latents",
-    "layers": "§3.3 foreground/background LoRAs with attention sharing",
-}
 
 
 def _vae_parser(sub) -> None:
@@ -72,19 +71,81 @@ def _vae_parser(sub) -> None:
     p.add_argument("--trace-dir", default=None, help="write per-rank step traces (indices, losses, param digest)")
 
 
+def _unet_common(p):
+    """Options shared by the diffusion and layers stages."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--synthetic", type=int, metavar="N", help="use N generated samples")
+    p.add_argument("--out", required=True, help="output folder: export, train_state, metrics, summary")
+    p.add_argument("--steps", type=int, default=1000, help="total optimiser steps (a resumed run continues to this)")
+    p.add_argument("--batch-size", type=int, default=4, help="per process (samples; layers: groups of frames)")
+    p.add_argument("--size", type=int, default=64, help="training side in pixels (the latent is size/8)")
+    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (paper: 1e-5)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--rank", type=int, default=256, help="LoRA rank (paper and official files: 256)")
+    p.add_argument("--encoder", help="latent-transparency encoder file (a vae-stage transparent_encoder.safetensors)")
+    p.add_argument("--latent-scale", default=None,
+                   help="VAE scaling factor, or 'auto' (1/std of the training latents); default: auto for the "
+                        "stand-in VAE, 0.18215 (SD1.5) with --frozen-vae (SDXL: 0.13025)")  # fmt: skip
+    p.add_argument("--unet", metavar="MODULE:FUNC", help="callable returning the base UNet (ldm parameter names)")
+    p.add_argument("--unet-preset", default="tiny-sd15", help="tiny UNet used without --unet: tiny-sd15 | tiny-sdxl")
+    p.add_argument("--context-tokens", type=int, default=77, help="tokens of the stand-in prompt embeddings")
+    p.add_argument("--frozen-vae", metavar="MODULE:FUNC",
+                   help="callable returning the frozen VAE (encode -> (mean, std), decode); e.g. an SDVAEAdapter")  # fmt: skip
+    p.add_argument("--vae-path", help="stand-in tiny VAE file (default <out>/tiny_vae.safetensors, trained if absent)")
+    p.add_argument("--vae-width", type=int, default=32)
+    p.add_argument("--vae-steps", type=int, default=1000, help="pre-training steps of the tiny VAE")
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--eval-count", type=int, default=8, help="held-out samples for the start/end eval loss")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per process")
+    p.add_argument("--export-dtype", choices=["fp16", "fp32", "bf16"], default="fp16")
+    p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore <out>/train_state.safetensors")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dist-timeout", type=float, default=1800.0, help="seconds a rank waits for a dead peer")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (batch-size must divide)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast the forwards")
+    p.add_argument("--trace-dir", default=None, help="write per-rank step traces (indices, losses, param digest)")
+    return src
+
+
+def _diffusion_parser(sub) -> None:
+    p = sub.add_parser("diffusion", help="fine-tune the UNet on adjusted latents (paper §3.2), SDXL patch export")
+    src = _unet_common(p)
+    src.add_argument("--data", help="folder of RGBA images (PNG/WebP with alpha, any size)")
+    p.add_argument(
+        "--mode", choices=["lora", "diff"], default="lora", help="LoRA (::lora::) or full offsets (::diff::)"
+    )
+    p.add_argument("--targets", choices=["attn", "all"], default="attn",
+                   help="attn: to_q/to_k/to_v/to_out.0 of every attention; all: every Linear (lora) or tensor (diff)")  # fmt: skip
+
+
+def _layers_parser(sub) -> None:
+    p = sub.add_parser("layers", help="per-frame LoRAs with attention sharing (paper §3.3), SD1.5 layout export")
+    src = _unet_common(p)
+    src.add_argument("--data", help="folder with fg/ (RGBA), bg/ and blend/ (RGB) images of matching names")
+    p.add_argument("--frames", default="fg,bg", help="frames of a group, in order: fg,bg or fg,bg,blend (joint)")
+    p.add_argument("--condition", choices=["none", "fg", "bg"], default="none",
+                   help="fg: a fg-conditioned bg generator (eps_f = 0); bg: the reverse")  # fmt: skip
+    p.add_argument("--condition-via", choices=["latent", "control"], default="latent",
+                   help="latent: the paper's clean condition frame in the group; control: the official "
+                        "fg2bg/bg2fg layout (condition image through kwargs_encoder, frame leaves the group)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lib_layerdiffuse.train", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="stage", required=True, metavar="{vae,diffusion,layers}")
     _vae_parser(sub)
-    for name, what in STAGES_PENDING.items():
-        sub.add_parser(name, help=f"{what} (not implemented yet)", add_help=True)
+    _diffusion_parser(sub)
+    _layers_parser(sub)
     return parser
 
 
-def _load_callable(spec: str):
+def _load_callable(spec: str, flag: str = "--frozen-vae"):
     mod, _, fn = spec.partition(":")
     if not fn:
-        raise SystemExit(f"--frozen-vae needs MODULE:FUNC, got {spec!r}")
+        raise SystemExit(f"{flag} needs MODULE:FUNC, got {spec!r}")
     return getattr(importlib.import_module(mod), fn)
 
 
@@ -97,28 +158,41 @@ def _on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
 
+def _config(args):
+    """The stage's config dataclass and its train function."""
+    if args.stage == "vae":
+        from .training.vae_stage import VAEStageConfig as cls
+        from .training.vae_stage import train_vae_stage as fn
+    elif args.stage == "diffusion":
+        from .training.diffusion_stage import DiffusionStageConfig as cls
+        from .training.diffusion_stage import train_diffusion_stage as fn
+    else:
+        from .training.layers_stage import LayersStageConfig as cls
+        from .training.layers_stage import train_layers_stage as fn
+    kwargs = {k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__}
+    kwargs["synthetic"] = args.synthetic or 0  # None when --data was given
+    return cls(**kwargs), fn
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.stage in STAGES_PENDING:
-        print(
-            f"stage '{args.stage}' ({STAGES_PENDING[args.stage]}) is not implemented yet: it needs the UNet side. "
-            "Only 'vae' runs today.",
-            file=sys.stderr,
-        )
-        return 2
     from .training import dist
-    from .training.vae_stage import VAEStageConfig, train_vae_stage
 
-    fields = set(VAEStageConfig.__dataclass_fields__)
-    kwargs = {k: v for k, v in vars(args).items() if k in fields}
-    kwargs["synthetic"] = args.synthetic or 0  # None when --data was given
-    cfg = VAEStageConfig(**kwargs)
+    cfg, train_fn = _config(args)
+    if args.stage == "diffusion" and not cfg.encoder:
+        print("train diffusion: --encoder is required (the transparent_encoder.safetensors of a vae-stage run): "
+              "the fine-tune learns the adjusted latents mean + std * offset", file=sys.stderr)  # fmt: skip
+        return 2
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         dist.init(cfg.device, timeout_s=args.dist_timeout)
         frozen = _load_callable(args.frozen_vae)() if args.frozen_vae else None
-        train_vae_stage(cfg, frozen_vae=frozen)
+        if args.stage == "vae":
+            train_fn(cfg, frozen_vae=frozen)
+        else:
+            unet = _load_callable(args.unet, "--unet")() if args.unet else None
+            train_fn(cfg, frozen_vae=frozen, unet=unet)
     finally:
         dist.cleanup()
         if main_thread:

@@ -252,10 +252,11 @@ def test_full_size_export_loads_strict_and_folds_lambda(tmp_path):
     assert meta["lambda_offset_folded"] == "0.01"
 
 
-def test_cli_runs_and_pending_stages(tmp_path, tiny_vae_file, capsys):
+def test_cli_runs_and_refuses_diffusion_without_encoder(tmp_path, tiny_vae_file, capsys):
     from lib_layerdiffuse import train
 
-    assert train.main(["diffusion"]) == 2 and "not implemented" in capsys.readouterr().err
+    assert train.main(["diffusion", "--synthetic", "4", "--out", str(tmp_path / "d")]) == 2
+    assert "--encoder is required" in capsys.readouterr().err
     out = tmp_path / "cli"
     rc = train.main(["vae", "--synthetic", "16", "--out", str(out), "--steps", "2", "--batch-size", "2",
                      "--size", "32", "--widths", "tiny", "--disc-width", "8", "--vae-path", str(tiny_vae_file),
