@@ -10,6 +10,11 @@ Decoder layout (104 M params): conv_in at full size, seven down blocks at
 (32, 32, 64, 128, 256, 512, 512) channels, the last three with self-attention, six
 downsamples, a mid block, seven up blocks with skip connections and 4 output channels
 (alpha, then straight RGB). The SD latent joins just before down block 3 (1/8 size).
+
+Speed (issue 5): the 91 GroupNorms are :class:`~lib_layerdiffuse.fastnorm.FastGroupNorm`
+(``nn.GroupNorm``'s parameters; a faster implementation on CUDA, ``nn.GroupNorm``'s own on
+CPU; :func:`set_group_norm_mode` overrides), :func:`decode_rgba` batches views by memory
+and can tile, and :func:`compile_decoder` wraps ``torch.compile`` on request.
 """
 
 from __future__ import annotations

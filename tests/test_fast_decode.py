@@ -279,6 +279,16 @@ def test_one_tile_is_the_whole_decode():
     torch.testing.assert_close(decode_rgba(d, pixel, latent, tile_size="auto"), whole, atol=0, rtol=0)  # CPU: none
 
 
+def test_tiles_of_odd_sizes_and_batches():
+    d = CountingDecoder()
+    pixel, latent = torch.rand(2, 3, 200, 72), torch.randn(2, 4, 25, 9)
+    out = decode_rgba(d, pixel, latent, passes=2, tile_size=128, tile_overlap=16)
+    assert out.shape == (2, 4, 200, 72) and out.dtype == torch.float32
+    assert 0 <= out.min() and out.max() <= 1 and torch.isfinite(out).all()
+    # the RGB channels of the stand-in are the input: blending must give it back
+    torch.testing.assert_close(out[:, 1:], (pixel + 0.1 * F.interpolate(latent[:, :1], scale_factor=8.0)).clip(0, 1))
+
+
 def test_auto_tile_size(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert default_tile_size(cpu, torch.float32, 4096, 4096) is None
