@@ -81,6 +81,7 @@ def _unet_common(p):
     p.add_argument("--size", type=int, default=64, help="training side in pixels (the latent is size/8)")
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (paper: 1e-5)")
     p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW eps (larger: gentler steps for tiny gradients)")
     p.add_argument("--rank", type=int, default=256, help="LoRA rank (paper and official files: 256)")
     p.add_argument("--encoder", help="latent-transparency encoder file (a vae-stage transparent_encoder.safetensors)")
     p.add_argument("--latent-scale", default=None,

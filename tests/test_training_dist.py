@@ -82,7 +82,7 @@ def test_torchrun_two_ranks_match_one_process_and_resume(tmp_path):
     a, b = load_file(str(ddp_out / ckpt.STATE_FILE)), load_file(str(one_out / ckpt.STATE_FILE))
     for k in a:
         if k.startswith("model."):
-            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
 
     # resume both to step 2: the DDP run continues the count and reproduces the next loss
     _torchrun([*args, "--steps", "2"], tmp_path)
@@ -94,3 +94,43 @@ def test_torchrun_two_ranks_match_one_process_and_resume(tmp_path):
     s = _trace(one_trace, 0)
     assert [t["step"] for t in s] == [0, 1]
     assert s[1]["loss"] == pytest.approx((r0[1]["loss"] + r1[1]["loss"]) / 2, rel=1e-4)
+
+
+def test_torchrun_layers_stage_two_ranks(tmp_path):
+    """The §3.3 stage under DDP: the sharing units train in DDP, the base UNet stays frozen."""
+    from lib_layerdiffuse.training.layers_stage import SHARING_FILE, LayersStageConfig, train_layers_stage
+
+    vae_path = tmp_path / "tiny_vae.safetensors"
+    pretrain_tiny_vae(VAEStageConfig(out=str(tmp_path), synthetic=32, vae_steps=2, batch_size=4, **TINY),
+                      dist.DistInfo(), vae_path)  # fmt: skip
+    # Adam's first step is lr * g / (|g| + eps): with the default eps (1e-8) an element whose
+    # gradient is near 0 turns the all-reduce's rounding into up to +-lr, and the tiny UNet
+    # has such elements (at 1x1 levels its GroupNorm32, one channel per group, outputs a
+    # constant). adam_eps 1e-4 keeps the step a smooth function of the gradient, so the DDP
+    # step and the one-process step can be compared to float tolerance.
+    common = {"synthetic": 16, "vae_path": vae_path, "size": 64, "adam_eps": 1e-4, "rank": 2, "context_tokens": 4, "lr": 1e-3,
+              "frames": "fg,bg", "eval_count": 0, "save_every": 1, "export_dtype": "fp32"}  # fmt: skip
+    ddp_out, ddp_trace = tmp_path / "ddp", tmp_path / "ddp_trace"
+    res = _torchrun(["layers", *_cli({**common, "out": ddp_out, "batch_size": 1, "trace_dir": ddp_trace,
+                                      "steps": 1})], tmp_path)  # fmt: skip
+    r0, r1 = _trace(ddp_trace, 0), _trace(ddp_trace, 1)
+    assert len(r0) == len(r1) == 1  # both ranks finished
+    assert not set(r0[0]["indices"]) & set(r1[0]["indices"])  # disjoint shards
+    assert r0[0]["params"] == r1[0]["params"]  # identical trained parameters after the step
+    assert sorted(p.name for p in ddp_out.iterdir()) == sorted(
+        [ckpt.STATE_FILE, SHARING_FILE, "metrics.jsonl", "summary.json"]
+    )
+    assert res.stdout.count("[layers] step 1/1") == 1
+
+    # one process on the combined batch: same step
+    one_out, one_trace = tmp_path / "one", tmp_path / "one_trace"
+    cfg = LayersStageConfig(out=str(one_out), batch_size=2, steps=1, trace_dir=str(one_trace),
+                            **{**common, "vae_path": str(vae_path)})  # fmt: skip
+    train_layers_stage(cfg)
+    s = _trace(one_trace, 0)
+    assert sorted(s[0]["indices"]) == sorted(r0[0]["indices"] + r1[0]["indices"])
+    assert s[0]["loss"] == pytest.approx((r0[0]["loss"] + r1[0]["loss"]) / 2, rel=1e-5)
+    a, b = load_file(str(ddp_out / SHARING_FILE)), load_file(str(one_out / SHARING_FILE))
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")

@@ -189,6 +189,7 @@ class UNetStageConfig:
     size: int = 64  # pixels; the latent is size / 8
     lr: float = 1e-5  # paper: AdamW 1e-5 (LoRA runs often use 1e-4)
     weight_decay: float = 0.0
+    adam_eps: float = 1e-8
     rank: int = 256  # LoRA rank (paper: 256 on all layers)
     encoder: str | None = None  # stage-1 export (transparent_encoder.safetensors)
     latent_scale: str | None = None  # a number or "auto"; default see resolve_latent_scale
@@ -264,7 +265,7 @@ def run_stage(cfg: UNetStageConfig, info: dist.DistInfo, parts: StageParts) -> d
     state, ``metrics.jsonl`` and ``summary.json``. Returns the summary."""
     out = Path(cfg.out)
     model = parts.model
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
     modules, optims = {"model": model}, {"opt": opt}
     signature = json.dumps(parts.signature, sort_keys=True)
     state_path = out / ckpt.STATE_FILE
