@@ -1,6 +1,8 @@
 """Training side of LayerDiffuse (paper §3): data, distributed helpers and the stages.
 
-Stage 1, the latent-transparency VAE (§3.1), is :mod:`.vae_stage`; the diffusion
-fine-tune (§3.2) and the multi-layer LoRAs (§3.3) need the UNet side and come later.
+Stage 1, the latent-transparency VAE (§3.1), is :mod:`.vae_stage`; stage 2, the UNet
+fine-tune on adjusted latents (§3.2, SDXL patch-file export), is :mod:`.diffusion_stage`;
+stage 3, the per-frame LoRAs with attention sharing (§3.3, SD1.5 attention-sharing
+export), is :mod:`.layers_stage`. Stages 2 and 3 share :mod:`.unet_training`.
 Entry point: ``python -m lib_layerdiffuse.train`` (also under ``torchrun``).
 """
