@@ -146,8 +146,8 @@ class AttentionSharingUnit(nn.Module):
         org = self.original_module[0].to_out[0] if name == "to_out" else getattr(self.original_module[0], name)
         loras = getattr(self, f"{name}_lora")
         # invalidate when anything the merge reads changes (e.g. A1111's LoRA merged into org)
-        stamp = (dtype, device, org.weight.data_ptr(), org.weight._version)
-        stamp += tuple((m.up.weight._version, m.down.weight._version, m.up.weight.data_ptr()) for m in loras)
+        stamp = (dtype, device, org.weight.data_ptr(), _version(org.weight))
+        stamp += tuple((_version(m.up.weight), _version(m.down.weight), m.up.weight.data_ptr()) for m in loras)
         hit = self._merged.get(name)
         if hit is not None and hit[0] == stamp:
             return hit[1], hit[2]
@@ -260,6 +260,11 @@ class AttentionSharingUnit(nn.Module):
         scores = torch.einsum("nfhd,nghd->nhfg", q, k) * (1.0 / math.sqrt(dh))
         out = torch.einsum("nhfg,nghd->nfhd", scores.softmax(dim=-1), v)
         return out.reshape(n, f, c)
+
+
+def _version(t: torch.Tensor) -> int:
+    """In-place version counter; Forge's weights are inference tensors, which have none (-1)."""
+    return -1 if t.is_inference() else t._version
 
 
 def _heads_attention(q, k, v, heads):

@@ -19,8 +19,11 @@ from lib_layerdiffuse.settings import ARG_ORDER, INFOTEXT_KEYS, Settings
 
 log = logging.getLogger("layerdiffuse")
 HOST = hosts.detect()
-if HOST == "a1111":
-    from lib_layerdiffuse.hosts import a1111 as host
+if HOST in hosts.SUPPORTED:
+    if HOST == "a1111":
+        from lib_layerdiffuse.hosts import a1111 as host
+    else:  # forge2, neo: one adapter, per-host differences inside
+        from lib_layerdiffuse.hosts import forge as host
     from lib_layerdiffuse.pipeline import Generation, LayerDiffuseError, preview
 else:
     host = None
@@ -162,6 +165,8 @@ class LayerDiffuseScript(scripts.Script):
         if getattr(p, "all_hr_prompts", None):
             p.all_hr_prompts = gen.layer_prompts(p.all_hr_prompts)
         self._wrap_close(p, gen)
+        if hasattr(host, "prepare"):  # Forge: the never-silent check after sampling
+            host.prepare(p, gen)
         if getattr(p, "init_images", None) and gen.mode.encoder_file is not None:
             self._prepare_init(p, gen)
 
@@ -212,7 +217,8 @@ class LayerDiffuseScript(scripts.Script):
             return
         index = p.iteration * p.batch_size + p.batch_index
         try:
-            if gen.mode.is_decoded(index) and gen.mode.apply != "diff" and gen.calls == 0:
+            ran = host.patches_ran(gen) if hasattr(host, "patches_ran") else gen.mode.apply == "diff" or gen.calls > 0
+            if gen.mode.is_decoded(index) and not ran:
                 raise LayerDiffuseError("the LayerDiffuse patches did not run during sampling; no transparent decode")
             rgba = gen.decode(index, np.asarray(pp.image.convert("RGB")), host.latent_scale(p))
         except Exception as e:
@@ -224,6 +230,9 @@ class LayerDiffuseScript(scripts.Script):
         image = host.to_pil_rgba(rgba)
         image.info.update(pp.image.info)
         pp.image = image
+        if hasattr(host, "add_preview"):  # Forge shows and returns p.extra_result_images
+            host.add_preview(p, index, preview(rgba))
+            return
         gen.previews = getattr(gen, "previews", {})
         gen.previews[index] = preview(rgba)
 
@@ -256,4 +265,6 @@ def _comment(p, text):
 
 if host is not None:
     script_callbacks.on_image_saved(host.check_saved)
+    if hasattr(host, "before_image_saved"):  # Forge2's stealth infotext overwrites alpha before saving
+        script_callbacks.on_before_image_saved(host.before_image_saved)
     script_callbacks.on_app_started(lambda *a, **k: host.install_api_png())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 
-SUPPORTED = ("a1111",)
+SUPPORTED = ("a1111", "forge2", "neo")
 NAMES = {
     "a1111": "AUTOMATIC1111 WebUI",
     "forge2": "Forge (2024 backend)",
@@ -34,7 +34,7 @@ def detect() -> str:
                 return "neo"
         except ImportError:
             pass
-        return "forge2"
+        return "neo" if _has("modules_forge.packages.comfy") else "forge2"  # only Neo vendors ComfyUI
     if _has("modules_forge.unet_patcher") or _has("ldm_patched"):
         return "forge1"
     if _has("modules.scripts") and _has("modules.processing"):
@@ -45,5 +45,5 @@ def detect() -> str:
 def unsupported_message(host: str) -> str:
     return (
         f"LayerDiffuse does not support {NAMES.get(host, host)} yet. "
-        f"Supported: {', '.join(NAMES[h] for h in SUPPORTED)} 1.10 or newer."
+        "Supported: AUTOMATIC1111 WebUI 1.10 or newer, Forge (2024 backend, 2.0) and Forge Neo."
     )
