@@ -8,12 +8,13 @@ extension does.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image, PngImagePlugin
+
+from .fileio import atomic_write
 
 PYRAMID_STEP = 1.2  # each level of the alpha pyramid is 1/1.2 of the previous one
 CELL = 64  # checkerboard cell size of the preview
@@ -121,17 +122,12 @@ def write_png(path: str | os.PathLike, image, parameters: str | None = None) -> 
     info = PngImagePlugin.PngInfo()
     if parameters is not None:
         info.add_text("parameters", parameters)
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             pil.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+
+    return atomic_write(path, write)
 
 
 def read_png(path: str | os.PathLike) -> tuple[np.ndarray, str | None]:
