@@ -62,19 +62,20 @@ def resize_crop(rgba: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(rgba[top : top + size, left : left + size])
 
 
+def _chw(x: np.ndarray) -> torch.Tensor:
+    """HxWxC array to a float32 CxHxW tensor."""
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))).float()
+
+
 def prepare(rgba: np.ndarray, index: int) -> dict:
     """One training sample (see the module docstring) from an HxWx4 float32 straight RGBA."""
     padded = core_rgba.pad_rgb(rgba)
     premult = core_rgba.flatten_on_grey(rgba)
-
-    def chw(x):
-        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))).float()
-
     return {
-        "rgba": chw(rgba),
-        "alpha": chw(rgba[..., 3:]),
-        "padded": chw(padded),
-        "premult": chw(premult),
+        "rgba": _chw(rgba),
+        "alpha": _chw(rgba[..., 3:]),
+        "padded": _chw(padded),
+        "premult": _chw(premult),
         "index": index,
     }
 
@@ -101,6 +102,27 @@ def _read_rgba_uint8(path: Path) -> np.ndarray | str:
         return f"unreadable ({type(e).__name__})"
 
 
+def _rejection(path: Path) -> str | None:
+    """None if ``path`` is a usable RGBA image, else why not."""
+    img = _read_rgba_uint8(path)
+    return img if isinstance(img, str) else usable(img[..., 3])
+
+
+def _load_rgba(path: Path, size: int) -> np.ndarray:
+    """A usable RGBA image as ``size x size`` float32 straight RGBA (:func:`resize_crop`)."""
+    img = _read_rgba_uint8(path)
+    if isinstance(img, str):
+        raise NoUsableImagesError(f"{path} became unusable during training: {img}")
+    return resize_crop(img.astype(np.float32) / 255.0, size)
+
+
+def _found_and_rejected(found: str, rejected: dict[str, int]) -> str:
+    """What a folder held, for :class:`NoUsableImagesError`: ``found`` plus the rejection counts."""
+    if rejected:
+        found += "; rejected: " + ", ".join(f"{n} {why}" for why, n in sorted(rejected.items()))
+    return found
+
+
 class RGBAFolder(Dataset):
     """RGBA images (PNG or WebP with alpha, any size) under ``folder``, recursively.
 
@@ -119,16 +141,13 @@ class RGBAFolder(Dataset):
         self.paths: list[Path] = []
         self.rejected: dict[str, int] = {}
         for p in images:
-            img = _read_rgba_uint8(p)
-            reason = img if isinstance(img, str) else usable(img[..., 3])
+            reason = _rejection(p)
             if reason is None:
                 self.paths.append(p)
             else:
                 self.rejected[reason] = self.rejected.get(reason, 0) + 1
         if not self.paths:
-            found = f"{len(files)} files, {len(images)} of them PNG/WebP"
-            if self.rejected:
-                found += "; rejected: " + ", ".join(f"{n} {why}" for why, n in sorted(self.rejected.items()))
+            found = _found_and_rejected(f"{len(files)} files, {len(images)} of them PNG/WebP", self.rejected)
             raise NoUsableImagesError(
                 f"no usable RGBA images in {self.folder} ({found}). Training needs PNG/WebP images with an alpha "
                 "channel that have at least one transparent and one visible pixel."
@@ -138,10 +157,7 @@ class RGBAFolder(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> dict:
-        img = _read_rgba_uint8(self.paths[i])
-        if isinstance(img, str):
-            raise NoUsableImagesError(f"{self.paths[i]} became unusable during training: {img}")
-        return prepare(resize_crop(img.astype(np.float32) / 255.0, self.size), i)
+        return prepare(_load_rgba(self.paths[i], self.size), i)
 
 
 # ---------------------------------------------------------------------------------------
@@ -226,8 +242,8 @@ def synthetic_rgba(index: int, size: int, seed: int = 0) -> np.ndarray:
     return np.concatenate([straight, acc], axis=2).astype(np.float32)
 
 
-class SyntheticRGBA(Dataset):
-    """``n`` synthetic samples; item i is ``synthetic_rgba(offset + i, size, seed)``."""
+class _SyntheticSet(Dataset):
+    """``n`` generated items; item i depends on (seed, offset + i) only."""
 
     def __init__(self, n: int, size: int, seed: int = 0, offset: int = 0):
         if n <= 0:
@@ -236,6 +252,10 @@ class SyntheticRGBA(Dataset):
 
     def __len__(self) -> int:
         return self.n
+
+
+class SyntheticRGBA(_SyntheticSet):
+    """``n`` synthetic samples; item i is ``synthetic_rgba(offset + i, size, seed)``."""
 
     def __getitem__(self, i: int) -> dict:
         return prepare(synthetic_rgba(self.offset + i, self.size, self.seed), i)
@@ -321,25 +341,13 @@ def prepare_triplet(fg_rgba: np.ndarray, bg_rgb: np.ndarray, blend_rgb: np.ndarr
     """One triplet item (see above) from HxW float32 arrays in [0, 1]."""
     fg = prepare(fg_rgba, index)
     item = {f"fg_{k}": v for k, v in fg.items() if k != "index"}
-
-    def chw(x):
-        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))).float()
-
-    item.update(bg=chw(bg_rgb), blend=chw(blend_rgb), index=index)
+    item.update(bg=_chw(bg_rgb), blend=_chw(blend_rgb), index=index)
     return item
 
 
-class SyntheticTriplets(Dataset):
+class SyntheticTriplets(_SyntheticSet):
     """``n`` synthetic triplets: fg = ``synthetic_rgba``, bg = ``synthetic_background``,
     blend = fg over bg. Item i depends on (seed, offset + i) only, as :class:`SyntheticRGBA`."""
-
-    def __init__(self, n: int, size: int, seed: int = 0, offset: int = 0):
-        if n <= 0:
-            raise ValueError(f"synthetic sample count must be positive, got {n}")
-        self.n, self.size, self.seed, self.offset = n, size, seed, offset
-
-    def __len__(self) -> int:
-        return self.n
 
     def __getitem__(self, i: int) -> dict:
         fg = synthetic_rgba(self.offset + i, self.size, self.seed)
@@ -391,17 +399,14 @@ class TripletFolder(Dataset):
             if stem not in bgs or stem not in blends:
                 reject("no matching bg/blend file")
                 continue
-            img = _read_rgba_uint8(path)
-            reason = img if isinstance(img, str) else usable(img[..., 3])
+            reason = _rejection(path)
             if reason is None:
                 self.names.append(stem)
             else:
                 reject(f"fg {reason}")
         self.paths = {s: (fgs[s], bgs[s], blends[s]) for s in self.names}
         if not self.names:
-            found = f"{len(fgs)} fg, {len(bgs)} bg, {len(blends)} blend images"
-            if self.rejected:
-                found += "; rejected: " + ", ".join(f"{n} {why}" for why, n in sorted(self.rejected.items()))
+            found = _found_and_rejected(f"{len(fgs)} fg, {len(bgs)} bg, {len(blends)} blend images", self.rejected)
             raise NoUsableImagesError(
                 f"no usable triplets in {self.root} ({found}). Each triplet is fg/NAME.png (RGBA with a transparent "
                 "and a visible pixel), bg/NAME.* and blend/NAME.* (RGB)."
@@ -412,8 +417,5 @@ class TripletFolder(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         fg_path, bg_path, blend_path = self.paths[self.names[i]]
-        img = _read_rgba_uint8(fg_path)
-        if isinstance(img, str):
-            raise NoUsableImagesError(f"{fg_path} became unusable during training: {img}")
-        fg = resize_crop(img.astype(np.float32) / 255.0, self.size)
+        fg = _load_rgba(fg_path, self.size)
         return prepare_triplet(fg, _read_rgb(bg_path, self.size), _read_rgb(blend_path, self.size), i)
