@@ -25,6 +25,27 @@ import sys
 import threading
 
 
+def _frozen_vae_options(p) -> None:
+    """The frozen VAE: a user callable, or the stand-in tiny VAE (all stages)."""
+    p.add_argument("--frozen-vae", metavar="MODULE:FUNC",
+                   help="callable returning the frozen VAE (encode -> (mean, std), decode); e.g. an SDVAEAdapter")  # fmt: skip
+    p.add_argument("--vae-path", help="stand-in tiny VAE file (default <out>/tiny_vae.safetensors, trained if absent)")
+    p.add_argument("--vae-width", type=int, default=32)
+    p.add_argument("--vae-steps", type=int, default=1000, help="pre-training steps of the tiny VAE")
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+
+
+def _runtime_options(p) -> None:
+    """Data loading, export, resume, device and precision options (all stages)."""
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per process")
+    p.add_argument("--export-dtype", choices=["fp16", "fp32", "bf16"], default="fp16")
+    p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore <out>/train_state.safetensors")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dist-timeout", type=float, default=1800.0, help="seconds a rank waits for a dead peer")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (batch-size must divide)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast the forwards")
+
+
 def _vae_parser(sub) -> None:
     p = sub.add_parser("vae", help="train the latent-transparency encoder and decoder (paper §3.1)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -54,19 +75,8 @@ def _vae_parser(sub) -> None:
     p.add_argument("--sample-every", type=int, default=500, help="sample grid PNG every N steps (0: never)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--eval-count", type=int, default=16, help="held-out samples evaluated at the end")
-    p.add_argument("--frozen-vae", metavar="MODULE:FUNC",
-                   help="callable returning the frozen VAE (encode -> (mean, std), decode); e.g. an SDVAEAdapter")  # fmt: skip
-    p.add_argument("--vae-path", help="stand-in tiny VAE file (default <out>/tiny_vae.safetensors, trained if absent)")
-    p.add_argument("--vae-width", type=int, default=32)
-    p.add_argument("--vae-steps", type=int, default=1000, help="pre-training steps of the tiny VAE")
-    p.add_argument("--vae-lr", type=float, default=1e-3)
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per process")
-    p.add_argument("--export-dtype", choices=["fp16", "fp32", "bf16"], default="fp16")
-    p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore <out>/train_state.safetensors")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dist-timeout", type=float, default=1800.0, help="seconds a rank waits for a dead peer")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (batch-size must divide)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast the forwards")
+    _frozen_vae_options(p)
+    _runtime_options(p)
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute D's blocks in backward (less memory)")
     p.add_argument("--trace-dir", default=None, help="write per-rank step traces (indices, losses, param digest)")
 
@@ -90,23 +100,12 @@ def _unet_common(p):
     p.add_argument("--unet", metavar="MODULE:FUNC", help="callable returning the base UNet (ldm parameter names)")
     p.add_argument("--unet-preset", default="tiny-sd15", help="tiny UNet used without --unet: tiny-sd15 | tiny-sdxl")
     p.add_argument("--context-tokens", type=int, default=77, help="tokens of the stand-in prompt embeddings")
-    p.add_argument("--frozen-vae", metavar="MODULE:FUNC",
-                   help="callable returning the frozen VAE (encode -> (mean, std), decode); e.g. an SDVAEAdapter")  # fmt: skip
-    p.add_argument("--vae-path", help="stand-in tiny VAE file (default <out>/tiny_vae.safetensors, trained if absent)")
-    p.add_argument("--vae-width", type=int, default=32)
-    p.add_argument("--vae-steps", type=int, default=1000, help="pre-training steps of the tiny VAE")
-    p.add_argument("--vae-lr", type=float, default=1e-3)
+    _frozen_vae_options(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--eval-count", type=int, default=8, help="held-out samples for the start/end eval loss")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per process")
-    p.add_argument("--export-dtype", choices=["fp16", "fp32", "bf16"], default="fp16")
-    p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore <out>/train_state.safetensors")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dist-timeout", type=float, default=1800.0, help="seconds a rank waits for a dead peer")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (batch-size must divide)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast the forwards")
+    _runtime_options(p)
     p.add_argument("--trace-dir", default=None, help="write per-rank step traces (indices, losses, param digest)")
     return src
 
