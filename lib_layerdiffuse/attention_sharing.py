@@ -30,8 +30,8 @@ Calling a unit directly::
 Speed, against the official unit: the four LoRA deltas are merged into the original
 weights once per dtype/device (not per call), the frames' projections run as one batched
 matmul, the control features are computed once per generation on the UNet's device, and
-the cross-frame attention over 1-3 frames is written out (for one frame it is
-``temporal_v`` alone: a softmax over one element is 1).
+the cross-frame attention over 1-3 frames is written out with its input Linear folded into
+q/k/v (for one frame the whole branch is one fused Linear: a softmax over one element is 1).
 """
 
 from __future__ import annotations
@@ -241,22 +241,65 @@ class AttentionSharingUnit(nn.Module):
         o = self.original_module[0].to_out[1](o)
         hs = (hs + o).transpose(0, 1).reshape(rows, tokens, ch)  # back to (b f) d c
 
-        x = self.temporal_i(self.temporal_n(hs))
-        x = x.view(bsz, fr, tokens, ch).transpose(1, 2).reshape(bsz * tokens, fr, ch)  # (b d) f c
-        x = self._cross_frame(x)
-        x = self.temporal_o(x).view(bsz, tokens, fr, ch).transpose(1, 2).reshape(rows, tokens, ch)
+        y = self.temporal_n(hs).reshape(rows * tokens, ch)
+        if torch.is_grad_enabled() and self.temporal_i.weight.requires_grad:
+            # training: the plain chain, so every temporal Linear gets its gradient
+            x = self.temporal_i(y)
+            q, k, v = self.temporal_q(x), self.temporal_k(x), self.temporal_v(x)
+            qkv = torch.cat([q, k, v], dim=-1).view(bsz, fr, tokens, 3 * ch).transpose(1, 2)
+            x = self.temporal_o(self._cross_frame(*qkv.reshape(bsz * tokens, fr, 3 * ch).chunk(3, dim=-1)))
+            x = x.view(bsz, tokens, fr, ch).transpose(1, 2).reshape(rows, tokens, ch)
+            state.calls += 1
+            return hs + x - h
+        w, b = self._temporal_weights(dtype, device)
+        if fr == 1:  # softmax over one key is 1: temporal_o(temporal_v(temporal_i(y))), one fused matmul
+            x = torch.addmm(b, y, w).view(rows, tokens, ch)
+        else:  # temporal_i folded into q, k and v: one matmul for all three
+            qkv = torch.addmm(b, y, w).view(bsz, fr, tokens, 3 * ch).transpose(1, 2).reshape(bsz * tokens, fr, 3 * ch)
+            x = self.temporal_o(self._cross_frame(*qkv.chunk(3, dim=-1)))
+            x = x.view(bsz, tokens, fr, ch).transpose(1, 2).reshape(rows, tokens, ch)
         state.calls += 1
         return hs + x - h
 
-    def _cross_frame(self, x):
+    def _temporal_weights(self, dtype, device):
+        """The temporal Linears folded together (exact algebra, fp32 math), cached like the LoRA merge.
+
+        One frame: ``W_o W_v W_i`` and its bias. Several: ``[W_q; W_k; W_v] W_i`` with biases.
+        Returned transposed (``[in, out]``) for ``addmm``.
+        """
+        layers = [self.temporal_i, self.temporal_q, self.temporal_k, self.temporal_v, self.temporal_o]
+        stamp = (dtype, device) + tuple((_version(m.weight), m.weight.data_ptr(), _version(m.bias)) for m in layers)
+        hit = self._merged.get("temporal")
+        if hit is not None and hit[0] == stamp:
+            return hit[1], hit[2]
+        with torch.no_grad():
+            wi, bi = self.temporal_i.weight.to(device, torch.float32), self.temporal_i.bias.to(device, torch.float32)
+
+            def fold(m):  # m(temporal_i(y)) = (W_m W_i) y + (W_m b_i + b_m)
+                wm, bm = m.weight.to(device, torch.float32), m.bias.to(device, torch.float32)
+                return wm @ wi, wm @ bi + bm
+
+            if self.frames == 1:
+                wv, bv = fold(self.temporal_v)
+                wo, bo = (
+                    self.temporal_o.weight.to(device, torch.float32),
+                    self.temporal_o.bias.to(device, torch.float32),
+                )
+                w, b = wo @ wv, wo @ bv + bo
+            else:
+                parts = [fold(m) for m in (self.temporal_q, self.temporal_k, self.temporal_v)]
+                w, b = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            w, b = w.t().contiguous().to(dtype), b.to(dtype)
+        self._merged["temporal"] = (stamp, w, b)
+        return w, b
+
+    def _cross_frame(self, q, k, v):
         """Multi-head attention across the F frames at each token (F <= 3: written out)."""
-        v = self.temporal_v(x)
-        if self.frames == 1:  # softmax over one key is 1: the output is the value
+        n, f, c = q.shape
+        if f == 1:  # a softmax over one key is 1
             return v
-        q, k = self.temporal_q(x), self.temporal_k(x)
-        n, f, c = x.shape
         dh = c // self.heads
-        q, k, v = (t.view(n, f, self.heads, dh) for t in (q, k, v))
+        q, k, v = (t.reshape(n, f, self.heads, dh) for t in (q, k, v))
         scores = torch.einsum("nfhd,nghd->nhfg", q, k) * (1.0 / math.sqrt(dh))
         out = torch.einsum("nhfg,nghd->nfhd", scores.softmax(dim=-1), v)
         return out.reshape(n, f, c)

@@ -157,3 +157,21 @@ def test_merged_weights_follow_changes_of_the_original():
         unit.original_module[0].to_q.weight += 0.5
         b = unit(h)
     assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("frames", [1, 3])
+def test_fused_temporal_path_equals_the_trainable_chain(frames):
+    """Inference folds the temporal Linears together; with gradients on, the plain chain runs."""
+    unet, sharing = tiny_sharing(frames, False, seed=3)
+    unit = sharing.units[0]
+    h = torch.randn(2 * frames, 16, 8)
+    with torch.no_grad():
+        fused = unit(h)
+    unit.requires_grad_(True)
+    plain = unit(h)
+    torch.testing.assert_close(plain.detach(), fused, atol=1e-5, rtol=1e-5)
+    plain.square().sum().backward()
+    assert unit.temporal_i.weight.grad is not None and unit.temporal_i.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        unit.temporal_v.weight.add_(0.5)  # the fused cache notices changed weights
+        assert not torch.allclose(unit(h), fused)
