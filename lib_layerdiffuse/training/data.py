@@ -419,3 +419,19 @@ class TripletFolder(Dataset):
         fg_path, bg_path, blend_path = self.paths[self.names[i]]
         fg = _load_rgba(fg_path, self.size)
         return prepare_triplet(fg, _read_rgb(bg_path, self.size), _read_rgb(blend_path, self.size), i)
+
+
+# ---------------------------------------------------------------------------------------
+# A stage's training set
+
+
+def stage_dataset(cfg, triplets: bool = False) -> Dataset:
+    """A stage's training set: the folder ``cfg.data`` or ``cfg.synthetic`` generated samples
+    (exactly one of them), of RGBA samples or, with ``triplets``, of fg/bg/blend triplets."""
+    folder_cls, synthetic_cls = (TripletFolder, SyntheticTriplets) if triplets else (RGBAFolder, SyntheticRGBA)
+    if (cfg.data is None) == (cfg.synthetic <= 0):
+        data_arg = "--data DIR (fg/, bg/, blend/)" if triplets else "--data DIR"
+        raise ValueError(f"give exactly one of {data_arg} or --synthetic N")
+    if cfg.data is not None:
+        return folder_cls(cfg.data, cfg.size)
+    return synthetic_cls(cfg.synthetic, cfg.size, seed=cfg.seed)

@@ -33,22 +33,21 @@ from torch.func import functional_call
 from .. import patches as core_patches
 from . import checkpoint as ckpt
 from . import data as tdata
-from . import dist
 from .unet_training import (
     LatentSource,
     StageParts,
     UNetStageConfig,
     draw_noise_and_timesteps,
-    prepare_frozen,
+    frozen_latent_source,
+    held_out_batch,
     q_sample,
-    resolve_latent_scale,
     run_stage,
     sample_context,
     sample_y,
     scaled_linear_alphas_cumprod,
-    stack_items,
     unet_context_dim,
 )
+from .vae_stage import start_run
 
 PATCH_FILE = "unet_patch.safetensors"
 ATTN_PROJECTIONS = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")
@@ -145,23 +144,9 @@ class DiffusionStageConfig(UNetStageConfig):
     targets: str = "attn"  # attn | all
 
 
-def _rgba_dataset(cfg: UNetStageConfig, offset: int = 0, n: int | None = None):
-    if (cfg.data is None) == (cfg.synthetic <= 0):
-        raise ValueError("give exactly one of --data DIR or --synthetic N")
-    if cfg.data is not None:
-        return tdata.RGBAFolder(cfg.data, cfg.size)
-    return tdata.SyntheticRGBA(n or cfg.synthetic, cfg.size, seed=cfg.seed, offset=offset)
-
-
-def _eval_batch(cfg: UNetStageConfig, train_set) -> dict | None:
-    if cfg.eval_count <= 0:
-        return None
-    if cfg.data is None:
-        held = tdata.SyntheticRGBA(cfg.eval_count, cfg.size, seed=cfg.seed, offset=tdata.HELD_OUT_OFFSET)
-        batch = stack_items(held, range(cfg.eval_count))
-        batch["index"] = batch["index"] + tdata.HELD_OUT_OFFSET
-        return batch
-    return stack_items(train_set, range(min(cfg.eval_count, len(train_set))))
+def _transparent_latents(source: LatentSource, batch: dict, device) -> torch.Tensor:
+    """The scaled adjusted latents of an RGBA batch."""
+    return source.transparent(*(batch[k].to(device) for k in ("alpha", "padded", "premult")))
 
 
 def train_diffusion_stage(cfg: DiffusionStageConfig, frozen_vae: nn.Module | None = None,
@@ -170,20 +155,9 @@ def train_diffusion_stage(cfg: DiffusionStageConfig, frozen_vae: nn.Module | Non
     if not cfg.encoder:
         raise ValueError("the diffusion stage trains on adjusted latents: give --encoder, the "
                          "transparent_encoder.safetensors of a vae-stage run (or a published encoder file)")  # fmt: skip
-    info = dist.init(cfg.device)
-    out = Path(cfg.out)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    dataset = _rgba_dataset(cfg)
-    vae, encoder, base = prepare_frozen(cfg, info, frozen_vae, unet)
-    source = LatentSource(vae, encoder)
-
-    def first_latents():
-        b = stack_items(dataset, range(min(32, len(dataset))))
-        return source.transparent(*(b[k].to(info.device) for k in ("alpha", "padded", "premult")))
-
-    source.scale = resolve_latent_scale(cfg.latent_scale, frozen_vae is not None, first_latents, info)
+    info, _ = start_run(cfg)
+    dataset = tdata.stage_dataset(cfg)
+    source, base = frozen_latent_source(cfg, info, dataset, frozen_vae, unet, _transparent_latents)
     ctx_dim = unet_context_dim(base)
     adm = getattr(base, "adm_in_channels", None)
     acp = scaled_linear_alphas_cumprod().to(info.device)
@@ -193,7 +167,7 @@ def train_diffusion_stage(cfg: DiffusionStageConfig, frozen_vae: nn.Module | Non
 
     def loss_fn(model, batch, step):
         dev = info.device
-        x0 = source.transparent(*(batch[k].to(dev) for k in ("alpha", "padded", "premult")))
+        x0 = _transparent_latents(source, batch, dev)
         indices = [int(i) for i in batch["index"]]
         noise, t = draw_noise_and_timesteps(indices, step, cfg.seed, tuple(x0.shape[1:]))
         noise, t = noise.to(dev), t.to(dev)
@@ -212,7 +186,7 @@ def train_diffusion_stage(cfg: DiffusionStageConfig, frozen_vae: nn.Module | Non
         dataset=dataset,
         loss=loss_fn,
         export=export,
-        eval_batch=_eval_batch(cfg, dataset),
+        eval_batch=held_out_batch(cfg, dataset, tdata.SyntheticRGBA),
         signature={
             "stage": "diffusion",
             "mode": cfg.mode,

@@ -38,21 +38,20 @@ from torch import nn
 from .. import attention_sharing as sharing
 from . import checkpoint as ckpt
 from . import data as tdata
-from . import dist
 from .unet_training import (
     LatentSource,
     StageParts,
     UNetStageConfig,
     draw_noise_and_timesteps,
-    prepare_frozen,
+    frozen_latent_source,
+    held_out_batch,
     q_sample,
-    resolve_latent_scale,
     run_stage,
     sample_context,
     scaled_linear_alphas_cumprod,
-    stack_items,
     unet_context_dim,
 )
+from .vae_stage import start_run
 
 SHARING_FILE = "attention_sharing.safetensors"
 FRAME_IDS = {name: i for i, name in enumerate(tdata.FRAME_NAMES)}
@@ -181,25 +180,6 @@ def frame_layout(cfg: LayersStageConfig) -> tuple[list[str], str | None, str | N
     raise ValueError(f"--condition-via must be latent or control, got {cfg.condition_via!r}")
 
 
-def _triplets(cfg: LayersStageConfig):
-    if (cfg.data is None) == (cfg.synthetic <= 0):
-        raise ValueError("give exactly one of --data DIR (fg/, bg/, blend/) or --synthetic N")
-    if cfg.data is not None:
-        return tdata.TripletFolder(cfg.data, cfg.size)
-    return tdata.SyntheticTriplets(cfg.synthetic, cfg.size, seed=cfg.seed)
-
-
-def _eval_batch(cfg: LayersStageConfig, train_set) -> dict | None:
-    if cfg.eval_count <= 0:
-        return None
-    if cfg.data is None:
-        held = tdata.SyntheticTriplets(cfg.eval_count, cfg.size, seed=cfg.seed, offset=tdata.HELD_OUT_OFFSET)
-        batch = stack_items(held, range(cfg.eval_count))
-        batch["index"] = batch["index"] + tdata.HELD_OUT_OFFSET
-        return batch
-    return stack_items(train_set, range(min(cfg.eval_count, len(train_set))))
-
-
 def _frame_latents(source: LatentSource, batch: dict, frames: list[str], device) -> torch.Tensor:
     """``[B, F, 4, h, w]`` scaled latents of the named frames."""
     out = []
@@ -215,20 +195,13 @@ def train_layers_stage(cfg: LayersStageConfig, frozen_vae: nn.Module | None = No
                        unet: nn.Module | None = None) -> dict:  # fmt: skip
     """Run stage 3 (single process or one torchrun rank); returns the summary."""
     frames, eps_zero, control = frame_layout(cfg)
-    info = dist.init(cfg.device)
-    out = Path(cfg.out)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    dataset = _triplets(cfg)
-    vae, encoder, base = prepare_frozen(cfg, info, frozen_vae, unet)
-    source = LatentSource(vae, encoder)
+    info, _ = start_run(cfg)
+    dataset = tdata.stage_dataset(cfg, triplets=True)
 
-    def first_latents():
-        b = stack_items(dataset, range(min(32, len(dataset))))
-        return _frame_latents(source, b, frames, info.device)
+    def latents(src: LatentSource, batch: dict, device) -> torch.Tensor:
+        return _frame_latents(src, batch, frames, device)
 
-    source.scale = resolve_latent_scale(cfg.latent_scale, frozen_vae is not None, first_latents, info)
+    source, base = frozen_latent_source(cfg, info, dataset, frozen_vae, unet, latents)
     ctx_dim = unet_context_dim(base)
     acp = scaled_linear_alphas_cumprod().to(info.device)
     nf = len(frames)
@@ -270,7 +243,7 @@ def train_layers_stage(cfg: LayersStageConfig, frozen_vae: nn.Module | None = No
         dataset=dataset,
         loss=loss_fn,
         export=export,
-        eval_batch=_eval_batch(cfg, dataset),
+        eval_batch=held_out_batch(cfg, dataset, tdata.SyntheticTriplets),
         signature={"stage": "layers", "frames": frames, "control": control, "eps_zero": eps_zero, "rank": cfg.rank},
         metadata={"latent_scale": repr(source.scale), **layout_meta},
     )

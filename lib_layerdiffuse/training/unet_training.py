@@ -37,13 +37,14 @@ from . import data as tdata
 from . import dist
 from .models import TrainEncoder
 from .vae_stage import (
-    Progress,
+    StepRecords,
     _loader,
     _no_sync,
     _param_digest,
-    _peak_memory_mb,
     autocast_factory,
     frozen_vae_for,
+    run_summary,
+    write_summary,
 )
 
 NUM_TIMESTEPS = 1000
@@ -175,6 +176,20 @@ def stack_items(dataset, indices) -> dict:
             torch.tensor([it[k] for it in items]) for k in items[0]}  # fmt: skip
 
 
+def held_out_batch(cfg: UNetStageConfig, train_set, synthetic_cls) -> dict | None:
+    """The fixed held-out batch (``cfg.eval_count`` samples; None at 0): synthetic samples at
+    indices never trained on (``synthetic_cls``, index shifted by ``HELD_OUT_OFFSET``), or
+    the first samples of a data folder."""
+    if cfg.eval_count <= 0:
+        return None
+    if cfg.data is None:
+        held = synthetic_cls(cfg.eval_count, cfg.size, seed=cfg.seed, offset=tdata.HELD_OUT_OFFSET)
+        batch = stack_items(held, range(cfg.eval_count))
+        batch["index"] = batch["index"] + tdata.HELD_OUT_OFFSET
+        return batch
+    return stack_items(train_set, range(min(cfg.eval_count, len(train_set))))
+
+
 # ---------------------------------------------------------------------------------------
 # Configuration shared by both stages
 
@@ -232,6 +247,24 @@ def prepare_frozen(cfg: UNetStageConfig, info: dist.DistInfo, frozen_vae: nn.Mod
     return vae, encoder, dist.freeze(unet.to(info.device))
 
 
+def frozen_latent_source(cfg: UNetStageConfig, info: dist.DistInfo, dataset, frozen_vae: nn.Module | None,
+                         unet: nn.Module | None,
+                         latents: Callable[[LatentSource, dict, torch.device], torch.Tensor],
+                         ) -> tuple[LatentSource, nn.Module]:  # fmt: skip
+    """:func:`prepare_frozen`, then the :class:`LatentSource` with its scale resolved
+    (:func:`resolve_latent_scale`; ``auto`` measures ``latents(source, batch, device)`` on
+    the first 32 samples). Returns (source, frozen base UNet)."""
+    vae, encoder, base = prepare_frozen(cfg, info, frozen_vae, unet)
+    source = LatentSource(vae, encoder)
+
+    def first_latents():
+        b = stack_items(dataset, range(min(32, len(dataset))))
+        return latents(source, b, info.device)
+
+    source.scale = resolve_latent_scale(cfg.latent_scale, frozen_vae is not None, first_latents, info)
+    return source, base
+
+
 # ---------------------------------------------------------------------------------------
 # The loop
 
@@ -285,19 +318,13 @@ def run_stage(cfg: UNetStageConfig, info: dist.DistInfo, parts: StageParts) -> d
     amp = autocast_factory(cfg.precision, info.device)
     batches = tdata.StepBatches(len(parts.dataset), cfg.batch_size, info.rank, info.world_size, cfg.seed, start,
                                 cfg.steps)  # fmt: skip
-    trace = None
-    if cfg.trace_dir:
-        Path(cfg.trace_dir).mkdir(parents=True, exist_ok=True)
-        trace = open(Path(cfg.trace_dir) / f"rank{info.rank}.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+    records = StepRecords(cfg, info, out, start, parts.label)
 
     def save(done: int) -> None:
         if info.is_main:
             parts.export(out, done, {**meta_common, "step": str(done)})
             ckpt.save_state(state_path, modules, optims, done, meta_common)
 
-    bar = Progress(cfg.steps, start, info.is_main, cfg.log_every, parts.label)
-    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if info.is_main else None  # noqa: SIM115
-    last_logs: dict[str, float] = {}
     step = start - 1
     t0 = time.perf_counter()
     try:
@@ -313,35 +340,22 @@ def run_stage(cfg: UNetStageConfig, info: dist.DistInfo, parts: StageParts) -> d
                 for k, v in {"loss": float(loss.detach()), **mlogs}.items():
                     logs[k] = logs.get(k, 0.0) + v / len(micro)
             opt.step()
-            if trace is not None:
-                trace.write(json.dumps({"step": step, "rank": info.rank, "indices": [int(i) for i in batch["index"]],
-                                        **logs, "params": _param_digest(model)}) + "\n")  # fmt: skip
-                trace.flush()
+            if records.trace is not None:
+                records.write_trace({"step": step, "rank": info.rank, "indices": [int(i) for i in batch["index"]],
+                                     **logs, "params": _param_digest(model)})  # fmt: skip
+            records.log(step, logs)
             done = step + 1
-            want_log = done % cfg.log_every == 0 or done == cfg.steps
-            if want_log:  # a collective: every rank takes part
-                last_logs = dist.mean_across_ranks(logs, info)
-                if metrics is not None:
-                    metrics.write(json.dumps({"step": done, **last_logs}) + "\n")
-                    metrics.flush()
-            bar.update(step, last_logs if want_log else {})
             if done % cfg.save_every == 0 or done == cfg.steps:
                 save(done)
     finally:
-        bar.close()
-        if trace is not None:
-            trace.close()
-        if metrics is not None:
-            metrics.close()
-    summary = {"step": max(step + 1, start), "steps_run": max(step + 1 - start, 0),
-               "seconds": time.perf_counter() - t0, "world_size": info.world_size,
-               "peak_mem_mb": _peak_memory_mb(info.device), **{f"last_{k}": v for k, v in last_logs.items()},
-               **{k: str(v) for k, v in parts.metadata.items()}}  # fmt: skip
+        records.close()
+    summary = {
+        **run_summary(step, start, t0, info, records.last_logs),
+        **{k: str(v) for k, v in parts.metadata.items()},
+    }
     if info.is_main:
         summary["eval_loss_start"] = eval_start
         summary["eval_loss_end"] = evaluate(parts)
-        with open(out / "summary.json", "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=1)
-        print(f"[{parts.label}] " + json.dumps(summary), flush=True)
+        write_summary(out, parts.label, summary)
     dist.barrier()
     return summary

@@ -187,7 +187,17 @@ class VAEStageConfig:
 
 
 # ---------------------------------------------------------------------------------------
-# Progress
+# Run set-up, progress and records (shared with the UNet stages' loop)
+
+
+def start_run(cfg) -> tuple[dist.DistInfo, Path]:
+    """Initialise this process (``dist.init``); rank 0 creates ``cfg.out`` while the others wait."""
+    info = dist.init(cfg.device)
+    out = Path(cfg.out)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    return info, out
 
 
 class Progress:
@@ -224,16 +234,66 @@ class Progress:
             self.bar.close()
 
 
+def _write_line(f, record: dict) -> None:
+    f.write(json.dumps(record) + "\n")
+    f.flush()
+
+
+class StepRecords:
+    """What a training loop records per step: the per-rank trace (``cfg.trace_dir``), the
+    progress bar and, on rank 0, ``<out>/metrics.jsonl`` (logs averaged over the ranks every
+    ``cfg.log_every`` steps and at the last one)."""
+
+    def __init__(self, cfg, info: dist.DistInfo, out: Path, start: int, label: str):
+        self.cfg, self.info = cfg, info
+        self.trace = None
+        if cfg.trace_dir:
+            Path(cfg.trace_dir).mkdir(parents=True, exist_ok=True)
+            self.trace = open(Path(cfg.trace_dir) / f"rank{info.rank}.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        self.bar = Progress(cfg.steps, start, info.is_main, cfg.log_every, label)
+        self.metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if info.is_main else None  # noqa: SIM115
+        self.last_logs: dict[str, float] = {}
+
+    def write_trace(self, record: dict) -> None:
+        _write_line(self.trace, record)
+
+    def log(self, step: int, logs: dict[str, float]) -> None:
+        done = step + 1
+        want_log = done % self.cfg.log_every == 0 or done == self.cfg.steps
+        if want_log:  # a collective: every rank takes part
+            self.last_logs = dist.mean_across_ranks(logs, self.info)
+            if self.metrics is not None:
+                _write_line(self.metrics, {"step": done, **self.last_logs})
+        self.bar.update(step, self.last_logs if want_log else {})
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.trace is not None:
+            self.trace.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def run_summary(step: int, start: int, t0: float, info: dist.DistInfo, last_logs: dict[str, float]) -> dict:
+    """The summary entries every stage reports; ``step`` is the last step run (``start - 1``: none)."""
+    return {"step": max(step + 1, start), "steps_run": max(step + 1 - start, 0), "seconds": time.perf_counter() - t0,
+            "world_size": info.world_size, "peak_mem_mb": _peak_memory_mb(info.device),
+            **{f"last_{k}": v for k, v in last_logs.items()}}  # fmt: skip
+
+
+def write_summary(out: Path, label: str, summary: dict) -> None:
+    """Rank 0: ``<out>/summary.json`` and the summary line on stdout."""
+    with open(out / "summary.json", "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1)
+    print(f"[{label}] " + json.dumps(summary), flush=True)
+
+
 # ---------------------------------------------------------------------------------------
 # Helpers
 
 
 def build_dataset(cfg: VAEStageConfig) -> torch.utils.data.Dataset:
-    if (cfg.data is None) == (cfg.synthetic <= 0):
-        raise ValueError("give exactly one of --data DIR or --synthetic N")
-    if cfg.data is not None:
-        return tdata.RGBAFolder(cfg.data, cfg.size)
-    return tdata.SyntheticRGBA(cfg.synthetic, cfg.size, seed=cfg.seed)
+    return tdata.stage_dataset(cfg)
 
 
 def held_out(cfg: VAEStageConfig, train_set) -> torch.utils.data.Dataset:
@@ -445,11 +505,7 @@ def _step(cfg, info, pair_t, disc, disc_t, opt_g, opt_d, alpha, padded, premult,
 
 def train_vae_stage(cfg: VAEStageConfig, frozen_vae: nn.Module | None = None) -> dict:
     """Run the stage (single process, or one rank of a torchrun job). Returns a summary."""
-    info = dist.init(cfg.device)
-    out = Path(cfg.out)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
+    info, out = start_run(cfg)
     widths = Widths.named(cfg.widths)
     if cfg.size % widths.multiple:
         raise ValueError(f"--size {cfg.size} must be a multiple of {widths.multiple} for the {cfg.widths} decoder")
@@ -484,10 +540,7 @@ def train_vae_stage(cfg: VAEStageConfig, frozen_vae: nn.Module | None = None) ->
     batches = tdata.StepBatches(len(dataset), cfg.batch_size, info.rank, info.world_size, cfg.seed, start, cfg.steps)
     eval_set = held_out(cfg, dataset) if cfg.eval_count > 0 else None
     meta_common = {"widths": json.dumps(widths.as_dict()), "config": json.dumps(dataclasses.asdict(cfg))}
-    trace = None
-    if cfg.trace_dir:
-        Path(cfg.trace_dir).mkdir(parents=True, exist_ok=True)
-        trace = open(Path(cfg.trace_dir) / f"rank{info.rank}.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+    records = StepRecords(cfg, info, out, start, "vae")
 
     def save(step_done: int) -> None:
         if not info.is_main:
@@ -496,9 +549,6 @@ def train_vae_stage(cfg: VAEStageConfig, frozen_vae: nn.Module | None = None) ->
         ckpt.export(encoder, decoder, out, cfg.lambda_offset, cfg.export_dtype, meta)
         ckpt.save_state(state_path, modules, optims, step_done, meta_common)
 
-    bar = Progress(cfg.steps, start, info.is_main, cfg.log_every, "vae")
-    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if info.is_main else None  # noqa: SIM115
-    last_logs: dict[str, float] = {}
     step = start - 1
     t0 = time.perf_counter()
     try:
@@ -509,37 +559,21 @@ def train_vae_stage(cfg: VAEStageConfig, frozen_vae: nn.Module | None = None) ->
             use_disc = cfg.w_disc > 0 and step >= cfg.disc_start
             logs, raw, decoded = _step(cfg, info, pair_t, disc, disc_t, opt_g, opt_d, alpha, padded, premult, keep,
                                        use_disc, amp)  # fmt: skip
-            if trace is not None:
-                trace.write(json.dumps({"step": step, "rank": info.rank, "indices": indices, **logs,
-                                        "params": _param_digest(pair)}) + "\n")  # fmt: skip
-                trace.flush()
+            if records.trace is not None:
+                records.write_trace({"step": step, "rank": info.rank, "indices": indices, **logs,
+                                     "params": _param_digest(pair)})  # fmt: skip
+            records.log(step, logs)
             done = step + 1
-            want_log = done % cfg.log_every == 0 or done == cfg.steps
-            if want_log:  # a collective: every rank takes part
-                last_logs = dist.mean_across_ranks(logs, info)
-                if metrics is not None:
-                    metrics.write(json.dumps({"step": done, **last_logs}) + "\n")
-                    metrics.flush()
-            bar.update(step, last_logs if want_log else {})
             if done % cfg.save_every == 0 or done == cfg.steps:
                 save(done)
             if info.is_main and cfg.sample_every > 0 and (done % cfg.sample_every == 0 or done == cfg.steps):
                 save_sample_grid(out / "samples" / f"step_{done:07d}.png", batch, raw, decoded)
     finally:
-        bar.close()
-        if trace is not None:
-            trace.close()
-        if metrics is not None:
-            metrics.close()
-    elapsed = time.perf_counter() - t0
-    summary = {"step": max(step + 1, start), "steps_run": max(step + 1 - start, 0), "seconds": elapsed,
-               "world_size": info.world_size, "peak_mem_mb": _peak_memory_mb(info.device),
-               **{f"last_{k}": v for k, v in last_logs.items()}}  # fmt: skip
+        records.close()
+    summary = run_summary(step, start, t0, info, records.last_logs)
     if info.is_main:
         if eval_set is not None:
             summary.update(evaluate(pair, eval_set, info.device))
-        with open(out / "summary.json", "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=1)
-        print("[vae] " + json.dumps(summary), flush=True)
+        write_summary(out, "vae", summary)
     dist.barrier()
     return summary
