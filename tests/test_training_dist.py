@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -11,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from training_helpers import one_thread  # noqa: F401  (autouse fixture)
+from training_helpers import read_trace as _trace
 
 from lib_layerdiffuse.training import checkpoint as ckpt
 from lib_layerdiffuse.training import dist
@@ -36,18 +37,6 @@ def _cli(cfg: dict) -> list[str]:
     for k, v in cfg.items():
         out += [f"--{k.replace('_', '-')}", str(v)]
     return out
-
-
-def _trace(d: Path, rank: int):
-    return [json.loads(x) for x in (d / f"rank{rank}.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_torchrun_two_ranks_match_one_process_and_resume(tmp_path):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from training_helpers import one_thread, read_trace  # noqa: F401  (one_thread: autouse fixture)
 
 from lib_layerdiffuse import attention_sharing as sharing
 from lib_layerdiffuse import patches as core_patches
@@ -44,14 +45,6 @@ from lib_layerdiffuse.training.vae_stage import VAEStageConfig, pretrain_tiny_va
 COMMON = dict(size=32, rank=4, context_tokens=8, vae_width=8, log_every=5, save_every=1000, eval_count=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def frozen_files(tmp_path_factory):
     """A stand-in VAE (15 steps) and a tiny stage-1 encoder export with a live offset."""
@@ -70,7 +63,7 @@ def frozen_files(tmp_path_factory):
 
 
 def _trace(out):
-    return [json.loads(x) for x in (out / "trace" / "rank0.jsonl").read_text().splitlines()]
+    return read_trace(out / "trace")
 
 
 def _model_state(out) -> dict:

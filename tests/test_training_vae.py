@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from training_helpers import one_thread, read_trace  # noqa: F401  (one_thread: autouse fixture)
 
 from lib_layerdiffuse import rgba as core_rgba
 from lib_layerdiffuse import vae as core_vae
@@ -28,15 +29,6 @@ from lib_layerdiffuse.training.vae_stage import (
 TINY = dict(widths="tiny", disc_width=8, size=32, batch_size=4, lr=1e-3, log_every=5, eval_count=4, vae_width=8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the test machine is shared: one thread per process is faster than two contended ones
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="session")
 def tiny_vae_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("tinyvae") / "tiny_vae.safetensors"
@@ -47,7 +39,7 @@ def tiny_vae_file(tmp_path_factory):
 
 
 def _trace(out):
-    return [json.loads(line) for line in (out / "trace" / "rank0.jsonl").read_text().splitlines()]
+    return read_trace(out / "trace")
 
 
 # ---------------------------------------------------------------------------------------
