@@ -7,11 +7,15 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+# the process umask, read once (os.umask can only be read by setting it)
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
-    """Call ``write(tmp)`` on a new temporary file (mode 0600, from ``mkstemp``) in the folder
-    of ``path``, then ``os.replace`` it over ``path``: the target is either the previous
-    complete file or the new one. If anything fails (``BaseException`` included), the
+    """Call ``write(tmp)`` on a new temporary file in the folder of ``path``, then
+    ``os.replace`` it over ``path``: the target is either the previous complete file or the
+    new one, with the usual permissions (0666 less the umask, not mkstemp's 0600). If anything fails (``BaseException`` included), the
     temporary file is removed and the error propagates. Returns ``Path(path)``.
     """
     path = Path(path)
@@ -19,6 +23,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

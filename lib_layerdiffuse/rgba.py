@@ -117,8 +117,10 @@ def write_png(path: str | os.PathLike, image, parameters: str | None = None) -> 
             raise ValueError(f"write_png keeps alpha and needs an RGBA image, got mode {image.mode}")
         pil = image
     else:
-        arr = np.asarray(image)
-        pil = Image.fromarray(arr) if arr.dtype == np.uint8 and arr.ndim == 3 else to_pil(arr)
+        arr = _check_rgba(image) if np.asarray(image).dtype != np.uint8 else np.asarray(image)
+        if arr.ndim != 3 or arr.shape[2] != 4:
+            raise ValueError(f"write_png keeps alpha and needs an HxWx4 RGBA array, got shape {arr.shape}")
+        pil = Image.fromarray(arr) if arr.dtype == np.uint8 else to_pil(arr)
     info = PngImagePlugin.PngInfo()
     if parameters is not None:
         info.add_text("parameters", parameters)

@@ -124,3 +124,13 @@ def test_from_decoder_orders_channels():
     out = R.from_decoder(y)
     assert out.shape == (2, 3, 4)
     np.testing.assert_allclose(out[0, 0], [0.1, 0.2, 1.0, 0.25])
+
+
+def test_png_writer_refuses_rgb_arrays_and_sets_usual_permissions(tmp_path):
+    with pytest.raises(ValueError, match="HxWx4"):
+        R.write_png(tmp_path / "rgb.png", np.zeros((4, 4, 3), np.uint8))
+    assert not (tmp_path / "rgb.png").exists()
+    path = R.write_png(tmp_path / "ok.png", np.zeros((4, 4, 4), np.uint8))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask

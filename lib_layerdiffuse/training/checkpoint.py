@@ -22,8 +22,6 @@ from ..fileio import atomic_write
 ENCODER_FILE = "transparent_encoder.safetensors"
 DECODER_FILE = "transparent_decoder.safetensors"
 STATE_FILE = "train_state.safetensors"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -33,7 +31,6 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metad
 
     def write(tmp: str) -> None:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
 
     return atomic_write(path, write)
 
