@@ -417,6 +417,16 @@ def patches_ran(gen) -> bool:
     return isinstance(session, ForgeSession) and (session.calls > 0 or session.stopped_calls > 0)
 
 
+def _resized_rgba(images, p, im) -> np.ndarray:
+    """The init image at the generation size with its alpha (Neo's resize_image returns RGB)."""
+    out = images.resize_image(p.resize_mode, im, p.width, p.height)
+    if out.mode == "RGBA":
+        return np.asarray(out, dtype=np.float32) / 255.0
+    names = {1: "Crop and Resize", 2: "Resize and Fill"}
+    x = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0
+    return C.resize_image(x, names.get(int(p.resize_mode), "Just Resize"), p.height, p.width)
+
+
 def offset_init_latent(p, gen):
     """img2img: the init latent with the transparent-encoder offset (``mean + std * offset``)."""
     from modules import images  # type: ignore
@@ -424,8 +434,7 @@ def offset_init_latent(p, gen):
     if getattr(p, "paste_to", None) is not None:
         log.warning("LayerDiffuse: 'Inpaint only masked' keeps the plain init latent (no transparency offset)")
         return
-    rgba = [np.asarray(images.resize_image(p.resize_mode, im, p.width, p.height), dtype=np.float32) / 255.0
-            for im in gen.init_rgba]  # fmt: skip
+    rgba = [_resized_rgba(images, p, im) for im in gen.init_rgba]
     latent = gen.encode_init(rgba)
     if latent is None:
         return
@@ -457,10 +466,15 @@ def final_latents(p, gen, samples):
 # -- outputs --------------------------------------------------------------------------------
 
 
-def to_pil_rgba(rgba: np.ndarray):
-    from .a1111 import to_pil_rgba as _to_pil
+TAG = "layerdiffuse_rgba"  # as hosts.a1111.TAG: our images carry their straight alpha (repair and check)
 
-    return _to_pil(rgba)
+
+def to_pil_rgba(rgba: np.ndarray):
+    from ..rgba import to_pil
+
+    im = to_pil(rgba)
+    setattr(im, TAG, np.array(im)[..., 3])
+    return im
 
 
 def add_preview(p, index: int, image: np.ndarray):
@@ -479,8 +493,6 @@ def before_image_saved(params):
     """Forge2's default stealth infotext ("Alpha") sets our alpha to 255 in place before this
     callback; put the decoded alpha back (the PNG keeps its infotext in tEXt). The user's
     settings are not changed. Neo writes no stealth data: nothing to do there."""
-    from .a1111 import TAG
-
     image = params.image
     alpha = getattr(image, TAG, None)
     if alpha is None or image.mode != "RGBA":

@@ -1,0 +1,496 @@
+"""Forge2 / Forge Neo adapter (``lib_layerdiffuse.hosts.forge``) against small stand-ins.
+
+The stand-ins mirror the signatures in ``shared/reference/forge-hosts.md`` §6: Forge2's
+keyword-only ``add_patches(*, filename, patches, ...)`` and its tuple LoRA / growing diff
+merge, Neo's ``add_patches(patches, strength_patch, strength_model, *, filename, online_mode)``
+with ``pad_weight`` diffs and ``LoRAAdapter`` objects, ``set_model_unet_function_wrapper``
+called as ``wrapper(apply_model, {"input", "timestep", "c", "cond_or_uncond"})`` with
+``c["transformer_options"]["cond_mark"]``, ``add_conditioning_modifier`` with the 8-argument
+signature, ``predictor.percent_to_sigma``, and ``p.sample`` called directly by the host.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import types
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from lib_layerdiffuse import hosts
+from lib_layerdiffuse import modes as M
+from lib_layerdiffuse.attention_sharing import MODULE_MAP_SD15, AttentionSharing, AttentionSharingUnit
+from lib_layerdiffuse.hosts import forge
+from lib_layerdiffuse.patches import compute_patched_tensors, parse_patch_state
+from lib_layerdiffuse.pipeline import Generation, HostOps, LayerDiffuseError
+from lib_layerdiffuse.settings import Settings
+
+# -- stand-ins of the hosts' merge code (forge-hosts.md §5, §6.2) ---------------------------
+
+
+def merge_forge2(weight, patches):
+    """Forge2 ``backend/patcher/lora.py:merge_lora_to_weight`` for diff/lora (fp32)."""
+    weight = weight.clone().float()
+    for strength, v, _strength_model, _offset, _fn in patches:
+        kind, v = v
+        if kind == "diff":
+            w1 = v[0]
+            if w1.shape != weight.shape:
+                assert w1.ndim == weight.ndim == 4
+                new = torch.zeros([max(n, m) for n, m in zip(weight.shape, w1.shape, strict=True)])
+                new[: weight.shape[0], : weight.shape[1], : weight.shape[2], : weight.shape[3]] = weight
+                new[: w1.shape[0], : w1.shape[1], : w1.shape[2], : w1.shape[3]] += strength * w1.float()
+                weight = new
+            else:
+                weight += strength * w1.float()
+        elif kind == "lora":
+            up, down, alpha, mid, dora = v
+            assert alpha is None and mid is None and dora is None
+            weight += (strength * 1.0) * torch.mm(up.float().flatten(1), down.float().flatten(1)).reshape(weight.shape)
+        else:
+            raise ValueError(kind)
+    return weight
+
+
+class FakeLoRAAdapter:
+    """Neo's ``modules_forge.packages.comfy.weight_adapter.lora.LoRAAdapter(loaded_keys, weights)``."""
+
+    name = "lora"
+
+    def __init__(self, loaded_keys, weights):
+        self.loaded_keys = loaded_keys
+        self.weights = weights
+        assert len(weights) == 6  # (up, down, alpha, mid, dora, reshape)
+
+    def calculate_weight(self, weight, key, strength, strength_model, offset, function, dtype=torch.float32):
+        up, down, alpha, mid, dora, reshape = self.weights
+        a = 1.0 if alpha is None else alpha / down.shape[0]
+        diff = torch.mm(up.float().flatten(1), down.float().flatten(1)).reshape(weight.shape)
+        return weight + (strength * a) * diff
+
+
+def merge_neo(weight, patches):
+    """Neo ``backend/patcher/lora.py:merge_lora_to_weight``: adapters, diff with pad_weight, else refuse."""
+    weight = weight.clone().float()
+    for strength, v, strength_model, _offset, fn in patches:
+        if isinstance(v, FakeLoRAAdapter):
+            weight = v.calculate_weight(weight, "k", strength, strength_model, None, fn)
+            continue
+        kind, v = v
+        if kind != "diff":
+            raise ValueError(f'"k" of type "{kind}" is not recognized...')
+        diff = v[0]
+        if len(v) > 1 and v[1]["pad_weight"] and diff.shape != weight.shape:
+            pad = torch.zeros(diff.shape)
+            pad[tuple(slice(0, s) for s in weight.shape)] = weight
+            weight = pad
+        if diff.shape != weight.shape:
+            raise AssertionError("SHAPE MISMATCH ... NOT MERGED")
+        weight += strength * diff.float()
+    return weight
+
+
+# -- stand-ins of the patcher and the model ---------------------------------------------------
+
+
+class Predictor:
+    def percent_to_sigma(self, percent):
+        return 0.0 if percent >= 1.0 else 10.0 * (1.0 - percent)  # monotone, enough for the switch
+
+
+class KModel(nn.Module):
+    """``backend/modules/k_model.py:KModel``: ``apply_model`` concatenates ``c_concat``."""
+
+    def __init__(self, diffusion_model):
+        super().__init__()
+        self.diffusion_model = diffusion_model
+        self.predictor = Predictor()
+        self.computation_dtype = torch.float32
+        self.seen = []
+
+    def apply_model(self, x, t, c_concat=None, c_crossattn=None, transformer_options=None, **kwargs):
+        if c_concat is not None:
+            x = torch.cat([x, c_concat], dim=1)
+        try:
+            attn1 = type(self.diffusion_model.get_submodule(MODULE_MAP_SD15[0])).__name__
+        except AttributeError:  # not an SD1.5 tree
+            attn1 = None
+        self.seen.append({"x": x, "options": transformer_options, "attn1": attn1})
+        if hasattr(self.diffusion_model, "input_blocks") and c_crossattn is not None:
+            return self.diffusion_model(x, t, context=c_crossattn)
+        return x[:, :4]
+
+
+class BasePatcher:
+    def __init__(self, model):
+        self.model = model
+        self.model_options = {"transformer_options": {}}
+        self.patches = {}
+
+    def clone(self):
+        n = self.__class__(self.model)
+        n.patches = dict(self.patches)
+        n.model_options = copy.deepcopy(self.model_options)  # as both hosts do
+        return n
+
+    def set_model_unet_function_wrapper(self, fn):
+        self.model_options["model_function_wrapper"] = fn
+
+    def add_conditioning_modifier(self, modifier):
+        self.model_options.setdefault("conditioning_modifiers", []).append(modifier)
+
+    def _add(self, patches, strength_patch, strength_model):
+        keys = {k for k, _ in self.model.named_parameters()}
+        out = []
+        for k, v in patches.items():
+            if k in keys:
+                self.patches.setdefault(k, []).append((strength_patch, v, strength_model, None, None))
+                out.append(k)
+        return out
+
+    def run(self, x, sigma, rows_cond_first=False, **c):
+        """One UNet call the way ``calc_cond_uncond_batch`` makes it (uncond rows first by default)."""
+        b = x.shape[0]
+        order = [0, 1] if rows_cond_first else [1, 0]
+        mark = torch.tensor([float(o) for o in order for _ in range(b)])
+        c = dict(c, transformer_options={"cond_mark": mark, "cond_or_uncond": order})
+        model, xx = self.model, torch.cat([x, x])
+        t = torch.full((2 * b,), float(sigma))
+        for m in self.model_options.get("conditioning_modifiers", []):
+            model = m(model, xx, t, [], [], 5.0, self.model_options, 0)[0]
+        wrapper = self.model_options.get("model_function_wrapper")
+        args = {"input": xx, "timestep": t, "c": c, "cond_or_uncond": order}
+        return wrapper(model.apply_model, args) if wrapper else model.apply_model(xx, t, **c)
+
+
+class Forge2Patcher(BasePatcher):
+    def add_patches(self, *, filename, patches, strength_patch=1.0, strength_model=1.0, online_mode=False):
+        return self._add(patches, strength_patch, strength_model)
+
+
+class NeoPatcher(BasePatcher):
+    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0, *, filename=None, online_mode=None):
+        return self._add(patches, strength_patch, strength_model)
+
+
+HOSTS = {
+    "forge2": (Forge2Patcher, forge.lora_value_forge2, forge.add_patches_forge2, merge_forge2),
+    "neo": (NeoPatcher, forge.lora_value_neo, forge.add_patches_neo, merge_neo),
+}
+
+
+@pytest.fixture
+def neo_adapter(monkeypatch):
+    """Neo's LoRAAdapter module path, so ``lora_value_neo`` imports it."""
+    names = ["modules_forge", "modules_forge.packages", "modules_forge.packages.comfy",
+             "modules_forge.packages.comfy.weight_adapter", "modules_forge.packages.comfy.weight_adapter.lora"]  # fmt: skip
+    for n in names:
+        monkeypatch.setitem(sys.modules, n, types.ModuleType(n))
+    sys.modules[names[-1]].LoRAAdapter = FakeLoRAAdapter
+
+
+def use_host(monkeypatch, name, neo_adapter=None):
+    patcher, lora_value, add_patches, merge = HOSTS[name]
+    monkeypatch.setattr(forge, "lora_value", lora_value)
+    monkeypatch.setattr(forge, "add_patches", add_patches)
+    monkeypatch.setattr(forge, "_family", forge.family_neo if name == "neo" else forge.family_forge2)
+    return patcher, merge
+
+
+# -- model / p / gen builders ---------------------------------------------------------------
+
+
+def sdxl_like():
+    """conv_in (4 ch) + one Linear: enough for the widened diff and a LoRA."""
+    dm = nn.Module()
+    dm.input_blocks = nn.ModuleList([nn.ModuleList([nn.Conv2d(4, 8, 3, padding=1)])])
+    dm.proj = nn.Linear(5, 6)
+    for prm in dm.parameters():
+        nn.init.normal_(prm)
+    return dm
+
+
+def sd15_tiny():
+    from lib_layerdiffuse.ldm_unet import UNetModel
+
+    torch.manual_seed(0)
+    return UNetModel(in_channels=4, model_channels=32, out_channels=4, num_res_blocks=2, channel_mult=(1, 1, 1, 1),
+                     transformer_depth=(1, 1, 1, 0), transformer_depth_middle=1, num_heads=2, context_dim=16,
+                     use_linear_in_transformer=False).eval()  # fmt: skip
+
+
+def sharing_state(unet, frames, control=False):
+    with torch.device("meta"):
+        s = AttentionSharing(unet, frames, control)
+    g = torch.Generator().manual_seed(1)
+    return {k: torch.randn(v.shape, generator=g) * 0.02 for k, v in s.state_dict().items()}
+
+
+def make_p(patcher_cls, dm, sd_model=None, batch=1):
+    unet = patcher_cls(KModel(dm))
+    fo = SimpleNamespace(unet=unet, vae=None)
+    sd = sd_model or SimpleNamespace(is_sd1=True, is_sdxl=False)
+    sd.forge_objects = fo
+    return SimpleNamespace(sd_model=sd, batch_size=batch, width=64, height=64, extra_result_images=[],
+                           latents_after_sampling=[], sample=lambda *a, **k: "samples")  # fmt: skip
+
+
+def make_gen(method, state, batch=1, stop_at=1.0, weight=1.0, family="sd15", **images):
+    loads = []
+
+    def load_state(path):
+        loads.append(path)
+        return state
+
+    ops = HostOps(weight_path=lambda name: name, load_state=load_state)
+    settings = Settings.from_dict({"enabled": True, "method": method, "stop_at": stop_at, "weight": weight, **images})
+    gen = Generation(ops, settings, batch, 64, 64, ["p"] * batch, family=family)
+    gen.loads = loads
+    return gen
+
+
+# -- detection ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "present,version,expected",
+    [
+        ({"backend.patcher.unet"}, "2.0.1v1.10.1", "forge2"),
+        ({"backend.patcher.unet"}, "neo", "neo"),
+        ({"backend.patcher.unet", "modules_forge.packages.comfy"}, None, "neo"),
+        ({"backend.patcher.unet"}, None, "forge2"),
+        ({"modules_forge.unet_patcher"}, None, "forge1"),
+        ({"modules.scripts", "modules.processing"}, None, "a1111"),
+    ],
+)
+def test_detect(monkeypatch, present, version, expected):
+    monkeypatch.setattr(hosts, "_has", lambda m: m in present)
+    if version is None:
+        monkeypatch.setitem(sys.modules, "modules_forge", None)  # import fails
+    else:
+        mf = types.ModuleType("modules_forge")
+        mf.forge_version = SimpleNamespace(version=version)
+        monkeypatch.setitem(sys.modules, "modules_forge", mf)
+    assert hosts.detect() == expected
+    assert ("forge2" in hosts.SUPPORTED) and ("neo" in hosts.SUPPORTED) and "forge1" not in hosts.SUPPORTED
+
+
+# -- SDXL weight patches --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["forge2", "neo"])
+def test_patch_values_equal_core_math(monkeypatch, neo_adapter, host):
+    patcher_cls, merge = use_host(monkeypatch, host)
+    dm = sdxl_like()
+    params = {f"diffusion_model.{k}": v.detach() for k, v in dm.named_parameters()}
+    g = torch.Generator().manual_seed(3)
+    state = {
+        "diffusion_model.input_blocks.0.0.weight::diff::0": torch.randn(8, 8, 3, 3, generator=g),  # widened
+        "diffusion_model.input_blocks.0.0.bias::diff::0": torch.randn(8, generator=g),
+        "diffusion_model.proj.weight::lora::0": torch.randn(6, 2, generator=g),
+        "diffusion_model.proj.weight::lora::1": torch.randn(2, 5, generator=g),
+    }
+    host_values = forge.host_patches(state, params, 0.7, "f")
+    unet = patcher_cls(KModel(dm))
+    accepted = forge.add_patches(unet, "f", host_values, 0.7)
+    assert sorted(accepted) == sorted(host_values)
+    expected = compute_patched_tensors(params, parse_patch_state(state), 0.7)
+    for key, patches in unet.patches.items():
+        got = merge(params[key], patches)
+        torch.testing.assert_close(got, expected[key].float(), rtol=0, atol=1e-5)
+    assert expected["diffusion_model.input_blocks.0.0.weight"].shape == (8, 8, 3, 3)
+
+
+def test_host_formats_are_not_interchangeable(neo_adapter):
+    up, down = torch.ones(6, 2), torch.ones(2, 5)
+    with pytest.raises(ValueError, match="not recognized"):  # Forge2's tuple on Neo
+        merge_neo(torch.zeros(6, 5), [(1.0, forge.lora_value_forge2(up, down), 1.0, None, None)])
+    with pytest.raises(TypeError):  # Neo's positional call on Forge2's keyword-only add_patches
+        Forge2Patcher(KModel(sdxl_like())).add_patches({}, 1.0)
+    assert isinstance(forge.lora_value_neo(up, down), FakeLoRAAdapter)
+    # a diff without pad_weight is not merged on Neo (the official's load_frozen_patcher format)
+    with pytest.raises(AssertionError, match="SHAPE MISMATCH"):
+        merge_neo(torch.zeros(8, 4, 3, 3), [(1.0, ("diff", (torch.ones(8, 8, 3, 3),)), 1.0, None, None)])
+
+
+@pytest.mark.parametrize("host", ["forge2", "neo"])
+def test_sdxl_concat_every_row_and_stop_at(monkeypatch, neo_adapter, host):
+    patcher_cls, _ = use_host(monkeypatch, host)
+    state = {"diffusion_model.input_blocks.0.0.weight::diff::0": torch.zeros(8, 8, 3, 3)}
+    fg = np.zeros((64, 64, 4), np.float32)
+    gen = make_gen("FG_TO_BLEND", state, batch=2, stop_at=0.5, family="sdxl", fg_image=fg)
+    p = make_p(patcher_cls, sdxl_like(), SimpleNamespace(is_sd1=False, is_sdxl=True), batch=2)
+    original = p.sd_model.forge_objects.unet
+    monkeypatch.setattr(forge, "encode_condition", lambda p: lambda rgb: torch.full((1, 4, 8, 8), 0.5))
+    forge.begin_sampling(p, gen, torch.zeros(2, 4, 8, 8))
+    unet = p.sd_model.forge_objects.unet
+    assert unet is not original and not original.patches and "diffusion_model.input_blocks.0.0.weight" in unet.patches
+    assert len(unet.model_options["conditioning_modifiers"]) == 1  # the unpatched switch below Stop At
+    unet.model_options["conditioning_modifiers"] = []  # (its model load needs the real memory manager)
+    unet.run(torch.zeros(2, 4, 8, 8), sigma=9.0)  # above sigma_end = 5: concat for all 4 rows
+    seen = unet.model.seen[-1]["x"]
+    assert seen.shape == (4, 8, 8, 8) and torch.all(seen[:, 4:] == 0.5)
+    unet.run(torch.zeros(2, 4, 8, 8), sigma=1.0)  # below: removed
+    assert unet.model.seen[-1]["x"].shape == (4, 4, 8, 8)
+    assert gen.session.wrapper_calls == 1 and gen.session.stopped_calls == 1
+    forge.check_ran(gen)
+
+
+# -- SD1.5 attention sharing ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["forge2", "neo"])
+def test_sd15_units_only_during_the_call(monkeypatch, neo_adapter, host):
+    patcher_cls, _ = use_host(monkeypatch, host)
+    dm = sd15_tiny()
+    gen = make_gen("JOINT_SD15", sharing_state(dm, 3), batch=3)
+    p = make_p(patcher_cls, dm, batch=3)
+    before = {k: v.clone() for k, v in dm.state_dict().items()}
+    forge.begin_sampling(p, gen, torch.zeros(3, 4, 8, 8))
+    unet = p.sd_model.forge_objects.unet
+    assert type(dm.get_submodule(MODULE_MAP_SD15[0])).__name__ != "AttentionSharingUnit"
+    ctx = torch.randn(6, 77, 16)
+    with torch.no_grad():
+        out = unet.run(torch.randn(3, 4, 8, 8), sigma=5.0, c_crossattn=ctx)
+    assert out.shape == (6, 4, 8, 8)
+    call = unet.model.seen[-1]
+    assert call["attn1"] == "AttentionSharingUnit"  # swapped in while the UNet ran
+    assert not isinstance(dm.get_submodule(MODULE_MAP_SD15[0]), AttentionSharingUnit)  # and back after
+    assert gen.session.sharing.state.cond_mark.tolist() == call["options"]["cond_mark"].tolist()  # uncond first
+    assert gen.session.calls > 0 and forge.patches_ran(gen)
+    assert all(torch.equal(before[k], v) for k, v in dm.state_dict().items())
+
+
+def test_sd15_restored_when_the_unet_raises(monkeypatch, neo_adapter):
+    patcher_cls, _ = use_host(monkeypatch, "neo")
+    dm = sd15_tiny()
+    gen = make_gen("FG_ONLY_ATTN_SD15", sharing_state(dm, 1))
+    p = make_p(patcher_cls, dm)
+    forge.begin_sampling(p, gen, torch.zeros(1, 4, 8, 8))
+    with pytest.raises(RuntimeError):
+        p.sd_model.forge_objects.unet.run(torch.zeros(1, 4, 8, 8), sigma=5.0, c_crossattn=torch.randn(2, 5, 99))
+    assert all(not isinstance(m, AttentionSharingUnit) for m in dm.modules())
+
+
+def test_sd15_stop_at_and_clone_by_others(monkeypatch, neo_adapter):
+    patcher_cls, _ = use_host(monkeypatch, "forge2")
+    dm = sd15_tiny()
+    gen = make_gen("FG_ONLY_ATTN_SD15", sharing_state(dm, 1), stop_at=0.5)
+    p = make_p(patcher_cls, dm)
+    forge.begin_sampling(p, gen, torch.zeros(1, 4, 8, 8))
+    other = p.sd_model.forge_objects.unet.clone()  # another extension clones our patcher (deepcopy)
+    assert other.model_options["model_function_wrapper"] is gen.session
+    with torch.no_grad():
+        other.run(torch.zeros(1, 4, 8, 8), sigma=1.0, c_crossattn=torch.randn(2, 77, 16))  # below Stop At
+    assert other.model.seen[-1]["attn1"] != "AttentionSharingUnit"
+    assert gen.session.stopped_calls == 1 and gen.session.sharing.state.calls == 0
+    # the hires hook can run twice on our own clone: nothing is stacked
+    session = gen.session
+    forge.begin_sampling(p, gen, torch.zeros(1, 4, 8, 8))
+    assert gen.session is session
+
+
+# -- never silent ---------------------------------------------------------------------------
+
+
+def test_guard_wrapper_replaced_by_another_extension(monkeypatch, neo_adapter):
+    patcher_cls, _ = use_host(monkeypatch, "neo")
+    dm = sd15_tiny()
+    gen = make_gen("FG_ONLY_ATTN_SD15", sharing_state(dm, 1))
+    p = make_p(patcher_cls, dm)
+
+    def host_sample(*args, **kwargs):  # the host calls the hook inside p.sample, then samples
+        forge.begin_sampling(p, gen, torch.zeros(1, 4, 8, 8))
+        p.sd_model.forge_objects.unet.set_model_unet_function_wrapper(lambda f, a: f(a["input"], a["timestep"]))
+        p.sd_model.forge_objects.unet.run(torch.zeros(1, 4, 8, 8), sigma=5.0)
+        return "samples"
+
+    p.sample = host_sample
+    forge.prepare(p, gen)
+    with pytest.raises(LayerDiffuseError, match="did not take part"):
+        p.sample()
+    assert not forge.patches_ran(gen)
+
+
+def test_guard_install_failure_aborts_sampling(monkeypatch, neo_adapter):
+    patcher_cls, _ = use_host(monkeypatch, "forge2")
+    dm = sd15_tiny()
+    state = sharing_state(dm, 1)
+    state.pop(next(iter(state)))  # a broken file
+    gen = make_gen("FG_ONLY_ATTN_SD15", state)
+    p = make_p(patcher_cls, dm)
+    forge.begin_sampling(p, gen, torch.zeros(1, 4, 8, 8))  # a hook: must not raise (hosts swallow it)
+    with pytest.raises(LayerDiffuseError, match="does not fit"):
+        p.sd_model.forge_objects.unet.run(torch.zeros(1, 4, 8, 8), sigma=5.0)
+
+
+def test_guard_never_installed(neo_adapter):
+    gen = make_gen("FG_ONLY_ATTN_SD15", {})
+    p = make_p(NeoPatcher, sd15_tiny())
+    forge.prepare(p, gen)
+    with pytest.raises(LayerDiffuseError, match="never installed"):
+        p.sample()
+
+
+# -- families ---------------------------------------------------------------------------------
+
+
+class Flux:  # a Neo engine: no is_sd1 / is_sdxl set
+    is_sd1 = False
+    is_sdxl = False
+    is_wan = False
+
+
+@pytest.mark.parametrize("host", ["forge2", "neo"])
+def test_family_refusals_before_weights(monkeypatch, neo_adapter, host):
+    patcher_cls, _ = use_host(monkeypatch, host)
+    fam = forge._family(Flux())
+    assert fam == "Flux"
+    with pytest.raises(ValueError, match="Flux.*SD1.5 and SDXL"):
+        make_gen("FG_ONLY_ATTN_SD15", {}, family=fam)
+    # SD1.5 mode on an SDXL model, caught again at install time, before any file is read
+    gen = make_gen("FG_ONLY_ATTN_SD15", {"x": torch.zeros(1)})
+    p = make_p(patcher_cls, sdxl_like(), SimpleNamespace(is_sd1=False, is_sdxl=True))
+    original = p.sd_model.forge_objects.unet
+    forge.begin_sampling(p, gen, torch.zeros(1, 4, 8, 8))
+    assert gen.loads == [] and not original.patches
+    with pytest.raises(LayerDiffuseError, match="SDXL"):
+        p.sd_model.forge_objects.unet.run(torch.zeros(1, 4, 8, 8), sigma=5.0)
+    assert forge.family_forge2(SimpleNamespace(is_sd1=False, is_sdxl=False, is_sd3=True)) == "SD3"
+    with pytest.raises(ValueError, match="SD3"):
+        M.check_family(M.resolve("FG_ONLY_ATTN"), "SD3")
+
+
+# -- outputs ----------------------------------------------------------------------------------
+
+
+def test_stealth_alpha_repaired_before_save():
+    rgba = np.zeros((16, 16, 4), np.float32)
+    rgba[..., 3] = np.linspace(0, 1, 16)[None]
+    image = forge.to_pil_rgba(rgba)
+    want = np.asarray(image)[..., 3].copy()
+    image.putalpha(255)  # Forge2 stealth "Alpha": in place, before on_before_image_saved
+    params = SimpleNamespace(image=image, filename="x.png", pnginfo={"parameters": "p"})
+    forge.before_image_saved(params)
+    assert params.image is image and np.array_equal(np.asarray(image)[..., 3], want)
+    plain = Image.new("RGBA", (4, 4), (1, 2, 3, 255))  # not ours: untouched
+    forge.before_image_saved(SimpleNamespace(image=plain))
+    assert np.asarray(plain)[..., 3].min() == 255
+
+
+def test_previews_and_final_latents():
+    p = SimpleNamespace(extra_result_images=[], batch_size=2, latents_after_sampling=[torch.ones(4, 2, 2)] * 3)
+    forge.add_preview(p, 0, np.zeros((8, 8, 3), np.float32))
+    assert len(p.extra_result_images) == 1 and p.extra_result_images[0].mode == "RGB"
+    samples = torch.zeros(2, 4, 2, 2)
+    assert forge.final_latents(p, None, samples) is samples
+
+    class Decoded(list):
+        already_decoded = True
+
+    assert forge.final_latents(p, None, Decoded()).shape == (2, 4, 2, 2)
