@@ -19,6 +19,7 @@ from modules import devices, images, modelloader, paths, shared  # type: ignore
 from ..pipeline import HostOps, LayerDiffuseError
 from ..unet import detect_family
 from ..weights import FILES, WeightFileError, check_state, read_header, sha256_of
+from .common import condition_encoder, posterior_moments
 
 log = logging.getLogger("layerdiffuse")
 TAG = "layerdiffuse_rgba"  # attribute on our PIL images: their straight alpha, for the saved-file check
@@ -87,29 +88,12 @@ def alphas_cumprod(p):
 
 def encode_moments(p):
     """(mean, std) of the VAE posterior, unscaled, for RGB in [0, 1]: the encoder offset needs both."""
-
-    def run(rgb: torch.Tensor):
-        fs = p.sd_model.first_stage_model
-        param = next(fs.parameters())
-        with torch.no_grad():
-            h = fs.encoder((rgb * 2 - 1).to(param.device, param.dtype))
-            moments = fs.quant_conv(h) if getattr(fs, "quant_conv", None) is not None else h
-            mean, logvar = moments.float().chunk(2, dim=1)
-        return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-
-    return run
+    return lambda rgb: posterior_moments(p.sd_model.first_stage_model, rgb)
 
 
 def encode_condition(p):
     """Deterministic condition latent (posterior mean, scaled) for the SDXL layer modes."""
-    moments = encode_moments(p)
-    scale = latent_scale(p)
-
-    def run(rgb):
-        mean, _ = moments(rgb)
-        return mean * scale
-
-    return run
+    return condition_encoder(encode_moments(p), latent_scale(p))
 
 
 def ops(p) -> HostOps:

@@ -36,6 +36,7 @@ from .. import conditioning as C
 from ..attention_sharing import AttentionSharing
 from ..patches import PREFIX, match_keys, parse_patch_state
 from ..pipeline import HostOps, LayerDiffuseError
+from .common import condition_encoder, posterior_moments
 
 log = logging.getLogger("layerdiffuse")
 
@@ -132,31 +133,13 @@ def _vae_module(p):
 
 def encode_moments(p):
     """(mean, std) of the VAE posterior, unscaled, for RGB in [0, 1]."""
-
-    def run(rgb: torch.Tensor):
-        fs = _vae_module(p)
-        param = next(fs.parameters())
-        with torch.no_grad():
-            h = fs.encoder((rgb * 2 - 1).to(param.device, param.dtype))
-            moments = fs.quant_conv(h) if getattr(fs, "quant_conv", None) is not None else h
-            mean, logvar = moments.float().chunk(2, dim=1)
-        return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-
-    return run
+    return lambda rgb: posterior_moments(_vae_module(p), rgb)
 
 
 def encode_condition(p):
     """Deterministic condition latent (posterior mean, scaled) for the SDXL layer modes."""
-    moments = encode_moments(p)
-    fs = _vae_module(p)
-    scale = latent_scale(p)
-    shift = float(getattr(fs, "shift_factor", 0.0) or 0.0)
-
-    def run(rgb):
-        mean, _ = moments(rgb)
-        return (mean - shift) * scale
-
-    return run
+    shift = float(getattr(_vae_module(p), "shift_factor", 0.0) or 0.0)
+    return condition_encoder(encode_moments(p), latent_scale(p), shift)
 
 
 def _device_dtype(p):
