@@ -18,6 +18,7 @@ in order and each ratio is taken from medians measured in the same run.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -123,7 +124,8 @@ def run(device, dtype, size, repeats, tile=None, compiled=False):
     decoder = TransparentVAEDecoder().to(device, dtype).eval().requires_grad_(False)
     pixel = torch.rand(1, 3, size, size, device=device, dtype=dtype)
     latent = torch.randn(1, 4, size // 8, size // 8, device=device, dtype=dtype)
-    official = Official(decoder)
+    # its own copy: on CPU decode_rgba switches our decoder to channels-last weights in place
+    official = Official(copy.deepcopy(decoder) if device.type == "cpu" else decoder)
     variants = {
         "official sequential": lambda: official(pixel, latent),
         "ours (decode_rgba)": lambda: decode_rgba(decoder, pixel, latent),
