@@ -19,7 +19,7 @@ from modules import devices, images, modelloader, paths, shared  # type: ignore
 from ..pipeline import HostOps, LayerDiffuseError
 from ..unet import detect_family
 from ..weights import FILES, WeightFileError, check_state, read_header, sha256_of
-from .common import condition_encoder, posterior_moments
+from .common import condition_encoder, posterior_moments, set_init_latent
 
 log = logging.getLogger("layerdiffuse")
 TAG = "layerdiffuse_rgba"  # attribute on our PIL images: their straight alpha, for the saved-file check
@@ -241,17 +241,7 @@ def offset_init_latent(p, gen):
     latent = gen.encode_init(rgba)
     if latent is None:
         return
-    latent = (latent * latent_scale(p)).to(p.init_latent.device, p.init_latent.dtype)
-    if latent.shape[0] == 1:
-        latent = latent.repeat(p.init_latent.shape[0], 1, 1, 1)
-    if latent.shape != p.init_latent.shape:
-        log.warning(
-            "LayerDiffuse: init latent %s != %s; offset skipped", tuple(latent.shape), tuple(p.init_latent.shape)
-        )
-        return
-    if getattr(p, "mask", None) is not None:  # inpaint: the masked area keeps what A1111 put there
-        latent = latent * p.mask + p.init_latent * p.nmask
-    p.init_latent = latent
+    set_init_latent(p, latent * latent_scale(p), log)
 
 
 def capture_samples(p, gen):

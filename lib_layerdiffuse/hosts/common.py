@@ -28,3 +28,23 @@ def condition_encoder(moments, scale: float, shift: float = 0.0):
         return (mean - shift) * scale
 
     return run
+
+
+def set_init_latent(p, latent: torch.Tensor, log) -> None:
+    """img2img: put the offset init latent (diffusion space, 1 or B rows) in ``p.init_latent``.
+
+    Inpaint: the masked area keeps what the host put there (``p.mask`` / ``p.nmask``), so
+    the untouched area gets the transparent offset. A shape the host does not expect leaves
+    the plain init latent, with a warning.
+    """
+    latent = latent.to(p.init_latent.device, p.init_latent.dtype)
+    if latent.shape[0] == 1:
+        latent = latent.repeat(p.init_latent.shape[0], 1, 1, 1)
+    if latent.shape != p.init_latent.shape:
+        log.warning(
+            "LayerDiffuse: init latent %s != %s; offset skipped", tuple(latent.shape), tuple(p.init_latent.shape)
+        )
+        return
+    if getattr(p, "mask", None) is not None:
+        latent = latent * p.mask + p.init_latent * p.nmask
+    p.init_latent = latent

@@ -36,7 +36,7 @@ from .. import conditioning as C
 from ..attention_sharing import AttentionSharing
 from ..patches import PREFIX, match_keys, parse_patch_state
 from ..pipeline import HostOps, LayerDiffuseError
-from .common import condition_encoder, posterior_moments
+from .common import condition_encoder, posterior_moments, set_init_latent
 
 log = logging.getLogger("layerdiffuse")
 
@@ -422,17 +422,7 @@ def offset_init_latent(p, gen):
     if latent is None:
         return
     shift = float(getattr(_vae_module(p), "shift_factor", 0.0) or 0.0)
-    latent = ((latent - shift) * latent_scale(p)).to(p.init_latent.device, p.init_latent.dtype)
-    if latent.shape[0] == 1:
-        latent = latent.repeat(p.init_latent.shape[0], 1, 1, 1)
-    if latent.shape != p.init_latent.shape:
-        log.warning(
-            "LayerDiffuse: init latent %s != %s; offset skipped", tuple(latent.shape), tuple(p.init_latent.shape)
-        )
-        return
-    if getattr(p, "mask", None) is not None:
-        latent = latent * p.mask + p.init_latent * p.nmask
-    p.init_latent = latent
+    set_init_latent(p, (latent - shift) * latent_scale(p), log)
 
 
 def final_latents(p, gen, samples):
