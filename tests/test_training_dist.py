@@ -123,3 +123,58 @@ def test_torchrun_layers_stage_two_ranks(tmp_path):
     assert set(a) == set(b)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def _worker_pid(out_dir: Path, rank: int) -> int | None:
+    """PID of the torchrun worker with RANK=rank that writes to out_dir (read from /proc)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(out_dir).encode() in cmd and f"RANK={rank}".encode() in env and b"lib_layerdiffuse.train" in cmd:
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to find the worker")
+def test_killing_one_rank_ends_the_job_and_leaves_a_loadable_checkpoint(tmp_path):
+    import signal
+    import time
+
+    vae_path = tmp_path / "tiny_vae.safetensors"
+    pretrain_tiny_vae(VAEStageConfig(out=str(tmp_path), synthetic=32, vae_steps=2, batch_size=4, **TINY),
+                      dist.DistInfo(), vae_path)  # fmt: skip
+    out = tmp_path / "run"
+    args = [
+        "vae",
+        *_cli({"synthetic": 32, "vae_path": vae_path, **TINY, "out": out, "batch_size": 2}),
+        "--steps",
+        "100000",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "lib_layerdiffuse.train", *args]  # fmt: skip
+    job = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        state = out / ckpt.STATE_FILE
+        while not (state.exists() and int(ckpt.read_metadata(state)["step"]) >= 2):
+            assert job.poll() is None and time.time() < deadline, "the job did not reach step 2"
+            time.sleep(0.5)
+        pid = _worker_pid(out, 1)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        output, _ = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode != 0
+    assert "rank" in output.lower() and ("SIGKILL" in output or "Signal 9" in output or "-9" in output), output[-2000:]
+    # the last complete checkpoint is whole and loadable; no temporary file is left behind
+    assert int(ckpt.read_metadata(state)["step"]) >= 2
+    assert any(k.startswith("model.") for k in load_file(str(state)))
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
