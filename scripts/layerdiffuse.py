@@ -230,11 +230,10 @@ class LayerDiffuseScript(scripts.Script):
         image = host.to_pil_rgba(rgba)
         image.info.update(pp.image.info)
         pp.image = image
-        if hasattr(host, "add_preview"):  # Forge shows and returns p.extra_result_images
-            host.add_preview(p, index, preview(rgba))
-            return
         gen.previews = getattr(gen, "previews", {})
         gen.previews[index] = preview(rgba)
+        if hasattr(host, "add_preview"):  # Forge shows and returns p.extra_result_images
+            host.add_preview(p, index, gen.previews[index])
 
     def postprocess(self, p, processed, *args):
         gen = getattr(p, "_layerdiffuse", None)
@@ -248,8 +247,9 @@ class LayerDiffuseScript(scripts.Script):
         for index, prev in sorted(getattr(gen, "previews", {}).items()):
             image = Image.fromarray(to_uint8(prev))
             info = processed.infotext(p, index) if hasattr(processed, "infotext") else ""
-            processed.images.append(image)
-            processed.infotexts.append(info)
+            if not hasattr(host, "add_preview"):  # A1111: the gallery and API show processed.images
+                processed.images.append(image)
+                processed.infotexts.append(info)
             try:
                 host.save_extra(p, image, index, "-checkerboard", info)
             except Exception as e:
