@@ -20,7 +20,7 @@ import torch
 
 from . import conditioning as C
 from . import modes as M
-from .rgba import checkerboard_preview, from_decoder
+from .rgba import from_decoder
 from .session import UNetSession
 from .settings import Settings
 from .unet import percent_to_sigma, sigmas_from_alphas_cumprod
@@ -41,7 +41,6 @@ class HostOps:
     weight_path: object  # (file stem) -> path of the .safetensors, downloading it if needed
     load_state: object  # (path) -> dict of tensors (safetensors only)
     encode_moments: object = None  # (images [B,3,H,W] in [0,1]) -> (mean, std), unscaled latents
-    encode_text: object = None  # (text) -> context tensor (SD1.5 per-layer prompts, Forge only)
     device: object = "cpu"
     dtype: object = torch.float32
 
@@ -210,8 +209,3 @@ class Generation:
         mean, std = self.ops.encode_moments(torch.from_numpy(flat).permute(0, 3, 1, 2).float())
         offset = encode_offset(encoder, rgba_images)
         return apply_offset(mean, std, offset.to(mean.device))
-
-
-def preview(rgba: np.ndarray) -> np.ndarray:
-    """The checkerboard preview of an RGBA result (gallery extra image)."""
-    return checkerboard_preview(rgba)

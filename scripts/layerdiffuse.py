@@ -24,7 +24,8 @@ if HOST in hosts.SUPPORTED:
         from lib_layerdiffuse.hosts import a1111 as host
     else:  # forge2, neo: one adapter, per-host differences inside
         from lib_layerdiffuse.hosts import forge as host
-    from lib_layerdiffuse.pipeline import Generation, LayerDiffuseError, preview
+    from lib_layerdiffuse.pipeline import Generation, LayerDiffuseError
+    from lib_layerdiffuse.rgba import checkerboard_preview
 else:
     host = None
 
@@ -231,7 +232,7 @@ class LayerDiffuseScript(scripts.Script):
         image.info.update(pp.image.info)
         pp.image = image
         gen.previews = getattr(gen, "previews", {})
-        gen.previews[index] = preview(rgba)
+        gen.previews[index] = checkerboard_preview(rgba)
         if hasattr(host, "add_preview"):  # Forge shows and returns p.extra_result_images
             host.add_preview(p, index, gen.previews[index])
 

@@ -18,7 +18,7 @@ from modules import devices, images, modelloader, paths, shared  # type: ignore
 
 from ..pipeline import HostOps, LayerDiffuseError
 from ..unet import detect_family
-from ..weights import FILES, WeightFileError, check_state, read_header, sha256_of
+from ..weights import FILES, WeightFileError, read_header, sha256_of
 from .common import condition_encoder, posterior_moments, set_init_latent
 
 log = logging.getLogger("layerdiffuse")
@@ -100,11 +100,6 @@ def ops(p) -> HostOps:
     dtype = torch.float16 if devices.device.type == "cuda" else torch.float32
     return HostOps(weight_path=weight_path, load_state=load_state, encode_moments=encode_moments(p),
                    device=devices.device, dtype=dtype)  # fmt: skip
-
-
-def check_weight_file(name: str, expected: dict, role: str):
-    path = weight_path(name)
-    check_state(path, read_header(path), expected, role)
 
 
 def to_pil_rgba(rgba: np.ndarray):
