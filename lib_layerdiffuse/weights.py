@@ -244,3 +244,34 @@ def sha256_of(path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def verify_file(path, info: WeightFile) -> None:
+    """Check a (downloaded) file's layout against its role before it is used; raise otherwise.
+
+    Decoder / encoder: every key and shape. UNet-side files: the key grammar and the 32
+    attention-sharing units, or the ``<model_key>::<lora|diff>::<index>`` patch keys (their
+    shapes depend on the user's model and are checked when they are applied).
+    """
+    found = read_header(path)
+    if info.role in ("decoder", "encoder"):
+        with torch.device("meta"):
+            module = TransparentVAEDecoder() if info.role == "decoder" else TransparentVAEEncoder()
+        check_state(path, found, expected_shapes(module), info.role)
+        return
+    guessed = guess_role(found)
+    if guessed != info.role:
+        what = ROLE_NAMES.get(guessed, "an unrecognised file")
+        raise WeightFileError(
+            f"{Path(path).name} should be {ROLE_NAMES[info.role]} but is {what}.{_fix_hint(Path(info.filename))}"
+        )
+    if info.role == "attention_sharing":
+        units = {int(k.split(".")[2]) for k in found if k.startswith("hookers.layers.")}
+        if units != set(range(32)):
+            raise WeightFileError(
+                f"{Path(path).name} holds attention-sharing units {sorted(units)[:5]}..., expected 0..31.{_fix_hint(Path(info.filename))}"
+            )
+    else:
+        bad = [k for k in found if len(k.split("::")) != 3 or k.split("::")[1] not in ("lora", "diff")]
+        if bad:
+            raise WeightFileError(f"{Path(path).name}: keys such as {_few(bad, 2)} are not LayerDiffuse patch keys.")

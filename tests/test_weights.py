@@ -192,3 +192,24 @@ def test_sha256(tmp_path, encoder_file):
     copy = tmp_path / "copy.safetensors"
     shutil.copy(encoder_file, copy)
     assert W.sha256_of(copy) == hashlib.sha256(copy.read_bytes()).hexdigest()
+
+
+def test_verify_file_by_role(tmp_path, encoder_file):
+    W.verify_file(encoder_file, W.FILES["vae_transparent_encoder"])
+    with pytest.raises(W.WeightFileError, match="is a transparent VAE encoder, not a transparent VAE decoder"):
+        W.verify_file(encoder_file, W.FILES["vae_transparent_decoder"])
+    shapes = manifest_shapes("layer_sd15_transparent_attn")
+    few_units = save(
+        tmp_path, "a.safetensors", make_state_dict({k: shapes[k] for k in sorted(shapes) if ".layers.3." in k})
+    )
+    with pytest.raises(W.WeightFileError, match=r"units \[3\]\.\.\., expected 0\.\.31"):
+        W.verify_file(few_units, W.FILES["layer_sd15_transparent_attn"])
+    with pytest.raises(W.WeightFileError, match="should be an SDXL UNet patch file but is an SD1.5 attention-sharing"):
+        W.verify_file(few_units, W.FILES["layer_xl_transparent_attn"])
+    patch = save(tmp_path, "p.safetensors", {"diffusion_model.x.weight::diff::0": torch.zeros(2)})
+    W.verify_file(patch, W.FILES["layer_xl_transparent_conv"])
+    bad = save(
+        tmp_path, "b.safetensors", {"diffusion_model.x.weight::diff::0": torch.zeros(2), "y::loha::0": torch.zeros(2)}
+    )
+    with pytest.raises(W.WeightFileError, match="not LayerDiffuse patch keys"):
+        W.verify_file(bad, W.FILES["layer_xl_transparent_conv"])

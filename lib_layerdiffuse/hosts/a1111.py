@@ -18,7 +18,7 @@ from modules import devices, images, modelloader, paths, shared  # type: ignore
 
 from ..pipeline import HostOps, LayerDiffuseError
 from ..unet import detect_family
-from ..weights import FILES, WeightFileError, read_header, sha256_of
+from ..weights import FILES, WeightFileError, read_header, sha256_of, verify_file
 from .common import condition_encoder, posterior_moments, set_init_latent
 
 log = logging.getLogger("layerdiffuse")
@@ -49,7 +49,7 @@ def weight_path(name: str) -> Path:
             f"Download it from {info.url} and put it in {folder}."
         ) from None
     try:
-        read_header(part)
+        verify_file(part, info)  # keys and shapes always
         if info.sha256 and sha256_of(part) != info.sha256:
             raise WeightFileError(f"{info.filename}: downloaded file has the wrong SHA-256; it was deleted. Try again.")
     except WeightFileError:
