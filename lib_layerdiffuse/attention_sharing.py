@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import LayerDiffuseError
+
 BLOCKS_SD15 = (
     [f"input_blocks.{i}.1" for i in (1, 2, 4, 5, 7, 8)]
     + [f"output_blocks.{i}.1" for i in range(3, 12)]
@@ -167,9 +169,7 @@ class AttentionSharingUnit(nn.Module):
         if key not in self._control_cache:
             if self.control_signals is None or tokens not in self.control_signals:
                 have = sorted(self.control_signals) if self.control_signals else []
-                raise RuntimeError(
-                    f"LayerDiffuse: no control signal for {tokens} tokens (have {have}); call set_control first"
-                )
+                raise LayerDiffuseError(f"no control signal for {tokens} tokens (have {have}); call set_control first")
             sig = self.control_signals[tokens]
             with torch.no_grad():
                 conv_dtype = self.temporal_i.weight.dtype
@@ -198,8 +198,8 @@ class AttentionSharingUnit(nn.Module):
         fr = self.frames
         rows, tokens, ch = h.shape
         if rows % fr:
-            raise RuntimeError(
-                f"LayerDiffuse: this mode shares attention across groups of {fr} images, "
+            raise LayerDiffuseError(
+                f"this mode shares attention across groups of {fr} images, "
                 f"but the UNet got {rows} rows; the batch size must be a multiple of {fr}"
             )
         dtype, device = h.dtype, h.device
@@ -218,7 +218,7 @@ class AttentionSharingUnit(nn.Module):
             if overwrite and any(o is not None for o in overwrite[:fr]):
                 mark = cond_mark if cond_mark is not None else opts.get("cond_mark", state.cond_mark)
                 if mark is None:
-                    raise RuntimeError("LayerDiffuse: per-layer prompts need the cond/uncond marks of the batch rows")
+                    raise LayerDiffuseError("per-layer prompts need the cond/uncond marks of the batch rows")
                 mark = mark.to(device, dtype).view(bsz, fr).transpose(0, 1)[..., None, None]  # [F, B, 1, 1]
                 frames = []
                 for f in range(fr):
@@ -360,7 +360,7 @@ class AttentionSharing(nn.Module):
         self.originals = [unet.get_submodule(n) for n in MODULE_MAP_SD15]
         for n, m in zip(MODULE_MAP_SD15, self.originals, strict=True):
             if isinstance(m, AttentionSharingUnit):
-                raise RuntimeError(f"LayerDiffuse: {n} is already patched; a previous generation was not restored")
+                raise LayerDiffuseError(f"{n} is already patched; a previous generation was not restored")
         with torch.device("meta"):  # parameters come from the file; skip the random init
             units = [AttentionSharingUnit(m, frames, use_control, rank, self.state) for m in self.originals]
             self.kwargs_encoder = ControlEncoder() if use_control else None
@@ -382,6 +382,16 @@ class AttentionSharing(nn.Module):
             signals = self.kwargs_encoder(image.to(param.device, param.dtype) * 2.0 - 1.0)
         for unit in self.units:
             unit.set_control_signals(signals)
+
+    def clear_caches(self):
+        """Drop the merged weights and control features of every unit (recomputed on the next call).
+
+        Needed per sampling pass on hosts whose weights are inference tensors (no version
+        counter to notice a change), and to release memory when a generation ends.
+        """
+        for unit in self.units:
+            unit._merged.clear()
+            unit.set_control_signals(None)
 
     def install(self):
         unet = self.unet[0]

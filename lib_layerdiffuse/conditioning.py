@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from . import modes as _modes
+from .errors import SettingsError
 from .rgba import flatten_on_grey
 
 
@@ -27,7 +28,7 @@ def _hq_resize(x: np.ndarray, width: int, height: int) -> np.ndarray:
 def resize_image(x: np.ndarray, resize_mode: str, height: int, width: int) -> np.ndarray:
     """HxWxC to ``height`` x ``width``: "Just Resize", "Crop and Resize" or "Resize and Fill"."""
     if resize_mode not in _modes.RESIZE_MODES:
-        raise ValueError(f"Unknown resize mode {resize_mode!r}; use one of {', '.join(_modes.RESIZE_MODES)}")
+        raise SettingsError(f"Unknown resize mode {resize_mode!r}; use one of {', '.join(_modes.RESIZE_MODES)}")
     if resize_mode == "Just Resize":
         return np.ascontiguousarray(_hq_resize(x, width, height))
     old_h, old_w = x.shape[:2]
@@ -50,7 +51,7 @@ def as_rgba_float(image) -> np.ndarray:
     """An upload (PIL image, uint8 or float array, RGB or RGBA) as float32 HxWx4 in [0, 1]."""
     arr = np.asarray(image.convert("RGBA") if hasattr(image, "convert") else image)
     if arr.ndim != 3 or arr.shape[2] not in (3, 4):
-        raise ValueError(f"A layer image must be HxWx3 or HxWx4, got shape {arr.shape}")
+        raise SettingsError(f"A layer image must be HxWx3 or HxWx4, got shape {arr.shape}")
     arr = arr.astype(np.float32) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float32)
     if arr.shape[2] == 3:
         arr = np.concatenate([arr, np.ones_like(arr[..., :1])], axis=2)
@@ -84,8 +85,8 @@ def check_inputs(mode: _modes.Mode, images: dict, height: int, width: int) -> No
     """Refuse a generation whose mode lacks a required layer image or has a bad size."""
     missing = [_modes.INPUT_NAMES[k] for k in mode.inputs if images.get(k) is None]
     if missing:
-        raise ValueError(
+        raise SettingsError(
             f"'{mode.label}' needs a {' and a '.join(missing)} image: upload it in the LayerDiffuse panel."
         )
     if height % 8 or width % 8:
-        raise ValueError(f"LayerDiffuse needs width and height that are multiples of 8, got {width}x{height}.")
+        raise SettingsError(f"LayerDiffuse needs width and height that are multiples of 8, got {width}x{height}.")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import SettingsError
+
 FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
 
 
@@ -111,13 +113,13 @@ def resolve(name: str) -> Mode:
     """A mode by label (current or legacy) or enum name; a clear error otherwise."""
     mode = _LOOKUP.get(str(name).strip())
     if mode is None:
-        raise ValueError(f"Unknown LayerDiffuse method {name!r}. Valid methods: " + "; ".join(LABELS))
+        raise SettingsError(f"Unknown LayerDiffuse method {name!r}. Valid methods: " + "; ".join(LABELS))
     return mode
 
 
 def check_batch(mode: Mode, batch_size: int) -> None:
     if batch_size % mode.group:
-        raise ValueError(
+        raise SettingsError(
             f"'{mode.label}' generates groups of {mode.group} images ({', '.join(mode.frames)}): "
             f"the batch size must be a multiple of {mode.group}, but it is {batch_size}. "
             f"Set Batch size to {max(mode.group, batch_size - batch_size % mode.group)}."
@@ -129,7 +131,7 @@ def check_family(mode: Mode, model_family: str | None) -> None:
     if model_family == mode.family:
         return
     found = FAMILY_NAMES.get(model_family or "", model_family or "an unrecognised architecture")
-    raise ValueError(
+    raise SettingsError(
         f"'{mode.label}' needs an {mode.family_name} checkpoint, but the loaded model is {found}. "
         f"Load an {mode.family_name} checkpoint or pick a "
         f"{'(SDXL)' if mode.family == 'sd15' else '(SD1.5)'} method that matches {found}."

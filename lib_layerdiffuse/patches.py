@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import LayerDiffuseError, PatchError
+
 log = logging.getLogger("layerdiffuse")
 
 PREFIX = "diffusion_model."
@@ -31,10 +33,6 @@ CONV_IN = "input_blocks.0.0.weight"
 # A1111's built-in LoRA keeps lazy backups on the modules it patches (hosts.md §6.1).
 FOREIGN_BACKUP_ATTRS = ("network_weights_backup", "network_bias_backup", "network_current_names")
 MOST_MISSING = 0.5  # refuse a file when more than this share of its keys is absent from the model
-
-
-class PatchError(ValueError):
-    """A patch file that does not fit the model; the message says why and what to do."""
 
 
 @dataclass
@@ -107,7 +105,7 @@ def match_keys(patches: Mapping[str, Patch], names, source: str, family: str = "
             f"probably another model family. Load an {family} checkpoint."
         )
     if missing:
-        log.warning("LayerDiffuse: %s: %d keys not in the model, skipped: %s", source, len(missing), ", ".join(missing))
+        log.warning("%s: %d keys not in the model, skipped: %s", source, len(missing), ", ".join(missing))
     return missing
 
 
@@ -125,6 +123,19 @@ def compute_patched_tensors(
     """
     match_keys(patches, params, source)
     return {k: patched_tensor(params[k], p, weight) for k, p in patches.items() if k in params}
+
+
+def widens_conv_in(patches: Mapping[str, Patch], root: nn.Module) -> bool:
+    """Whether the patches grow conv_in's input channels (the SDXL layer modes' concat input)."""
+    patch = patches.get(PREFIX + CONV_IN)
+    if patch is None or patch.kind != "diff" or 0 not in patch.slots:
+        return False
+    try:
+        weight = root.get_submodule(CONV_IN.rpartition(".")[0]).weight
+    except AttributeError:
+        return False
+    delta = patch.slots[0]
+    return delta.ndim == 4 and weight.ndim == 4 and delta.shape[1] > weight.shape[1]
 
 
 class ConcatConv:
@@ -147,14 +158,12 @@ class ConcatConv:
         if not self.enabled:
             return output
         if self.condition is None:
-            raise RuntimeError("LayerDiffuse: the condition latent of this mode was not set before sampling")
+            raise LayerDiffuseError("the condition latent of this mode was not set before sampling")
         x = args[0]
         c = self.condition.to(x.device, x.dtype)
         if c.shape[0] != x.shape[0]:
             if x.shape[0] % c.shape[0]:
-                raise RuntimeError(
-                    f"LayerDiffuse: condition batch {c.shape[0]} does not divide UNet batch {x.shape[0]}"
-                )
+                raise LayerDiffuseError(f"condition batch {c.shape[0]} does not divide UNet batch {x.shape[0]}")
             c = c.repeat(x.shape[0] // c.shape[0], 1, 1, 1)
         self.calls += 1
         return output + F.conv2d(c, self.weight.to(x.dtype), padding=self.padding)
@@ -210,7 +219,7 @@ class ModulePatcher:
     def install(self, patches: Mapping[str, Patch], weight: float, source: str = "patch file") -> list[str]:
         """Apply every patch; returns the skipped (missing) keys. Restores itself if it fails."""
         if self.installed:
-            raise RuntimeError("LayerDiffuse: patches are already installed; restore() first")
+            raise LayerDiffuseError("patches are already installed; restore() first")
         params = {self.prefix + n: p for n, p in self.root.named_parameters()}
         missing = match_keys(patches, params, source)
         try:

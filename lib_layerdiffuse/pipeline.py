@@ -1,51 +1,142 @@
-"""One LayerDiffuse generation, host-independent: validate, patch, keep latents, decode RGBA.
+"""One LayerDiffuse generation, the same on every host: validate, patch, keep latents, decode RGBA.
 
-A host adapter (``lib_layerdiffuse.hosts``) supplies the few host operations through a
-small interface (:class:`HostOps`); the WebUI script calls :class:`Generation` from its hooks:
+A host adapter (``lib_layerdiffuse.hosts``) implements :class:`Host`, the one contract
+between this flow and a WebUI; ``p`` is the host's processing object, passed through and
+never stored. The WebUI script calls :class:`Generation` from its hooks:
 
-    gen = Generation(ops, settings, batch_size, width, height, prompts)   # process(): validates
-    gen.begin_sampling(unet, x_shape)        # process_before_every_sampling (again for hires)
-    gen.keep_latents(iteration, latents)     # post_sample: diffusion-space latents
-    rgba = gen.decode(index, pixel_rgb)      # postprocess_image_after_composite
-    gen.close()                              # always (p.close / finally): UNet as before
+    gen = Generation(host, settings, family, batch_size, width, height, prompts)  # process(): validates
+    host.attach(p, gen)                  # p.sample guarded, p.close restores and releases
+    gen.begin_sampling(p, x)             # before every sampling pass (again for hires)
+    gen.end_sampling(); gen.check_ran()  # right after sampling (the adapter's p.sample wrapper)
+    gen.keep_latents(p, iteration, samples)   # post_sample
+    rgba = gen.decode(p, index, pixel_rgb)    # each image, right before saving
+    gen.close()                          # always: UNet as before, everything released
+
+Nothing of a generation outlives :meth:`Generation.close`: it holds no reference to ``p``,
+and the adapter removes every reference ``p`` and the host's objects hold to it.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import conditioning as C
 from . import modes as M
-from .rgba import from_decoder
-from .session import UNetSession
+from .attention_sharing import AttentionSharing
+from .errors import LayerDiffuseError
+from .rgba import flatten_on_grey, from_decoder, to_uint8
+from .session import UNetBackend, UNetSession, load_sharing
 from .settings import Settings
-from .unet import percent_to_sigma, sigmas_from_alphas_cumprod
 from .vae import apply_offset, decode_rgba, encode_offset
-from .weights import load_decoder, load_encoder
+from .weights import load_decoder, load_encoder, load_unet_file
 
 log = logging.getLogger("layerdiffuse")
 
-
-class LayerDiffuseError(RuntimeError):
-    """A generation LayerDiffuse must refuse; shown to the user as it is."""
+__all__ = ["Generation", "Host", "LayerDiffuseError", "cached_model", "release_models"]
 
 
-@dataclass
-class HostOps:
-    """What the pipeline needs from a host. Every callable is small and host-specific."""
+class Host:
+    """What the generation flow needs from a WebUI; one adapter per host family implements it.
 
-    weight_path: object  # (file stem) -> path of the .safetensors, downloading it if needed
-    load_state: object  # (path) -> dict of tensors (safetensors only)
-    encode_moments: object = None  # (images [B,3,H,W] in [0,1]) -> (mean, std), unscaled latents
-    device: object = "cpu"
-    dtype: object = torch.float32
+    Every method takes the host's processing object ``p`` where it needs one; adapters keep
+    no per-generation state of their own (it lives in :class:`Generation`).
+    """
+
+    name = "host"
+
+    # -- the model ------------------------------------------------------------------------
+    def family(self, p) -> str | None:
+        """``"sd15"``, ``"sdxl"``, or a name for a model family LayerDiffuse does not drive."""
+        raise NotImplementedError
+
+    def unet_backend(self, p) -> UNetBackend:
+        """A fresh backend that installs one sampling pass's changes on the current UNet."""
+        raise NotImplementedError
+
+    def percent_to_sigma(self, p, percent: float) -> float:
+        """The model's sigma at a fraction of the schedule (Stop At's threshold)."""
+        raise NotImplementedError
+
+    def device_dtype(self, p) -> tuple[torch.device, torch.dtype]:
+        """Where our modules (units, decoder, encoder) run."""
+        raise NotImplementedError
+
+    def latent_format(self, p) -> tuple[float, float]:
+        """``(scale, shift)`` with diffusion latent = ``(raw VAE latent - shift) * scale``."""
+        raise NotImplementedError
+
+    def vae_moments(self, p, rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw (unscaled) VAE posterior ``(mean, std)`` of RGB ``[B, 3, H, W]`` in [0, 1]."""
+        raise NotImplementedError
+
+    def vae_decode(self, p, latent: torch.Tensor) -> torch.Tensor:
+        """The host VAE's raw decode ``[B, 3, H, W]`` in about [-1, 1] of a raw (unscaled) latent."""
+        raise NotImplementedError
+
+    def load_lora(self, p, path: Path, weight: float) -> None:
+        """Apply a LoRA file through the host's own loader for this generation."""
+        raise LayerDiffuseError(f"{self.name} cannot load LoRA files for LayerDiffuse.")
+
+    # -- files, progress, memory ----------------------------------------------------------
+    def weight_path(self, name: str) -> Path:
+        """The path of a published file (``weights.FILES`` stem), downloaded and checked if needed."""
+        raise NotImplementedError
+
+    def progress(self, text: str) -> None:
+        """Show what LayerDiffuse is doing in the host's progress text."""
+
+    def interrupted(self) -> bool:
+        return False
+
+    def low_vram(self) -> bool:
+        """The host keeps models off the GPU between uses (A1111 --lowvram/--medvram, Forge's modes)."""
+        return False
+
+    # -- the generation's objects -----------------------------------------------------------
+    def is_init_latent(self, p, x) -> bool:
+        """Whether a sampling pass starts from ``p``'s img2img init latent."""
+        return False
+
+    def resize_init(self, p, image) -> np.ndarray:
+        """An img2img init image at the generation size, float32 HxWx4 RGBA."""
+        raise NotImplementedError
+
+    def set_init_latent(self, p, latent: torch.Tensor) -> None:
+        """Use ``latent`` (diffusion space, 1 or B rows) as the img2img init latent."""
+        raise NotImplementedError
+
+    def final_latents(self, p, samples, sampled: torch.Tensor | None) -> torch.Tensor | None:
+        """The final latent batch in post_sample (``sampled``: what the sampler returned last)."""
+        raise NotImplementedError
+
+    def attach(self, p, gen: Generation) -> None:
+        """Tie ``gen`` to ``p`` for the hooks: guard ``p.sample``, close ``gen`` in ``p.close``."""
+        raise NotImplementedError
+
+    def generation(self, p) -> Generation | None:
+        raise NotImplementedError
+
+    def to_pil_rgba(self, rgba: np.ndarray):
+        raise NotImplementedError
+
+    def publish_previews(self, p, processed, previews: list) -> None:
+        """Show and save the checkerboard previews ``[(index, PIL image)]`` with the results."""
+        raise NotImplementedError
+
+    def comment(self, p, text: str) -> None:
+        raise NotImplementedError
+
+    def register_callbacks(self) -> None:
+        """Saving checks and API encoding, once at start-up."""
 
 
-_MODELS: dict = {}  # (file, device, dtype) -> decoder / encoder; keyed by file, so a family switch swaps them
+# -- decoder / encoder cache ---------------------------------------------------------------
+
+_MODELS: dict = {}  # (kind, file, device, dtype) -> decoder / encoder: at most one of each kind
 
 
 def cached_model(kind: str, path, device, dtype):
@@ -57,15 +148,22 @@ def cached_model(kind: str, path, device, dtype):
     return _MODELS[key]
 
 
+def release_models() -> None:
+    """Forget the cached transparent decoder and encoder (the next decode loads them again)."""
+    _MODELS.clear()
+
+
+# -- one generation --------------------------------------------------------------------------
+
+
 class Generation:
-    def __init__(self, ops: HostOps, settings: Settings, batch_size: int, width: int, height: int,
-                 prompts: list[str] | None = None, family: str | None = None):  # fmt: skip
-        self.ops = ops
+    def __init__(self, host: Host, settings: Settings, family: str | None, batch_size: int, width: int,
+                 height: int, prompts: list[str] | None = None):  # fmt: skip
+        self.host = host
         self.settings = settings
         self.mode = settings.mode
         self.batch_size = batch_size
         M.check_family(self.mode, family)
-        self.family = family
         M.check_batch(self.mode, batch_size)
         C.check_inputs(self.mode, {k: settings.image(k) for k in ("fg", "bg", "blend")}, height, width)
         if prompts and self.mode.group > 1 and any(" AND " in p for p in prompts):
@@ -73,139 +171,234 @@ class Generation:
                 f"'{self.mode.label}' cannot use composable prompts (AND): they break the frame groups. "
                 "Remove 'AND' from the prompt."
             )
-        self.session: UNetSession | None = None
-        self.latents: dict[int, torch.Tensor] = {}
-        self._stop_hook = None
-        self._sigma_end = None
+        self.session: UNetSession | None = None  # the sampling pass in progress
+        self.error: str | None = None  # a setup failure inside a hook, raised after sampling
+        self.passes = 0  # sampling passes since the last check_ran
+        self.unran: list[str] = []  # why passes since the last check_ran did not use our changes
+        self.sampled: torch.Tensor | None = None  # the latent the sampler returned last (host-captured)
+        self.latents: dict[int, torch.Tensor] = {}  # final latents by global image index (CPU, fp32)
+        self.init_rgba: list = []  # img2img: the init images as RGBA PIL images
+        self.previews: dict[int, np.ndarray] = {}  # checkerboard previews by image index
+        self._state: dict | None = None  # the mode's UNet file, read once per generation
+        self._sharing: AttentionSharing | None = None  # SD1.5 units, built once per UNet
+        self._aborted: UNetBackend | None = None  # a backend that makes sampling fail (setup error)
 
-    # -- prompts ----------------------------------------------------------------------
+    # -- prompts --------------------------------------------------------------------------
 
     def layer_prompts(self, prompts: list[str]) -> list[str]:
         """Per-image prompts with each frame's additional prompt in front (SD1.5 multi-layer modes).
 
         Rewriting the prompts (rather than overriding the context inside the units, as the
         official does) keeps prompt editing, scheduling and long prompts working, and the
-        infotext of each image shows its layer's prompt.
+        infotext of each image shows its layer's prompt. A prompt pasted from such an
+        infotext already starts with a layer prompt of this mode: that one is taken off
+        first, so generating again gives every frame the same prompt as before.
         """
         if not self.mode.prompts:
             return list(prompts)
+        extras = [e.strip() for e in (self.settings.prompt(w) for w in self.mode.prompts) if e and e.strip()]
         out = []
         for i, prompt in enumerate(prompts):
+            base = strip_layer_prompt(prompt, extras)
             which = self.mode.prompts[i % self.mode.group]
-            out.append(C.layer_prompt(self.settings.prompt(which), prompt) or prompt)
+            out.append(C.layer_prompt(self.settings.prompt(which), base) or base)
         return out
 
-    # -- sampling ---------------------------------------------------------------------
+    # -- sampling -------------------------------------------------------------------------
 
-    def begin_sampling(self, unet: torch.nn.Module, x_shape, alphas_cumprod=None, family=None,
-                       encode_condition=None):  # fmt: skip
-        """Install the mode on ``unet`` for one sampling pass (first pass or hires).
+    def _file_state(self) -> dict:
+        if self._state is None:
+            self._state = load_unet_file(self.host.weight_path(self.mode.unet_file))
+        return self._state
 
-        ``encode_condition(rgb [1,3,H,W] in [0,1]) -> diffusion-space latent`` is needed by
-        the SDXL layer modes. Anything installed by an earlier pass is undone first.
+    def _units(self, backend: UNetBackend, device, dtype) -> AttentionSharing | None:
+        """The SD1.5 units for ``backend``'s UNet, built once per generation (hires reuses them)."""
+        if self.mode.apply != "attention_sharing":
+            return None
+        if self._sharing is None or self._sharing.unet[0] is not backend.unet:
+            self._sharing = None
+            source = f"{self.mode.unet_file}.safetensors"
+            self._sharing = load_sharing(backend.unet, self.mode, self._file_state(), source).to(device, dtype)
+        self._sharing.clear_caches()  # inference-tensor weights have no version counter: merge per pass
+        self._sharing.state.calls = 0
+        self._sharing.state.enabled = True
+        return self._sharing
+
+    def _condition(self, p, h: int, w: int) -> torch.Tensor:
+        """The SDXL layer modes' concat condition: deterministic posterior means, diffusion space."""
+        scale, shift = self.host.latent_format(p)
+        lat = []
+        for which in self.mode.concat:
+            img = C.prepare_layer_image(self.settings.image(which), self.settings.resize_mode, h * 8, w * 8)
+            mean, _ = self.host.vae_moments(p, C.to_tensor(img))
+            lat.append((mean - shift) * scale)
+        return C.condition_latent(lat)
+
+    def begin_sampling(self, p, x) -> None:
+        """Install the mode for one sampling pass (first pass or hires) on the host's UNet.
+
+        Never raises (hosts swallow hook exceptions): a failure is kept in :attr:`error`, the
+        backend makes sampling itself fail, and :meth:`check_ran` raises it after sampling.
         """
         self.end_sampling()
-        rows, _, h, w = x_shape
-        M.check_batch(self.mode, rows)
-        state = self.ops.load_state(self.ops.weight_path(self.mode.unet_file))
-        family = family if family is not None else self.family  # detected once, in process()
-        session = UNetSession(unet, self.mode, state, weight=self.settings.weight, family=family,
-                              source=f"{self.mode.unet_file}.safetensors")  # fmt: skip
-        session.install()
-        self.session = session
+        self._release_abort()
+        backend = None
         try:
+            backend = self.host.unet_backend(p)  # first: a refusal below must stop sampling through it
+            rows, _, h, w = x.shape
+            M.check_batch(self.mode, rows)
+            M.check_family(self.mode, self.host.family(p))  # a hires checkpoint may be another model
+            device, dtype = self.host.device_dtype(p)
+            stop_at = self.settings.stop_at
+            sigma_end = 0.0 if stop_at >= 1.0 else float(self.host.percent_to_sigma(p, stop_at))
+            sharing = self._units(backend, device, dtype)
+            state = None if sharing is not None else self._file_state()
+            session = UNetSession(backend, self.mode, state, weight=self.settings.weight, sigma_end=sigma_end,
+                                  sharing=sharing)  # fmt: skip
             if self.mode.control is not None:
-                img = C.prepare_layer_image(
-                    self.settings.image(self.mode.control), self.settings.resize_mode, h * 8, w * 8
-                )
-                session.sharing.to(self.ops.device, self.ops.dtype)
-                session.sharing.set_control(C.to_tensor(img))
-            elif session.sharing is not None:
-                session.sharing.to(self.ops.device, self.ops.dtype)
+                img = C.prepare_layer_image(self.settings.image(self.mode.control), self.settings.resize_mode,
+                                            h * 8, w * 8)  # fmt: skip
+                sharing.set_control(C.to_tensor(img))
             if self.mode.concat:
-                if encode_condition is None:
-                    raise LayerDiffuseError("this host cannot VAE-encode the layer images")
-                lat = []
-                for which in self.mode.concat:
-                    img = C.prepare_layer_image(self.settings.image(which), self.settings.resize_mode, h * 8, w * 8)
-                    lat.append(encode_condition(C.to_tensor(img)))
-                session.concat.condition = C.condition_latent(lat)
-            if self.settings.stop_at < 1.0 and alphas_cumprod is not None:
-                self._install_stop_at(unet, alphas_cumprod)
-        except BaseException:
+                session.condition = self._condition(p, h, w)
+            self.session = session
+            session.install()
+            if self.init_rgba and self.host.is_init_latent(p, x):
+                self.offset_init_latent(p)
+        except Exception as e:
+            self.session = None
+            self.error = str(e) if isinstance(e, LayerDiffuseError) else f"{type(e).__name__}: {e}"
+            log.error("LayerDiffuse: %s", self.error)
+            if backend is not None:
+                backend.restore()
+                backend.abort(self.error)
+                self._aborted = backend
+
+    def end_sampling(self) -> None:
+        """Undo the pass's changes (idempotent) and note whether they took part in sampling."""
+        session, self.session = self.session, None
+        if session is None:
+            return
+        session.restore()
+        if session.result is not None:
+            self.sampled = session.result
+        self.passes += 1
+        if not session.ran:
+            if session.calls == 0 and session.stopped_calls:
+                self.unran.append(
+                    f"Stop At {self.settings.stop_at:g} ended LayerDiffuse before the first step of this "
+                    "sampling pass (img2img and hires passes start later in the schedule): raise Stop At."
+                )
+            else:
+                self.unran.append(
+                    "its UNet changes did not take part in sampling (another extension may have replaced the "
+                    "UNet or its function)."
+                )
+
+    def check_ran(self) -> None:
+        """After sampling: refuse to return an image made without our changes (never silent)."""
+        error, unran, passes = self.error, self.unran, self.passes
+        self.error, self.unran, self.passes = None, [], 0
+        if error:
+            raise LayerDiffuseError(error)
+        if passes == 0:
+            raise LayerDiffuseError(
+                "its UNet changes were never installed for this sampling (another extension may have replaced "
+                "the sampling); the image was not made with LayerDiffuse, so no transparent image is returned."
+            )
+        if unran:
+            raise LayerDiffuseError(f"{unran[0]} No transparent image is returned.")
+
+    def _release_abort(self) -> None:
+        backend, self._aborted = self._aborted, None
+        if backend is not None:
+            backend.restore()
+
+    def close(self) -> None:
+        """Undo and release everything (idempotent); runs on every path, failures included."""
+        try:
             self.end_sampling()
-            raise
+            self._release_abort()
+        finally:
+            if self._sharing is not None:
+                self._sharing.clear_caches()
+            self._sharing = self._state = self.sampled = None
+            self.latents.clear()
+            self.init_rgba.clear()
+            self.previews.clear()
 
-    def _install_stop_at(self, unet, alphas_cumprod):
-        """Stop At: a forward pre-hook reads the timestep of each UNet call (any sampler)."""
-        self._sigma_end = percent_to_sigma(alphas_cumprod, self.settings.stop_at)
-        log_sigmas = sigmas_from_alphas_cumprod(alphas_cumprod.detach().float().cpu()).log()
+    # -- outputs ----------------------------------------------------------------------------
 
-        def hook(module, args, kwargs):
-            t = args[1] if len(args) > 1 else kwargs.get("timesteps", kwargs.get("t"))
-            if t is None or self.session is None:
-                return
-            t = float(torch.as_tensor(t).float().max().clamp(0, len(log_sigmas) - 1))
-            lo, hi = int(t // 1), int(-(-t // 1))
-            sigma = float(((1 - (t - lo)) * log_sigmas[lo] + (t - lo) * log_sigmas[hi]).exp())
-            if sigma < self._sigma_end:
-                self.session.disable()
-
-        self._stop_hook = unet.register_forward_pre_hook(hook, with_kwargs=True)
-
-    def end_sampling(self):
-        if self._stop_hook is not None:
-            self._stop_hook.remove()
-            self._stop_hook = None
-        if self.session is not None:
-            self.session.restore()
-
-    def close(self):
-        """Undo everything (idempotent); call on every path, failure and interrupt included."""
-        self.end_sampling()
-
-    @property
-    def calls(self) -> int:
-        return 0 if self.session is None else self.session.calls
-
-    # -- outputs ----------------------------------------------------------------------
-
-    def keep_latents(self, iteration: int, latents: torch.Tensor):
-        """Final diffusion-space latents of one batch (after hires), by global image index."""
+    def keep_latents(self, p, iteration: int, samples) -> None:
+        """post_sample: the final diffusion-space latents of one batch (after hires), by image index."""
+        latents = self.host.final_latents(p, samples, self.sampled)
+        self.sampled = None
+        if latents is None:
+            return
         for i, z in enumerate(latents):
             self.latents[iteration * self.batch_size + i] = z.detach().to("cpu", torch.float32)
 
-    def decode(self, index: int, pixel_rgb: np.ndarray, latent_scale: float) -> np.ndarray | None:
+    def decode(self, p, index: int, pixel_rgb: np.ndarray) -> np.ndarray | None:
         """RGBA (HxWx4 float) for image ``index`` if the mode decodes it, else None.
 
-        pixel_rgb: the host's final image, uint8 HxWx3. The latent is unscaled by
-        ``latent_scale`` (the decoder was trained on unscaled latents).
+        pixel_rgb: the host's final image, uint8 HxWx3. The decoder reads the raw latent.
         """
         if not self.mode.is_decoded(index):
             return None
-        if index not in self.latents:
+        latent = self.latents.pop(index, None)
+        if latent is None:
             raise LayerDiffuseError(f"no latent was kept for image {index}; the transparent decode needs it")
         pixel = torch.from_numpy(np.array(pixel_rgb[..., :3], dtype=np.float32)).div(255).permute(2, 0, 1)[None]
         h, w = pixel.shape[-2:]
-        latent = self.latents[index][None] / latent_scale
+        if h % 8 or w % 8:
+            raise LayerDiffuseError(f"image size {w}x{h} is not a multiple of 8")
+        scale, shift = self.host.latent_format(p)
+        latent = latent[None] / scale + shift
         if latent.shape[-2:] != (h // 8, w // 8):
-            # inpaint "only masked" and odd sizes: the latent covers another region than the pixels
+            # inpaint "only masked": the latent covers another region than the pixels
             log.warning(
                 "LayerDiffuse: latent %s does not match the %dx%d image; resizing it", tuple(latent.shape[-2:]), w, h
             )
             latent = torch.nn.functional.interpolate(latent, size=(h // 8, w // 8), mode="bilinear")
-        if h % 8 or w % 8:
-            raise LayerDiffuseError(f"image size {w}x{h} is not a multiple of 8")
-        decoder = cached_model("decoder", self.ops.weight_path(self.mode.decoder_file), self.ops.device, self.ops.dtype)
-        y = decode_rgba(decoder, pixel, latent)
-        return from_decoder(y[0])
+        self.host.progress(f"LayerDiffuse: transparent decode, image {index + 1}")
+        device, dtype = self.host.device_dtype(p)
+        decoder = cached_model("decoder", self.host.weight_path(self.mode.decoder_file), device, dtype)
+        rgba = from_decoder(decode_rgba(decoder, pixel, latent)[0])
+        self.previews[index] = rgba
+        return rgba
 
-    def encode_init(self, rgba_images: list[np.ndarray]) -> torch.Tensor | None:
-        """img2img: the adjusted init latent ``mean + std * offset`` (unscaled) of RGBA init images."""
-        if self.mode.encoder_file is None or self.ops.encode_moments is None:
-            return None
-        encoder = cached_model("encoder", self.ops.weight_path(self.mode.encoder_file), self.ops.device, self.ops.dtype)
-        flat = np.stack([C.flatten_on_grey(x) for x in rgba_images])
-        mean, std = self.ops.encode_moments(torch.from_numpy(flat).permute(0, 3, 1, 2).float())
+    # -- img2img ------------------------------------------------------------------------------
+
+    def prepare_init(self, images: list) -> list:
+        """img2img: keep each init image as RGBA and give the host grey-flattened copies
+        (the host's own flatten is white; the transparent encoder expects grey)."""
+        from PIL import Image
+
+        if self.mode.encoder_file is None:
+            return images
+        self.init_rgba = [im.convert("RGBA") for im in images]
+        flat = [flatten_on_grey(np.asarray(im, dtype=np.float32) / 255.0) for im in self.init_rgba]
+        return [Image.fromarray(to_uint8(x)) for x in flat]
+
+    def encode_init(self, p, rgba_images: list[np.ndarray]) -> torch.Tensor:
+        """The adjusted raw init latent ``mean + std * offset`` of float RGBA images (Eq. 2)."""
+        device, dtype = self.host.device_dtype(p)
+        encoder = cached_model("encoder", self.host.weight_path(self.mode.encoder_file), device, dtype)
+        flat = np.stack([flatten_on_grey(x) for x in rgba_images])
+        mean, std = self.host.vae_moments(p, torch.from_numpy(flat).permute(0, 3, 1, 2).float())
         offset = encode_offset(encoder, rgba_images)
         return apply_offset(mean, std, offset.to(mean.device))
+
+    def offset_init_latent(self, p) -> None:
+        """img2img: every RGBA init image gets the transparent encoder's offset in ``p``'s init latent."""
+        rgba = [self.host.resize_init(p, im) for im in self.init_rgba]
+        scale, shift = self.host.latent_format(p)
+        self.host.set_init_latent(p, (self.encode_init(p, rgba) - shift) * scale)
+
+
+def strip_layer_prompt(prompt: str, extras: list[str]) -> str:
+    """``prompt`` without a leading ``"<extra>, "`` (a frame prompt pasted back from an infotext)."""
+    for extra in sorted(extras, key=len, reverse=True):
+        if prompt.startswith(f"{extra}, "):
+            return prompt[len(extra) + 2 :]
+    return prompt

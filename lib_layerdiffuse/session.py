@@ -1,14 +1,17 @@
-"""One generation's UNet changes for a mode, on a plain module tree (the A1111 way).
+"""One sampling pass's UNet changes for a mode, installed through a host's UNet backend.
 
-    session = UNetSession(unet, mode, file_state, weight=1.0)  # validates, touches nothing
+    session = UNetSession(backend, mode, state, weight=1.0, sigma_end=0.0)  # validates, touches nothing
+    session.condition = latent      # SDXL layer modes: the concat condition (diffusion space)
     try:
-        session.install()
-        ...  # set session.concat.condition / session.sharing.state, sample, session.disable() at Stop At
+        session.install()           # the backend puts the changes on its UNet
+        ...                         # sample: the backend calls session.step(sigma) per UNet call
     finally:
-        session.restore()  # every tensor and module as before, bit for bit
+        session.restore()           # every tensor and module as before (A1111: bit for bit)
 
-Forge hosts install through their own patcher instead and use the pieces directly
-(:func:`patches.compute_patched_tensors`, :class:`attention_sharing.AttentionSharing`).
+A backend is how one host's UNet takes the changes: :class:`ModuleBackend` patches a plain
+ldm module tree (AUTOMATIC1111); the Forge adapter's backend goes through the host's
+``UnetPatcher``. Both call :meth:`UNetSession.step` once per UNet call, which is the single
+Stop At rule and the count the never-silent guard reads.
 """
 
 from __future__ import annotations
@@ -17,68 +20,158 @@ import torch
 from torch import nn
 
 from .attention_sharing import AttentionSharing
-from .modes import Mode, check_family
-from .patches import ConcatConv, ModulePatcher, PatchError, parse_patch_state
-from .unet import detect_family
+from .errors import PatchError, Refusal
+from .modes import Mode
+from .patches import ConcatConv, ModulePatcher, Patch, parse_patch_state, widens_conv_in
+
+
+class UNetBackend:
+    """How a host's UNet takes a :class:`UNetSession`. Subclasses implement the three calls."""
+
+    unet: nn.Module  # the ldm/sgm ``diffusion_model`` tree the units and patches are built for
+
+    def install(self, session: UNetSession) -> None:
+        raise NotImplementedError
+
+    def disable(self, session: UNetSession) -> None:
+        """Stop At reached: the rest of this pass samples as if unpatched."""
+        raise NotImplementedError
+
+    def restore(self) -> None:
+        """Undo :meth:`install` (idempotent, also after a partial install) and drop the session."""
+        raise NotImplementedError
+
+    def abort(self, message: str) -> None:
+        """Make the next UNet call raise ``message``: a setup failure must not sample unpatched."""
+        raise NotImplementedError
+
+
+def load_sharing(unet: nn.Module, mode: Mode, state: dict, source: str) -> AttentionSharing:
+    """The SD1.5 units of ``mode`` around ``unet``, loaded strictly from the file's state."""
+    sharing = AttentionSharing(unet, frames=mode.group, use_control=mode.control is not None)
+    try:
+        sharing.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise PatchError(
+            f"{source} does not fit '{mode.label}': {str(e).splitlines()[0]} Delete {source} and download it again."
+        ) from None
+    return sharing
 
 
 class UNetSession:
-    def __init__(self, unet: nn.Module, mode: Mode, state: dict[str, torch.Tensor], weight: float = 1.0,
-                 family: str | None = None, source: str | None = None):  # fmt: skip
+    def __init__(self, backend: UNetBackend, mode: Mode, state: dict[str, torch.Tensor] | None = None,
+                 weight: float = 1.0, sigma_end: float = 0.0, sharing: AttentionSharing | None = None,
+                 source: str | None = None):  # fmt: skip
+        """``sharing``: units already built for this UNet (reused across passes); else built from ``state``."""
+        self.backend = backend
         self.mode = mode
         self.weight = float(weight)
+        self.sigma_end = float(sigma_end)  # Stop At: changes active while sigma >= sigma_end
         self.source = source or f"{mode.unet_file}.safetensors"
-        check_family(mode, family if family is not None else detect_family(unet))
         self.sharing: AttentionSharing | None = None
-        self.patcher: ModulePatcher | None = None
+        self.patches: dict[str, Patch] | None = None
+        self.condition: torch.Tensor | None = None  # concat modes: [1, 4*k, h, w], diffusion space
+        self.result: torch.Tensor | None = None  # the latent the sampler returned (hosts that capture it)
+        self.calls = 0  # UNet calls with our changes active
+        self.stopped_calls = 0  # UNet calls after Stop At
+        self.stopped = False
         if mode.apply == "attention_sharing":
-            self.sharing = AttentionSharing(unet, frames=mode.group, use_control=mode.control is not None)
-            try:
-                self.sharing.load_state_dict(state, strict=True)
-            except RuntimeError as e:
-                raise PatchError(
-                    f"{self.source} does not fit '{mode.label}': {str(e).splitlines()[0]} "
-                    f"Re-download {mode.unet_file}.safetensors."
-                ) from None
+            self.sharing = sharing if sharing is not None else load_sharing(backend.unet, mode, state, self.source)
         else:
             self.patches = parse_patch_state(state, self.source)
-            self.patcher = ModulePatcher(unet)
+            if mode.concat and not widens_conv_in(self.patches, backend.unet):
+                raise PatchError(
+                    f"{self.source} has no widened conv_in ({4 + mode.concat_channels} input channels) for "
+                    f"'{mode.label}'. Delete it and download it again."
+                )
 
-    def install(self) -> list[str]:
-        """Apply the mode's changes; returns file keys skipped because the model lacks them."""
+    def install(self) -> None:
+        try:
+            self.backend.install(self)
+        except BaseException:
+            self.restore()
+            raise
+
+    def active(self, sigma: float) -> bool:
+        """Whether our changes apply at this sigma (the official rule: off once ``sigma < sigma_end``)."""
+        return not self.stopped and sigma >= self.sigma_end
+
+    def step(self, sigma) -> bool:
+        """Called by the backend before each UNet call; switches off once at Stop At."""
+        s = float(torch.as_tensor(sigma).detach().float().max()) if not isinstance(sigma, float) else sigma
+        if self.active(s):
+            self.calls += 1
+            return True
+        if not self.stopped:
+            self.stopped = True
+            self.backend.disable(self)
+        self.stopped_calls += 1
+        return False
+
+    @property
+    def ran(self) -> bool:
+        """Our changes took part in sampling (for the units: they really shared attention)."""
         if self.sharing is not None:
-            self.sharing.install()
-            return []
-        missing = self.patcher.install(self.patches, self.weight, self.source)
-        if self.mode.concat and self.patcher.concat is None:
-            self.patcher.restore()
-            raise PatchError(
-                f"{self.source} has no widened conv_in ({4 + self.mode.concat_channels} input channels) "
-                f"for '{self.mode.label}'."
-            )
-        return missing
+            return self.calls > 0 and self.sharing.state.calls > 0
+        return self.calls > 0
+
+    def restore(self) -> None:
+        self.backend.restore()
+        if self.sharing is not None:
+            self.sharing.state.enabled = True
+
+
+class ModuleBackend(UNetBackend):
+    """A plain ldm module tree (AUTOMATIC1111): units swapped in, patches as hooks and merged
+    diffs (:class:`patches.ModulePatcher`), and a forward pre-hook that reads each call's
+    timestep, turns it into sigma with ``sigma_of_t`` and calls :meth:`UNetSession.step`."""
+
+    def __init__(self, unet: nn.Module, sigma_of_t):
+        self.unet = unet
+        self.sigma_of_t = sigma_of_t
+        self.session: UNetSession | None = None
+        self.patcher: ModulePatcher | None = None
+        self._handle = None
+
+    def install(self, session: UNetSession) -> None:
+        self.session = session
+        if session.sharing is not None:
+            session.sharing.install()
+        else:
+            self.patcher = ModulePatcher(self.unet)
+            self.patcher.install(session.patches, session.weight, session.source)
+            if self.patcher.concat is not None:
+                self.patcher.concat.condition = session.condition
+        self._handle = self.unet.register_forward_pre_hook(self._before_call, with_kwargs=True)
+
+    def _before_call(self, module, args, kwargs):
+        t = args[1] if len(args) > 1 else kwargs.get("timesteps", kwargs.get("t"))
+        if t is not None and self.session is not None:
+            self.session.step(self.sigma_of_t(t))
 
     @property
     def concat(self) -> ConcatConv | None:
         return None if self.patcher is None else self.patcher.concat
 
-    def disable(self):
-        """Stop At: the rest of sampling runs the unpatched UNet."""
-        if self.sharing is not None:
-            self.sharing.state.enabled = False
-        else:
+    def disable(self, session: UNetSession) -> None:
+        if session.sharing is not None:
+            session.sharing.state.enabled = False
+        elif self.patcher is not None:
             self.patcher.disable()
 
-    def restore(self):
-        if self.sharing is not None:
-            self.sharing.restore()
-            self.sharing.state.enabled = True
+    def restore(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        if self.session is not None and self.session.sharing is not None:
+            self.session.sharing.restore()
         if self.patcher is not None:
             self.patcher.restore()
+            self.patcher = None
+        self.session = None
 
-    @property
-    def calls(self) -> int:
-        """Calls of our code during sampling: 0 means the patches never ran (refuse to decode)."""
-        if self.sharing is not None:
-            return self.sharing.state.calls
-        return self.patcher.calls
+    def abort(self, message: str) -> None:
+        def fail(module, args):
+            raise Refusal(message)
+
+        self._handle = self.unet.register_forward_pre_hook(fail)

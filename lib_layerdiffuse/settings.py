@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from . import modes as _modes
+from .errors import SettingsError
 
 ARG_ORDER = (
     "enabled", "method", "weight", "stop_at", "fg_image", "bg_image", "blend_image", "resize_mode",
@@ -39,10 +40,6 @@ INFOTEXT_KEYS = {  # field -> official infotext key
     "blend_additional_prompt": "layerdiffusion_blend_additional_prompt",
 }
 ALIASES = {"ending_step": "stop_at", "method_label": "method"}
-
-
-class SettingsError(ValueError):
-    """An invalid setting; the message names the field, the value and what is allowed."""
 
 
 @dataclass
@@ -91,7 +88,7 @@ class Settings:
         for key, value in values.items():
             name = ALIASES.get(key, key)
             if name not in known:
-                raise SettingsError(f"LayerDiffuse: unknown setting {key!r}; known settings: {', '.join(ARG_ORDER)}")
+                raise SettingsError(f"unknown setting {key!r}; known settings: {', '.join(ARG_ORDER)}")
             if value is not None:  # missing or null means the default
                 clean[name] = value
         return cls()._validated(clean)
@@ -114,7 +111,7 @@ class Settings:
                 out[name] = decode_image(name, value)
             else:
                 if not isinstance(value, str):
-                    raise SettingsError(f"LayerDiffuse: {name} must be text, got {type(value).__name__}")
+                    raise SettingsError(f"{name} must be text, got {type(value).__name__}")
                 out[name] = value
         return replace(self, **out)
 
@@ -151,16 +148,16 @@ def _to_bool(name, value) -> bool:
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
         return value.strip().lower() in ("true", "1", "yes")
-    raise SettingsError(f"LayerDiffuse: {name} must be true or false, got {value!r}")
+    raise SettingsError(f"{name} must be true or false, got {value!r}")
 
 
 def _to_float(name, value, lo, hi) -> float:
     try:
         x = float(value)
     except (TypeError, ValueError):
-        raise SettingsError(f"LayerDiffuse: {name} must be a number between {lo} and {hi}, got {value!r}") from None
+        raise SettingsError(f"{name} must be a number between {lo} and {hi}, got {value!r}") from None
     if not lo <= x <= hi:
-        raise SettingsError(f"LayerDiffuse: {name} must be between {lo} and {hi}, got {x}")
+        raise SettingsError(f"{name} must be between {lo} and {hi}, got {x}")
     return x
 
 
@@ -170,7 +167,7 @@ def _to_resize_mode(value) -> str:
     for m in _modes.RESIZE_MODES:
         if str(value).strip().lower() == m.lower():
             return m
-    raise SettingsError(f"LayerDiffuse: resize_mode must be one of {', '.join(_modes.RESIZE_MODES)}, got {value!r}")
+    raise SettingsError(f"resize_mode must be one of {', '.join(_modes.RESIZE_MODES)}, got {value!r}")
 
 
 def decode_image(name: str, value) -> np.ndarray:
@@ -183,14 +180,12 @@ def decode_image(name: str, value) -> np.ndarray:
             value = Image.open(io.BytesIO(base64.b64decode(text, validate=True)))
             value.load()
         except (binascii.Error, ValueError, UnidentifiedImageError, OSError):
-            raise SettingsError(
-                f"LayerDiffuse: {name} is not a base64-encoded image (PNG with alpha recommended)"
-            ) from None
+            raise SettingsError(f"{name} is not a base64-encoded image (PNG with alpha recommended)") from None
     if isinstance(value, Image.Image):
         return np.array(value.convert("RGBA"))
     arr = np.asarray(value)
     if arr.ndim != 3 or arr.shape[2] not in (3, 4) or arr.size == 0:
-        raise SettingsError(f"LayerDiffuse: {name} must be an RGB or RGBA image, got an array of shape {arr.shape}")
+        raise SettingsError(f"{name} must be an RGB or RGBA image, got an array of shape {arr.shape}")
     if arr.dtype != np.uint8:
         arr = (
             (np.clip(arr.astype(np.float32), 0, 1) * 255).astype(np.uint8)

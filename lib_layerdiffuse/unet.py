@@ -43,28 +43,14 @@ def percent_to_sigma(alphas_cumprod: torch.Tensor, percent: float) -> float:
     return float(((1 - w) * log_sigmas[lo] + w * log_sigmas[hi]).exp())
 
 
-class StopAt:
-    """Turns LayerDiffuse off for the rest of sampling once sigma falls below a threshold.
+def timestep_to_sigma(alphas_cumprod: torch.Tensor):
+    """``t -> sigma`` for a discrete-time model: log-linear between the discrete sigmas, as
+    the k-diffusion wrappers of A1111 map sigmas to timesteps (the inverse here)."""
+    log_sigmas = sigmas_from_alphas_cumprod(alphas_cumprod.detach().float().cpu()).log()
 
-    ``StopAt(alphas_cumprod, stop_at, on_stop)``; call ``step(sigma)`` before each UNet
-    call. ``on_stop`` runs once, at the first sigma below the threshold (the official
-    compares ``sigma < sigma_end``), and the switch stays off for that sampling pass.
-    """
+    def sigma_of(t) -> float:
+        t = float(torch.as_tensor(t).detach().float().max().clamp(0, len(log_sigmas) - 1))
+        lo, hi = int(t // 1), int(-(-t // 1))
+        return float(((1 - (t - lo)) * log_sigmas[lo] + (t - lo) * log_sigmas[hi]).exp())
 
-    def __init__(self, alphas_cumprod: torch.Tensor | None, stop_at: float, on_stop):
-        self.sigma_end = 0.0 if alphas_cumprod is None else percent_to_sigma(alphas_cumprod, stop_at)
-        if alphas_cumprod is None and stop_at <= 0:
-            self.sigma_end = 999999999.9
-        self.on_stop = on_stop
-        self.stopped = False
-
-    def step(self, sigma) -> bool:
-        """True while LayerDiffuse is active for this sigma."""
-        if self.stopped:
-            return False
-        s = float(sigma.max()) if isinstance(sigma, torch.Tensor) else float(sigma)
-        if s < self.sigma_end:
-            self.stopped = True
-            self.on_stop()
-            return False
-        return True
+    return sigma_of

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import WeightFileError
 from .vae import TransparentVAEDecoder, TransparentVAEEncoder
 
 REPO = "LayerDiffusion/layerdiffusion-v1"
@@ -81,10 +82,6 @@ ROLE_NAMES = {
 
 def files_for(role: str, family: str | None = None) -> list[WeightFile]:
     return [f for f in _FILES if f.role == role and (family is None or f.family == family)]
-
-
-class WeightFileError(ValueError):
-    """A weight file that cannot be used; the message says which, why and what to do."""
 
 
 _DTYPES = {
@@ -275,3 +272,11 @@ def verify_file(path, info: WeightFile) -> None:
         bad = [k for k in found if len(k.split("::")) != 3 or k.split("::")[1] not in ("lora", "diff")]
         if bad:
             raise WeightFileError(f"{Path(path).name}: keys such as {_few(bad, 2)} are not LayerDiffuse patch keys.")
+
+
+def load_unet_file(path) -> dict[str, torch.Tensor]:
+    """A UNet-side file (SDXL patches, SD1.5 attention sharing): safetensors only, header checked first."""
+    from safetensors.torch import load_file
+
+    read_header(path)  # truncated / not safetensors / pickle: refused before any tensor is read
+    return load_file(str(path))

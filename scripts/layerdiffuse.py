@@ -11,39 +11,23 @@ import logging
 
 import gradio as gr
 import numpy as np
-from modules import script_callbacks, scripts
+from modules import scripts
 
 from lib_layerdiffuse import hosts
 from lib_layerdiffuse import modes as M
+from lib_layerdiffuse.errors import LayerDiffuseError
+from lib_layerdiffuse.pipeline import Generation
+from lib_layerdiffuse.rgba import checkerboard_preview
 from lib_layerdiffuse.settings import ARG_ORDER, INFOTEXT_KEYS, Settings
 
 log = logging.getLogger("layerdiffuse")
-HOST = hosts.detect()
-if HOST in hosts.SUPPORTED:
-    if HOST == "a1111":
-        from lib_layerdiffuse.hosts import a1111 as host
-    else:  # forge2, neo: one adapter, per-host differences inside
-        from lib_layerdiffuse.hosts import forge as host
-    from lib_layerdiffuse.pipeline import Generation, LayerDiffuseError
-    from lib_layerdiffuse.rgba import checkerboard_preview
-else:
-    host = None
+HOST_ID = hosts.detect()
+host = hosts.adapter(HOST_ID)  # the one host contract (lib_layerdiffuse.pipeline.Host), or None
 
 try:
     from modules.ui_components import InputAccordion
 except ImportError:  # A1111 < 1.6
     InputAccordion = None
-
-
-def refuse(p, message: str):
-    """Stop the generation with a visible error: A1111 only logs exceptions raised in hooks,
-    so the error is raised from ``p.sample``, which the host calls directly."""
-    print(f"LayerDiffuse: {message}")
-
-    def sample(*args, **kwargs):
-        raise RuntimeError(f"LayerDiffuse: {message}")
-
-    p.sample = sample
 
 
 def _visibility(label):
@@ -88,8 +72,8 @@ class LayerDiffuseScript(scripts.Script):
         with accordion:
             if InputAccordion is None:
                 enabled = gr.Checkbox(label="Enabled", value=False)
-            if HOST not in hosts.SUPPORTED:
-                gr.HTML(f"<p>{hosts.unsupported_message(HOST)}</p>")
+            if host is None:
+                gr.HTML(f"<p>{hosts.unsupported_message(HOST_ID)}</p>")
             method = gr.Dropdown(
                 label="Method", choices=M.LABELS, value=M.DEFAULT.label, elem_id=self.elem_id("method")
             )
@@ -145,127 +129,63 @@ class LayerDiffuseScript(scripts.Script):
     def process(self, p, *args):
         try:
             settings = Settings.from_args(args)
-        except ValueError as e:
+        except LayerDiffuseError as e:
             if args and (args[0] is True or (isinstance(args[0], dict) and args[0].get("enabled"))):
-                refuse(p, str(e).removeprefix("LayerDiffuse: "))
+                hosts.refuse(p, str(e))
             return
         if not settings.enabled:
             return
         if host is None:
-            refuse(p, hosts.unsupported_message(HOST))
+            hosts.refuse(p, hosts.unsupported_message(HOST_ID))
             return
         try:
-            family = host.family(p)
-            gen = Generation(host.ops(p), settings, p.batch_size, p.width, p.height, p.all_prompts, family=family)
-        except (ValueError, RuntimeError) as e:
-            refuse(p, str(e).removeprefix("LayerDiffuse: "))
+            gen = Generation(host, settings, host.family(p), p.batch_size, p.width, p.height, p.all_prompts)
+        except LayerDiffuseError as e:
+            hosts.refuse(p, str(e))
             return
-        p._layerdiffuse = gen
         p.extra_generation_params.update(settings.infotext())
         p.all_prompts = gen.layer_prompts(p.all_prompts)
         if getattr(p, "all_hr_prompts", None):
             p.all_hr_prompts = gen.layer_prompts(p.all_hr_prompts)
-        self._wrap_close(p, gen)
-        if hasattr(host, "prepare"):  # Forge: the never-silent check after sampling
-            host.prepare(p, gen)
-        if getattr(p, "init_images", None) and gen.mode.encoder_file is not None:
-            self._prepare_init(p, gen)
-
-    @staticmethod
-    def _wrap_close(p, gen):
-        """``p.close`` runs on every path (success, error, interrupt): the UNet is restored there."""
-        original = p.close
-
-        def close():
-            try:
-                gen.close()
-            finally:
-                original()
-
-        p.close = close
-
-    @staticmethod
-    def _prepare_init(p, gen):
-        """img2img: keep each RGBA init image, give A1111 grey-flattened copies (its flatten is white)."""
-        from PIL import Image
-
-        from lib_layerdiffuse.rgba import flatten_on_grey, to_uint8
-
-        gen.init_rgba = []
-        flat = []
-        for im in p.init_images:
-            rgba = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0
-            gen.init_rgba.append(im.convert("RGBA"))
-            flat.append(Image.fromarray(to_uint8(flatten_on_grey(rgba))))
-        p.init_images = flat
+        if getattr(p, "init_images", None):
+            p.init_images = gen.prepare_init(p.init_images)
+        host.attach(p, gen)
 
     def process_before_every_sampling(self, p, *args, **kwargs):
-        gen = getattr(p, "_layerdiffuse", None)
+        gen = host.generation(p) if host is not None else None
         if gen is not None:
-            host.begin_sampling(p, gen, kwargs["x"])
+            gen.begin_sampling(p, kwargs["x"])
 
     def post_sample(self, p, ps, *args):
-        gen = getattr(p, "_layerdiffuse", None)
-        if gen is None:
-            return
-        latents = host.final_latents(p, gen, ps.samples)
-        if latents is not None:
-            gen.keep_latents(p.iteration, latents)
+        gen = host.generation(p) if host is not None else None
+        if gen is not None:
+            gen.keep_latents(p, p.iteration, ps.samples)
 
     def postprocess_image_after_composite(self, p, pp, *args):
-        gen = getattr(p, "_layerdiffuse", None)
+        gen = host.generation(p) if host is not None else None
         if gen is None:
             return
         index = p.iteration * p.batch_size + p.batch_index
         try:
-            ran = host.patches_ran(gen) if hasattr(host, "patches_ran") else gen.mode.apply == "diff" or gen.calls > 0
-            if gen.mode.is_decoded(index) and not ran:
-                raise LayerDiffuseError("the LayerDiffuse patches did not run during sampling; no transparent decode")
-            rgba = gen.decode(index, np.asarray(pp.image.convert("RGB")), host.latent_scale(p))
+            rgba = gen.decode(p, index, np.asarray(pp.image.convert("RGB")))
         except Exception as e:
             log.exception("LayerDiffuse: transparent decode failed")
-            _comment(p, f"LayerDiffuse: transparent decode failed: {e}")
+            host.comment(p, f"LayerDiffuse: transparent decode failed: {e}")
             return
         if rgba is None:
             return
         image = host.to_pil_rgba(rgba)
         image.info.update(pp.image.info)
         pp.image = image
-        gen.previews = getattr(gen, "previews", {})
-        gen.previews[index] = checkerboard_preview(rgba)
-        if hasattr(host, "add_preview"):  # Forge shows and returns p.extra_result_images
-            host.add_preview(p, index, gen.previews[index])
 
     def postprocess(self, p, processed, *args):
-        gen = getattr(p, "_layerdiffuse", None)
+        gen = host.generation(p) if host is not None else None
         if gen is None:
             return
-        gen.close()
-        from PIL import Image
-
-        from lib_layerdiffuse.rgba import to_uint8
-
-        for index, prev in sorted(getattr(gen, "previews", {}).items()):
-            image = Image.fromarray(to_uint8(prev))
-            info = processed.infotext(p, index) if hasattr(processed, "infotext") else ""
-            if not hasattr(host, "add_preview"):  # A1111: the gallery and API show processed.images
-                processed.images.append(image)
-                processed.infotexts.append(info)
-            try:
-                host.save_extra(p, image, index, "-checkerboard", info)
-            except Exception as e:
-                log.warning("LayerDiffuse: could not save the preview: %s", e)
-
-
-def _comment(p, text):
-    try:
-        p.comment(text)
-    except Exception:
-        print(text)
+        previews = [(i, checkerboard_preview(rgba)) for i, rgba in sorted(gen.previews.items())]
+        gen.previews.clear()
+        host.publish_previews(p, processed, previews)
 
 
 if host is not None:
-    script_callbacks.on_image_saved(host.check_saved)
-    if hasattr(host, "before_image_saved"):  # Forge2's stealth infotext overwrites alpha before saving
-        script_callbacks.on_before_image_saved(host.before_image_saved)
-    script_callbacks.on_app_started(lambda *a, **k: host.install_api_png())
+    host.register_callbacks()

@@ -11,6 +11,7 @@ from lib_layerdiffuse.attention_sharing import (
     AttentionSharingUnit,
     ControlEncoder,
 )
+from lib_layerdiffuse.errors import LayerDiffuseError
 
 TOL = 1e-4
 CONFIGS = [("layer_sd15_transparent_attn", 1, False), ("layer_sd15_joint", 3, False), ("layer_sd15_fg2bg", 2, True)]
@@ -94,7 +95,7 @@ def test_install_and_restore_module_objects():
     originals = [unet.get_submodule(n) for n in MODULE_MAP_SD15]
     sharing.install()
     assert all(isinstance(unet.get_submodule(n), AttentionSharingUnit) for n in MODULE_MAP_SD15)
-    with pytest.raises(RuntimeError, match="already patched"):
+    with pytest.raises(LayerDiffuseError, match="already patched"):
         AttentionSharing(unet, 2, True)
     sharing.restore()
     assert [unet.get_submodule(n) for n in MODULE_MAP_SD15] == originals
@@ -104,7 +105,9 @@ def test_install_and_restore_module_objects():
 def test_batch_not_multiple_of_frames():
     unet, sharing = tiny_sharing(3, False)
     unit = sharing.units[0]
-    with pytest.raises(RuntimeError, match="groups of 3 images.*got 4 rows; the batch size must be a multiple of 3"):
+    with pytest.raises(
+        LayerDiffuseError, match="groups of 3 images.*got 4 rows; the batch size must be a multiple of 3"
+    ):
         unit(torch.randn(4, 16, 8))
 
 
@@ -123,7 +126,7 @@ def test_stop_at_runs_the_original_attention():
 
 def test_control_signal_missing_is_clear():
     unet, sharing = tiny_sharing(2, True)
-    with pytest.raises(RuntimeError, match="no control signal for 16 tokens"):
+    with pytest.raises(LayerDiffuseError, match="no control signal for 16 tokens"):
         sharing.units[0](torch.randn(2, 16, 8))
     sharing.set_control(torch.rand(1, 3, 32, 32))  # 1/8 size = 4x4 = 16 tokens
     assert sharing.units[0](torch.randn(2, 16, 8)).shape == (2, 16, 8)

@@ -29,8 +29,9 @@ from weightgen import make_state_dict, manifest_shapes
 
 import lib_layerdiffuse.hosts
 from lib_layerdiffuse import modes as M
-from lib_layerdiffuse import pipeline, session
+from lib_layerdiffuse import pipeline
 from lib_layerdiffuse.attention_sharing import AttentionSharing
+from lib_layerdiffuse.hosts.common import TAG
 from lib_layerdiffuse.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,7 +73,7 @@ def env(tmp_path_factory):
         mod = importlib.util.module_from_spec(spec)
         sys.modules[SCRIPT] = mod
         spec.loader.exec_module(mod)
-        assert mod.HOST == "a1111" and mod.host is not None
+        assert mod.HOST_ID == "a1111" and mod.host is not None
         yield SimpleNamespace(fake=fake, mod=mod, host=mod.host, root=root, models=models)
     finally:
         fa.uninstall(fake, extra=(SCRIPT, "lib_layerdiffuse.hosts.a1111"))
@@ -102,15 +103,28 @@ class DecodeSpy:
 def ctx(env, monkeypatch, request):
     """Per test: options reset, the family injected, the decode spied, a fresh tiny UNet."""
     monkeypatch.setattr(env.fake.shared.opts, "samples_format", "png")
-    monkeypatch.setattr(env.host, "detect_family", lambda unet: "sd15")
-    monkeypatch.setattr(session, "detect_family", lambda unet: "sd15")
+    monkeypatch.setattr(sys.modules["lib_layerdiffuse.hosts.a1111"], "detect_family", lambda unet: "sd15")
+    gens = []
+
+    class Recorded(pipeline.Generation):  # the test keeps each generation (p no longer does after close)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.total_calls = 0
+            gens.append(self)
+
+        def end_sampling(self):
+            if self.session is not None:
+                self.total_calls += self.session.calls
+            super().end_sampling()
+
+    monkeypatch.setattr(env.mod, "Generation", Recorded)
     spy = DecodeSpy()
     monkeypatch.setattr(pipeline, "decode_rgba", spy)
     monkeypatch.setattr(env.fake.images, "saved", [])
     torch.manual_seed(0)
     unet = fa.tiny_unet().eval()
     out = f"outputs/{re.sub(r'[^A-Za-z0-9_]', '_', request.node.name)}"  # relative, as A1111's default
-    return SimpleNamespace(env=env, spy=spy, unet=unet, model=fa.FakeSDModel(unet), outpath=out)
+    return SimpleNamespace(env=env, spy=spy, unet=unet, model=fa.FakeSDModel(unet), outpath=out, gens=gens)
 
 
 def b64_png(image: Image.Image) -> str:
@@ -189,7 +203,7 @@ def check_decoded(ctx, p, processed, decoded: list[int], total: int):
             it, i = divmod(index, p.batch_size)
             want = DecodeSpy.alpha(p.sampled[it][i : i + 1] / scale)[0, 0].numpy()
             assert np.abs(arr[..., 3].astype(np.float32) / 255 - want).max() <= 1 / 255 + 1e-6
-            assert np.array_equal(arr[..., 3], getattr(processed.images[index], ctx.env.host.TAG))
+            assert np.array_equal(arr[..., 3], getattr(processed.images[index], TAG))
     # previews: appended after the main images, with infotexts, and saved
     assert len(processed.images) == total + len(decoded) == len(processed.infotexts)
     assert all(im.mode == "RGB" for im in processed.images[total:])
@@ -227,7 +241,7 @@ def test_fg2bg_positional_base64(ctx):
     assert p.scripts.errors == []
     check_decoded(ctx, p, processed, [], 2)  # fg2bg decodes nothing: background and blended are RGB
     assert "layerdiffusion_fg_image: True" in processed.infotexts[0]
-    assert p._layerdiffuse.calls > 0
+    assert ctx.gens[-1].total_calls > 0
 
 
 def test_bg2fg_named_form(ctx):
@@ -342,7 +356,7 @@ def test_restore_after_unet_exception(ctx, method, batch):
     finally:
         handle.remove()
     assert len(p.unet_rows) == 2 and p.closed == 1
-    assert p._layerdiffuse.calls > 0  # the units were installed and ran before the failure
+    assert ctx.gens[-1].total_calls > 0  # the units were installed and ran before the failure
     assert ctx.env.fake.images.saved == []
     assert_unet_as_before(ctx.unet, before)
 
@@ -372,7 +386,7 @@ def test_stop_at_switches_units_off_mid_sampling(ctx):
     p = fa.Txt2Img(ctx.model, ctx.outpath, batch_size=1, steps=4)
 
     def after(module, args, output):
-        state = p._layerdiffuse.session.sharing.state
+        state = ctx.gens[-1].session.sharing.state
         record.append((float(args[1][0]), state.enabled, state.calls))
 
     handle = ctx.unet.register_forward_hook(after)
@@ -400,7 +414,7 @@ def test_jpg_format_gets_a_png_copy(ctx):
     png = jpgs[0].with_suffix(".png")
     mode, arr, text = read(png)
     assert mode == "RGBA"
-    assert np.array_equal(arr[..., 3], getattr(processed.images[0], ctx.env.host.TAG))
+    assert np.array_equal(arr[..., 3], getattr(processed.images[0], TAG))
     assert arr[..., 3].min() < 255  # a real alpha, not an opaque copy
     assert text and "layerdiffusion_method: " in text
 
@@ -439,7 +453,7 @@ def test_api_png_encoder(env, monkeypatch):
     ours.info["parameters"] = "a cat\nlayerdiffusion_enabled: True"
     with Image.open(io.BytesIO(base64.b64decode(api.encode_pil_to_base64(ours)))) as im:
         assert im.format == "PNG" and im.mode == "RGBA"
-        assert np.array_equal(np.array(im)[..., 3], getattr(ours, env.host.TAG))
+        assert np.array_equal(np.array(im)[..., 3], getattr(ours, TAG))
         assert im.info.get("parameters") == ours.info["parameters"]
     plain = Image.new("RGBA", (16, 16), (1, 2, 3, 4))  # not ours: the host's format as before
     with Image.open(io.BytesIO(base64.b64decode(api.encode_pil_to_base64(plain)))) as im:
@@ -469,7 +483,7 @@ def test_img2img_offsets_every_init_image(ctx):
     for i, im in enumerate(inits):
         assert not torch.allclose(adjusted[i], plain[i]), f"init image {i} got no offset"
         rgba = np.asarray(im, dtype=np.float32) / 255
-        mean, std = host.encode_moments(p)(torch.from_numpy(flatten_on_grey(rgba)).permute(2, 0, 1)[None])
+        mean, std = host.vae_moments(p, torch.from_numpy(flatten_on_grey(rgba)).permute(2, 0, 1)[None])
         want = apply_offset(mean, std, encode_offset(encoder, [rgba])) * p.sd_model.scale_factor
         assert torch.allclose(adjusted[i], want[0], atol=1e-5), f"init image {i} has another image's offset"
     check_decoded(ctx, p, processed, [0, 1], 2)
@@ -522,4 +536,4 @@ def test_real_decoder_end_to_end(ctx, monkeypatch):
     main = [f for f in saved_files(ctx) if "-checkerboard" not in f.name]
     mode, arr, text = read(main[0])
     assert mode == "RGBA" and "layerdiffusion_enabled: True" in text
-    assert np.array_equal(arr[..., 3], getattr(processed.images[0], ctx.env.host.TAG))
+    assert np.array_equal(arr[..., 3], getattr(processed.images[0], TAG))

@@ -22,12 +22,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from lib_layerdiffuse import hosts
+from lib_layerdiffuse import hosts, pipeline
 from lib_layerdiffuse import modes as M
 from lib_layerdiffuse.attention_sharing import MODULE_MAP_SD15, AttentionSharing, AttentionSharingUnit
-from lib_layerdiffuse.hosts import forge
+from lib_layerdiffuse.errors import LayerDiffuseError
+from lib_layerdiffuse.hosts import common, forge
 from lib_layerdiffuse.patches import compute_patched_tensors, parse_patch_state
-from lib_layerdiffuse.pipeline import Generation, HostOps, LayerDiffuseError
+from lib_layerdiffuse.pipeline import Generation
 from lib_layerdiffuse.settings import Settings
 
 # -- stand-ins of the hosts' merge code (forge-hosts.md §5, §6.2) ---------------------------
@@ -237,21 +238,29 @@ def make_p(patcher_cls, dm, sd_model=None, batch=1):
     sd = sd_model or SimpleNamespace(is_sd1=True, is_sdxl=False)
     sd.forge_objects = fo
     return SimpleNamespace(sd_model=sd, batch_size=batch, width=64, height=64, extra_result_images=[],
-                           latents_after_sampling=[], sample=lambda *a, **k: "samples")  # fmt: skip
+                           latents_after_sampling=[], sample=lambda *a, **k: "samples", close=lambda: None)  # fmt: skip
+
+
+class StandInHost(forge.ForgeHost):
+    """The Forge adapter with the mode's file given in memory (no model folder)."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def weight_path(self, name):
+        return SimpleNamespace(name=name, state=self.state)
+
+
+@pytest.fixture(autouse=True)
+def files_in_memory(monkeypatch):
+    loads = []
+    monkeypatch.setattr(pipeline, "load_unet_file", lambda path: (loads.append(path.name), path.state)[1])
+    return loads
 
 
 def make_gen(method, state, batch=1, stop_at=1.0, weight=1.0, family="sd15", **images):
-    loads = []
-
-    def load_state(path):
-        loads.append(path)
-        return state
-
-    ops = HostOps(weight_path=lambda name: name, load_state=load_state)
     settings = Settings.from_dict({"enabled": True, "method": method, "stop_at": stop_at, "weight": weight, **images})
-    gen = Generation(ops, settings, batch, 64, 64, ["p"] * batch, family=family)
-    gen.loads = loads
-    return gen
+    return Generation(StandInHost(state), settings, family, batch, 64, 64, ["p"] * batch)
 
 
 # -- detection ------------------------------------------------------------------------------
@@ -295,7 +304,7 @@ def test_patch_values_equal_core_math(monkeypatch, neo_adapter, host):
         "diffusion_model.proj.weight::lora::0": torch.randn(6, 2, generator=g),
         "diffusion_model.proj.weight::lora::1": torch.randn(2, 5, generator=g),
     }
-    host_values = forge.host_patches(state, params, 0.7, "f")
+    host_values = forge.host_patches(parse_patch_state(state), params, "f")
     unet = patcher_cls(KModel(dm))
     accepted = forge.add_patches(unet, "f", host_values, 0.7)
     assert sorted(accepted) == sorted(host_values)
@@ -326,8 +335,9 @@ def test_sdxl_concat_every_row_and_stop_at(monkeypatch, neo_adapter, host):
     gen = make_gen("FG_TO_BLEND", state, batch=2, stop_at=0.5, family="sdxl", fg_image=fg)
     p = make_p(patcher_cls, sdxl_like(), SimpleNamespace(is_sd1=False, is_sdxl=True), batch=2)
     original = p.sd_model.forge_objects.unet
-    monkeypatch.setattr(forge, "encode_condition", lambda p: lambda rgb: torch.full((1, 4, 8, 8), 0.5))
-    forge.begin_sampling(p, gen, torch.zeros(2, 4, 8, 8))
+    monkeypatch.setattr(StandInHost, "latent_format", lambda self, p: (1.0, 0.0))
+    monkeypatch.setattr(StandInHost, "vae_moments", lambda self, p, rgb: (torch.full((1, 4, 8, 8), 0.5), None))
+    gen.begin_sampling(p, torch.zeros(2, 4, 8, 8))
     unet = p.sd_model.forge_objects.unet
     assert unet is not original and not original.patches and "diffusion_model.input_blocks.0.0.weight" in unet.patches
     assert len(unet.model_options["conditioning_modifiers"]) == 1  # the unpatched switch below Stop At
@@ -337,8 +347,10 @@ def test_sdxl_concat_every_row_and_stop_at(monkeypatch, neo_adapter, host):
     assert seen.shape == (4, 8, 8, 8) and torch.all(seen[:, 4:] == 0.5)
     unet.run(torch.zeros(2, 4, 8, 8), sigma=1.0)  # below: removed
     assert unet.model.seen[-1]["x"].shape == (4, 4, 8, 8)
-    assert gen.session.wrapper_calls == 1 and gen.session.stopped_calls == 1
-    forge.check_ran(gen)
+    assert gen.session.calls == 1 and gen.session.stopped_calls == 1
+    gen.end_sampling()
+    gen.check_ran()
+    assert p.sd_model.forge_objects.unet is original
 
 
 # -- SD1.5 attention sharing ----------------------------------------------------------------
@@ -351,7 +363,7 @@ def test_sd15_units_only_during_the_call(monkeypatch, neo_adapter, host):
     gen = make_gen("JOINT_SD15", sharing_state(dm, 3), batch=3)
     p = make_p(patcher_cls, dm, batch=3)
     before = {k: v.clone() for k, v in dm.state_dict().items()}
-    forge.begin_sampling(p, gen, torch.zeros(3, 4, 8, 8))
+    gen.begin_sampling(p, torch.zeros(3, 4, 8, 8))
     unet = p.sd_model.forge_objects.unet
     assert type(dm.get_submodule(MODULE_MAP_SD15[0])).__name__ != "AttentionSharingUnit"
     ctx = torch.randn(6, 77, 16)
@@ -362,7 +374,7 @@ def test_sd15_units_only_during_the_call(monkeypatch, neo_adapter, host):
     assert call["attn1"] == "AttentionSharingUnit"  # swapped in while the UNet ran
     assert not isinstance(dm.get_submodule(MODULE_MAP_SD15[0]), AttentionSharingUnit)  # and back after
     assert gen.session.sharing.state.cond_mark.tolist() == call["options"]["cond_mark"].tolist()  # uncond first
-    assert gen.session.calls > 0 and forge.patches_ran(gen)
+    assert gen.session.calls > 0 and gen.session.ran
     assert all(torch.equal(before[k], v) for k, v in dm.state_dict().items())
 
 
@@ -371,7 +383,7 @@ def test_sd15_restored_when_the_unet_raises(monkeypatch, neo_adapter):
     dm = sd15_tiny()
     gen = make_gen("FG_ONLY_ATTN_SD15", sharing_state(dm, 1))
     p = make_p(patcher_cls, dm)
-    forge.begin_sampling(p, gen, torch.zeros(1, 4, 8, 8))
+    gen.begin_sampling(p, torch.zeros(1, 4, 8, 8))
     with pytest.raises(RuntimeError):
         p.sd_model.forge_objects.unet.run(torch.zeros(1, 4, 8, 8), sigma=5.0, c_crossattn=torch.randn(2, 5, 99))
     assert all(not isinstance(m, AttentionSharingUnit) for m in dm.modules())
@@ -382,17 +394,23 @@ def test_sd15_stop_at_and_clone_by_others(monkeypatch, neo_adapter):
     dm = sd15_tiny()
     gen = make_gen("FG_ONLY_ATTN_SD15", sharing_state(dm, 1), stop_at=0.5)
     p = make_p(patcher_cls, dm)
-    forge.begin_sampling(p, gen, torch.zeros(1, 4, 8, 8))
-    other = p.sd_model.forge_objects.unet.clone()  # another extension clones our patcher (deepcopy)
-    assert other.model_options["model_function_wrapper"] is gen.session
+    gen.begin_sampling(p, torch.zeros(1, 4, 8, 8))
+    ours = p.sd_model.forge_objects.unet
+    other = ours.clone()  # another extension clones our patcher (deepcopy)
+    assert other.model_options["model_function_wrapper"] is ours.model_options["model_function_wrapper"]
     with torch.no_grad():
         other.run(torch.zeros(1, 4, 8, 8), sigma=1.0, c_crossattn=torch.randn(2, 77, 16))  # below Stop At
     assert other.model.seen[-1]["attn1"] != "AttentionSharingUnit"
     assert gen.session.stopped_calls == 1 and gen.session.sharing.state.calls == 0
-    # the hires hook can run twice on our own clone: nothing is stacked
-    session = gen.session
-    forge.begin_sampling(p, gen, torch.zeros(1, 4, 8, 8))
-    assert gen.session is session
+    # the hires hook can run twice on our own clone: the second pass starts from the host's patcher again
+    original = gen.session.backend.original
+    gen.begin_sampling(p, torch.zeros(1, 4, 8, 8))
+    assert gen.session.backend.original is original and p.sd_model.forge_objects.unet is not ours
+    gen.close()  # the pass is over: clones others made of ours behave as the host's own
+    assert p.sd_model.forge_objects.unet is original
+    with torch.no_grad():
+        other.run(torch.zeros(1, 4, 8, 8), sigma=5.0, c_crossattn=torch.randn(2, 77, 16))
+    assert other.model.seen[-1]["attn1"] != "AttentionSharingUnit"
 
 
 # -- never silent ---------------------------------------------------------------------------
@@ -405,16 +423,15 @@ def test_guard_wrapper_replaced_by_another_extension(monkeypatch, neo_adapter):
     p = make_p(patcher_cls, dm)
 
     def host_sample(*args, **kwargs):  # the host calls the hook inside p.sample, then samples
-        forge.begin_sampling(p, gen, torch.zeros(1, 4, 8, 8))
+        gen.begin_sampling(p, torch.zeros(1, 4, 8, 8))
         p.sd_model.forge_objects.unet.set_model_unet_function_wrapper(lambda f, a: f(a["input"], a["timestep"]))
         p.sd_model.forge_objects.unet.run(torch.zeros(1, 4, 8, 8), sigma=5.0)
         return "samples"
 
     p.sample = host_sample
-    forge.prepare(p, gen)
+    forge.HOST.attach(p, gen)
     with pytest.raises(LayerDiffuseError, match="did not take part"):
         p.sample()
-    assert not forge.patches_ran(gen)
 
 
 def test_guard_install_failure_aborts_sampling(monkeypatch, neo_adapter):
@@ -424,7 +441,7 @@ def test_guard_install_failure_aborts_sampling(monkeypatch, neo_adapter):
     state.pop(next(iter(state)))  # a broken file
     gen = make_gen("FG_ONLY_ATTN_SD15", state)
     p = make_p(patcher_cls, dm)
-    forge.begin_sampling(p, gen, torch.zeros(1, 4, 8, 8))  # a hook: must not raise (hosts swallow it)
+    gen.begin_sampling(p, torch.zeros(1, 4, 8, 8))  # a hook: must not raise (hosts swallow it)
     with pytest.raises(LayerDiffuseError, match="does not fit"):
         p.sd_model.forge_objects.unet.run(torch.zeros(1, 4, 8, 8), sigma=5.0)
 
@@ -432,7 +449,7 @@ def test_guard_install_failure_aborts_sampling(monkeypatch, neo_adapter):
 def test_guard_never_installed(neo_adapter):
     gen = make_gen("FG_ONLY_ATTN_SD15", {})
     p = make_p(NeoPatcher, sd15_tiny())
-    forge.prepare(p, gen)
+    forge.HOST.attach(p, gen)
     with pytest.raises(LayerDiffuseError, match="never installed"):
         p.sample()
 
@@ -447,7 +464,7 @@ class Flux:  # a Neo engine: no is_sd1 / is_sdxl set
 
 
 @pytest.mark.parametrize("host", ["forge2", "neo"])
-def test_family_refusals_before_weights(monkeypatch, neo_adapter, host):
+def test_family_refusals_before_weights(monkeypatch, neo_adapter, host, files_in_memory):
     patcher_cls, _ = use_host(monkeypatch, host)
     fam = forge._family(Flux())
     assert fam == "Flux"
@@ -457,8 +474,8 @@ def test_family_refusals_before_weights(monkeypatch, neo_adapter, host):
     gen = make_gen("FG_ONLY_ATTN_SD15", {"x": torch.zeros(1)})
     p = make_p(patcher_cls, sdxl_like(), SimpleNamespace(is_sd1=False, is_sdxl=True))
     original = p.sd_model.forge_objects.unet
-    forge.begin_sampling(p, gen, torch.zeros(1, 4, 8, 8))
-    assert gen.loads == [] and not original.patches
+    gen.begin_sampling(p, torch.zeros(1, 4, 8, 8))
+    assert files_in_memory == [] and not original.patches
     with pytest.raises(LayerDiffuseError, match="SDXL"):
         p.sd_model.forge_objects.unet.run(torch.zeros(1, 4, 8, 8), sigma=5.0)
     assert forge.family_forge2(SimpleNamespace(is_sd1=False, is_sdxl=False, is_sd3=True)) == "SD3"
@@ -472,25 +489,26 @@ def test_family_refusals_before_weights(monkeypatch, neo_adapter, host):
 def test_stealth_alpha_repaired_before_save():
     rgba = np.zeros((16, 16, 4), np.float32)
     rgba[..., 3] = np.linspace(0, 1, 16)[None]
-    image = forge.to_pil_rgba(rgba)
+    image = forge.HOST.to_pil_rgba(rgba)
     want = np.asarray(image)[..., 3].copy()
     image.putalpha(255)  # Forge2 stealth "Alpha": in place, before on_before_image_saved
     params = SimpleNamespace(image=image, filename="x.png", pnginfo={"parameters": "p"})
-    forge.before_image_saved(params)
+    common.before_image_saved(params)
     assert params.image is image and np.array_equal(np.asarray(image)[..., 3], want)
     plain = Image.new("RGBA", (4, 4), (1, 2, 3, 255))  # not ours: untouched
-    forge.before_image_saved(SimpleNamespace(image=plain))
+    common.before_image_saved(SimpleNamespace(image=plain))
     assert np.asarray(plain)[..., 3].min() == 255
 
 
 def test_previews_and_final_latents():
     p = SimpleNamespace(extra_result_images=[], batch_size=2, latents_after_sampling=[torch.ones(4, 2, 2)] * 3)
-    forge.add_preview(p, 0, np.zeros((8, 8, 3), np.float32))
+    processed = SimpleNamespace(extra_images=p.extra_result_images)
+    forge.HOST.show_preview(processed, Image.new("RGB", (8, 8)), "info")
     assert len(p.extra_result_images) == 1 and p.extra_result_images[0].mode == "RGB"
     samples = torch.zeros(2, 4, 2, 2)
-    assert forge.final_latents(p, None, samples) is samples
+    assert forge.HOST.final_latents(p, samples, None) is samples
 
     class Decoded(list):
         already_decoded = True
 
-    assert forge.final_latents(p, None, Decoded()).shape == (2, 4, 2, 2)
+    assert forge.HOST.final_latents(p, Decoded(), None).shape == (2, 4, 2, 2)

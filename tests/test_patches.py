@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from unet_tree import PREFIX, build_tree, same_bits, snapshot
 
 from lib_layerdiffuse import patches as P
+from lib_layerdiffuse.errors import LayerDiffuseError
 
 R = 4  # LoRA rank in tests
 
@@ -170,7 +171,7 @@ def test_concat_without_condition_is_an_error(xl):
     patcher = P.ModulePatcher(xl)
     patcher.install(P.parse_patch_state(diff_state(xl, [key], conv_in_channels=8)), 1.0)
     try:
-        with pytest.raises(RuntimeError, match="condition latent of this mode was not set"):
+        with pytest.raises(LayerDiffuseError, match="condition latent of this mode was not set"):
             xl.get_submodule("input_blocks.0.0")(torch.randn(1, 4, 4, 4))
     finally:
         patcher.restore()
@@ -191,7 +192,7 @@ def test_install_twice_is_refused(xl):
     patcher = P.ModulePatcher(xl)
     state = P.parse_patch_state(lora_state(xl, attn_keys(xl, 2)))
     patcher.install(state, 1.0)
-    with pytest.raises(RuntimeError, match="already installed"):
+    with pytest.raises(LayerDiffuseError, match="already installed"):
         patcher.install(state, 1.0)
     patcher.restore()
     patcher.restore()  # idempotent

@@ -11,8 +11,8 @@ from weightgen import make_state_dict
 
 from lib_layerdiffuse import modes as M
 from lib_layerdiffuse.attention_sharing import AttentionSharing, AttentionSharingUnit
-from lib_layerdiffuse.patches import PatchError
-from lib_layerdiffuse.session import UNetSession
+from lib_layerdiffuse.errors import LayerDiffuseError, PatchError
+from lib_layerdiffuse.session import ModuleBackend, UNetSession
 
 
 class Boom(Exception):
@@ -39,13 +39,22 @@ def file_for(mode, unet):
     return diff_state(unet, keys, conv_in_channels=4 + mode.concat_channels)
 
 
+def session_for(unet, mode, state, weight=1.0):
+    """A session on the A1111-style module backend; Stop At at sigma 1 (see ``run_generation``)."""
+    return UNetSession(
+        ModuleBackend(unet, lambda t: float(torch.as_tensor(t).max())), mode, state, weight=weight, sigma_end=1.0
+    )
+
+
 def run_generation(session, unet, fail_at):
     """What a host does between install and restore, in small."""
+    if session.mode.concat:
+        session.condition = torch.randn(1, session.mode.concat_channels, 4, 4)
     session.install()
     if fail_at == "after_install":
         raise Boom()
-    if session.concat is not None:
-        session.concat.condition = torch.randn(1, session.mode.concat_channels, 4, 4)
+    assert session.step(5.0)  # a UNet call above Stop At
+    if session.mode.concat:
         unet.get_submodule("input_blocks.0.0")(torch.randn(2, 4, 4, 4, dtype=next(unet.parameters()).dtype))
     if session.sharing is not None:
         unit = session.sharing.units[1]
@@ -58,7 +67,7 @@ def run_generation(session, unet, fail_at):
         lin(torch.randn(2, lin.in_features, dtype=lin.weight.dtype))
     if fail_at == "mid_sampling":
         raise Boom()
-    session.disable()  # Stop At
+    assert not session.step(0.5) and session.stopped  # Stop At: the backend's disable
     if fail_at == "after_stop":
         raise Boom()
 
@@ -74,10 +83,9 @@ def test_random_sequences_restore_bit_exactly(trees):
         unet = trees[family]
         fail_at = rng.choice([None, None, "after_install", "mid_sampling", "after_stop"])
         try:
-            session = UNetSession(
-                unet, mode, file_for(mode, trees[mode.family]), weight=rng.uniform(0, 2), family=family
-            )
-        except ValueError as e:
+            M.check_family(mode, family)
+            session = session_for(unet, mode, file_for(mode, trees[mode.family]), weight=rng.uniform(0, 2))
+        except LayerDiffuseError as e:
             assert family != mode.family and "checkpoint" in str(e)
             counts["refused"] += 1
         else:
@@ -99,39 +107,34 @@ def test_random_sequences_restore_bit_exactly(trees):
 def test_sharing_changes_output_while_installed_and_calls_are_counted(trees):
     unet = trees["sd15"]
     mode = M.resolve("JOINT_SD15")
-    session = UNetSession(unet, mode, file_for(mode, unet), family="sd15")
+    session = session_for(unet, mode, file_for(mode, unet))
     attn = unet.get_submodule("input_blocks.1.1.transformer_blocks.0.attn1")
     h = torch.randn(3, 16, 8)
     plain = attn(h)
     try:
         session.install()
         shared = unet.get_submodule("input_blocks.1.1.transformer_blocks.0.attn1")(h)
-        assert session.calls == 1 and not torch.allclose(shared, plain)
+        assert session.sharing.state.calls == 1 and not torch.allclose(shared, plain)
+        assert not session.ran  # no UNet call went through the backend yet
+        session.backend._before_call(unet, (h, torch.full((3,), 5.0)), {})  # the UNet pre-hook (tree has no forward)
+        assert session.calls == 1 and session.ran
     finally:
         session.restore()
-    assert session.calls == 1
+    assert session.sharing.state.calls == 1 and attn is unet.get_submodule(
+        "input_blocks.1.1.transformer_blocks.0.attn1"
+    )
 
 
 def test_wrong_file_for_the_mode(trees):
     unet = trees["sd15"]
     mode = M.resolve("JOINT_SD15")
     bad = file_for(M.resolve("FG_TO_BG_SD15"), unet)
-    with pytest.raises(PatchError, match="does not fit '.*Generate Everything Together.*Re-download layer_sd15_joint"):
-        UNetSession(unet, mode, bad, family="sd15")
+    with pytest.raises(PatchError, match="does not fit '.*Generate Everything Together.*Delete layer_sd15_joint"):
+        session_for(unet, mode, bad)
     xl = trees["sdxl"]
     layer = M.resolve("FG_TO_BLEND")
     no_conv_in = lora_state(xl, attn_keys(xl, 4))
-    session = UNetSession(
-        xl, layer, {k.replace("::lora::", "::lora::"): v for k, v in no_conv_in.items()}, family="sdxl"
-    )
     before = snapshot(xl)
     with pytest.raises(PatchError, match="no widened conv_in \\(8 input channels\\)"):
-        session.install()
+        session_for(xl, layer, no_conv_in)  # refused before anything is installed
     assert same_bits(snapshot(xl), before)
-
-
-def test_family_is_detected_before_anything_is_touched(trees):
-    xl = trees["sdxl"]
-    with pytest.raises(ValueError, match="unrecognised architecture"):
-        # tiny trees have no real context width, so detection finds no family
-        UNetSession(xl, M.resolve("FG_ONLY_ATTN"), {})

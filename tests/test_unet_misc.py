@@ -6,7 +6,9 @@ import torch
 from unet_tree import build_tree
 
 from lib_layerdiffuse import conditioning as C
-from lib_layerdiffuse.unet import StopAt, detect_family, percent_to_sigma, sigmas_from_alphas_cumprod
+from lib_layerdiffuse import modes as M
+from lib_layerdiffuse.session import UNetBackend, UNetSession
+from lib_layerdiffuse.unet import detect_family, percent_to_sigma, sigmas_from_alphas_cumprod, timestep_to_sigma
 
 
 def sd_alphas_cumprod():
@@ -28,18 +30,50 @@ def test_percent_to_sigma_matches_forge_rule():
     assert all(a > b for a, b in zip(values, values[1:], strict=False))
 
 
+class CountingBackend(UNetBackend):
+    unet = None
+
+    def __init__(self):
+        self.disabled = 0
+
+    def disable(self, session):
+        self.disabled += 1
+
+
 def test_stop_at_switches_once():
+    """One rule for every backend: active while sigma >= percent_to_sigma(stop_at), off once below."""
     acp = sd_alphas_cumprod()
-    calls = []
-    stop = StopAt(acp, 0.5, lambda: calls.append(1))
-    sigmas = torch.tensor([14.6, 5.0, 2.0, float(stop.sigma_end) * 1.01, float(stop.sigma_end) * 0.99, 0.5, 0.1])
-    active = [stop.step(s) for s in sigmas]
+    mode = M.resolve("FG_ONLY_ATTN")  # a patch mode: an empty file parses to no patches
+
+    def session(stop_at):
+        backend = CountingBackend()
+        return UNetSession(
+            backend, mode, {}, sigma_end=0.0 if stop_at >= 1 else percent_to_sigma(acp, stop_at)
+        ), backend
+
+    half, backend = session(0.5)
+    end = half.sigma_end
+    sigmas = torch.tensor([14.6, 5.0, 2.0, end * 1.01, end * 0.99, 0.5, 0.1])
+    active = [half.step(s) for s in sigmas]
     assert active == [True, True, True, True, False, False, False]
-    assert calls == [1]
-    never = StopAt(acp, 0.0, lambda: calls.append(2))
-    assert not never.step(torch.tensor([14.6])) and calls == [1, 2]
-    always = StopAt(acp, 1.0, lambda: calls.append(3))
-    assert all(always.step(s) for s in sigmas) and calls == [1, 2]
+    assert backend.disabled == 1 and half.calls == 4 and half.stopped_calls == 3
+    assert half.step(14.6) is False  # stays off for the pass
+    never, backend = session(0.0)
+    assert not never.step(torch.tensor([14.6])) and backend.disabled == 1 and not never.ran
+    always, backend = session(1.0)
+    assert all(always.step(s) for s in sigmas) and backend.disabled == 0 and always.ran
+
+
+def test_timestep_to_sigma_inverts_the_schedule():
+    acp = sd_alphas_cumprod()
+    sig = sigmas_from_alphas_cumprod(acp)
+    sigma_of = timestep_to_sigma(acp)
+    assert sigma_of(torch.tensor([999.0])) == pytest.approx(float(sig[-1]), rel=1e-5)
+    assert sigma_of(torch.tensor([0.0, 0.0])) == pytest.approx(float(sig[0]), rel=1e-5)
+    mid = sigma_of(torch.tensor([10.5]))
+    assert float(sig[10]) < mid < float(sig[11])
+    # the Stop At threshold at p is the sigma of timestep (1 - p) * 999
+    assert sigma_of(torch.tensor([0.25 * 999])) == pytest.approx(percent_to_sigma(acp, 0.75), rel=1e-5)
 
 
 def test_detect_family():

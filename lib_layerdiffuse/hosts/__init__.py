@@ -1,7 +1,8 @@
 """Host detection by import probing. Only this package touches a WebUI's API.
 
-``detect()`` returns the host id: "a1111", "forge2", "neo", "forge1" or "unknown".
-``SUPPORTED`` lists the ones this version drives; the others get :func:`unsupported_message`.
+``detect()`` returns the host id: "a1111", "forge2", "neo", "forge1" or "unknown";
+``adapter()`` hands the script the :class:`pipeline.Host` of the running WebUI, or None
+where it is not supported (then :func:`unsupported_message` says why).
 """
 
 from __future__ import annotations
@@ -47,3 +48,30 @@ def unsupported_message(host: str) -> str:
         f"LayerDiffuse does not support {NAMES.get(host, host)} yet. "
         "Supported: AUTOMATIC1111 WebUI 1.10 or newer, Forge (2024 backend, 2.0) and Forge Neo."
     )
+
+
+def adapter(host: str | None = None):
+    """The running WebUI's adapter (a :class:`pipeline.Host`), or None for unsupported hosts."""
+    host = host or detect()
+    if host == "a1111":
+        from .a1111 import HOST
+
+        return HOST
+    if host in ("forge2", "neo"):  # one adapter, per-host differences inside
+        from .forge import HOST
+
+        return HOST
+    return None
+
+
+def refuse(p, message: str) -> None:
+    """Make the generation fail with ``message``: raised from ``p.sample``, which every host
+    calls directly (exceptions raised in script hooks are only logged)."""
+    from ..errors import Refusal
+
+    print(f"LayerDiffuse: {message}")
+
+    def sample(*args, **kwargs):
+        raise Refusal(message)
+
+    p.sample = sample

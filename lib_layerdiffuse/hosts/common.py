@@ -1,8 +1,29 @@
-"""Small pieces both host adapters use: the SD VAE posterior of RGB images."""
+"""What both host adapters share: the WebUI API that AUTOMATIC1111, Forge2 and Neo have in common.
+
+:class:`WebUIHost` implements the parts of :class:`pipeline.Host` that read the same on
+every host (model folder and downloads, progress, tying a generation to ``p``, saving,
+the API's PNG encoding, img2img init latents); each adapter adds its model and UNet side.
+``modules`` is imported inside the methods: this file also loads where no WebUI exists.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
 import torch
+
+from .. import conditioning as C
+from ..errors import LayerDiffuseError, Refusal, WeightFileError
+from ..pipeline import Generation, Host
+from ..rgba import to_pil, write_png
+from ..weights import FILES, sha256_of, verify_file
+
+log = logging.getLogger("layerdiffuse")
+TAG = "layerdiffuse_rgba"  # attribute on our PIL images: their straight alpha, for the saved-file checks
+_GEN = "_layerdiffuse"  # the attribute of p that carries its Generation while it runs
 
 
 def posterior_moments(first_stage, rgb: torch.Tensor):
@@ -20,31 +41,275 @@ def posterior_moments(first_stage, rgb: torch.Tensor):
     return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
 
 
-def condition_encoder(moments, scale: float, shift: float = 0.0):
-    """Deterministic condition latent (posterior mean, into diffusion space) for the SDXL layer modes."""
-
-    def run(rgb):
-        mean, _ = moments(rgb)
-        return (mean - shift) * scale
-
-    return run
+def raw_decode(first_stage, latent: torch.Tensor) -> torch.Tensor:
+    """An AutoencoderKL's decode of a raw (unscaled) latent, ``[B, 3, H, W]`` in about [-1, 1]."""
+    param = next(first_stage.parameters())
+    with torch.no_grad():
+        return first_stage.decode(latent.to(param.device, param.dtype)).float()
 
 
-def set_init_latent(p, latent: torch.Tensor, log) -> None:
-    """img2img: put the offset init latent (diffusion space, 1 or B rows) in ``p.init_latent``.
+class WebUIHost(Host):
+    # -- files ------------------------------------------------------------------------------
 
-    Inpaint: the masked area keeps what the host put there (``p.mask`` / ``p.nmask``), so
-    the untouched area gets the transparent offset. A shape the host does not expect leaves
-    the plain init latent, with a warning.
-    """
-    latent = latent.to(p.init_latent.device, p.init_latent.dtype)
-    if latent.shape[0] == 1:
-        latent = latent.repeat(p.init_latent.shape[0], 1, 1, 1)
-    if latent.shape != p.init_latent.shape:
-        log.warning(
-            "LayerDiffuse: init latent %s != %s; offset skipped", tuple(latent.shape), tuple(p.init_latent.shape)
+    def models_dir(self) -> Path:
+        from modules import paths, shared  # type: ignore
+
+        folder = getattr(shared.cmd_opts, "layerdiffuse_models_dir", None) or os.path.join(
+            paths.models_path, "layer_model"
         )
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        return Path(folder)
+
+    def weight_path(self, name: str) -> Path:
+        """The file's path, downloaded on first use (temporary name, checked, then renamed)."""
+        from modules import modelloader  # type: ignore
+
+        info = FILES[name]
+        folder = self.models_dir()
+        path = folder / info.filename
+        if path.is_file():
+            return path
+        part = folder / (info.filename + ".part")
+        try:
+            modelloader.load_file_from_url(info.url, model_dir=str(folder), file_name=part.name)
+        except Exception as e:  # offline, proxy, HTTP errors: the user needs the manual route
+            part.unlink(missing_ok=True)
+            raise WeightFileError(
+                f"LayerDiffuse needs {info.filename} and could not download it ({type(e).__name__}: {e}). "
+                f"Download it from {info.url} and put it in {folder}."
+            ) from None
+        try:
+            verify_file(part, info)  # keys and shapes always
+            if info.sha256 and sha256_of(part) != info.sha256:
+                raise WeightFileError(
+                    f"{info.filename}: the downloaded file has the wrong SHA-256; it was deleted. Try again."
+                )
+        except WeightFileError:
+            part.unlink(missing_ok=True)
+            raise
+        os.replace(part, path)
+        return path
+
+    # -- progress ---------------------------------------------------------------------------
+
+    def progress(self, text: str) -> None:
+        from modules import shared  # type: ignore
+
+        state = getattr(shared, "state", None)
+        if state is not None:
+            state.textinfo = text
+
+    def interrupted(self) -> bool:
+        from modules import shared  # type: ignore
+
+        state = getattr(shared, "state", None)
+        return bool(getattr(state, "interrupted", False))
+
+    # -- a generation on p ------------------------------------------------------------------
+
+    def generation(self, p) -> Generation | None:
+        return p.__dict__.get(_GEN)
+
+    def attach(self, p, gen: Generation) -> None:
+        """``p.sample`` (called by the host itself, so its exceptions reach the user) ends the
+        pass and runs the never-silent check; ``p.close`` (runs on every path) closes ``gen``
+        and takes every reference to it off ``p`` again, so nothing outlives the generation."""
+        original_sample, original_close = p.sample, p.close
+
+        def sample(*args, **kwargs):
+            try:
+                samples = original_sample(*args, **kwargs)
+            finally:
+                gen.end_sampling()
+            try:
+                gen.check_ran()
+            except LayerDiffuseError as e:
+                raise Refusal(str(e)) from None
+            return samples
+
+        def close(*args, **kwargs):
+            try:
+                gen.close()
+            finally:
+                for name in ("sample", "close", _GEN):
+                    p.__dict__.pop(name, None)
+            return original_close(*args, **kwargs)
+
+        p.sample, p.close = sample, close
+        p.__dict__[_GEN] = gen
+
+    def comment(self, p, text: str) -> None:
+        try:
+            p.comment(text)
+        except Exception:
+            print(text)
+
+    # -- img2img ----------------------------------------------------------------------------
+
+    def is_init_latent(self, p, x) -> bool:
+        return x is getattr(p, "init_latent", None)
+
+    def resize_init(self, p, image) -> np.ndarray:
+        """The init image at the generation size with its alpha (Neo's resize_image returns RGB)."""
+        from modules import images  # type: ignore
+
+        out = images.resize_image(p.resize_mode, image, p.width, p.height)
+        if out.mode == "RGBA":
+            return np.asarray(out, dtype=np.float32) / 255.0
+        names = {1: "Crop and Resize", 2: "Resize and Fill"}
+        x = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
+        return C.resize_image(x, names.get(int(p.resize_mode), "Just Resize"), p.height, p.width)
+
+    def set_init_latent(self, p, latent: torch.Tensor) -> None:
+        """Inpaint: the masked area keeps what the host put there (``p.mask`` / ``p.nmask``), so
+        the untouched area gets the transparent offset. "Only masked" and shapes the host does
+        not expect keep the plain init latent, with a warning."""
+        if getattr(p, "paste_to", None) is not None:
+            log.warning("LayerDiffuse: 'Inpaint only masked' keeps the plain init latent (no transparency offset)")
+            return
+        latent = latent.to(p.init_latent.device, p.init_latent.dtype)
+        if latent.shape[0] == 1:
+            latent = latent.repeat(p.init_latent.shape[0], 1, 1, 1)
+        if latent.shape != p.init_latent.shape:
+            log.warning(
+                "LayerDiffuse: init latent %s != %s; offset skipped", tuple(latent.shape), tuple(p.init_latent.shape)
+            )
+            return
+        if getattr(p, "mask", None) is not None:
+            latent = latent * p.mask + p.init_latent * p.nmask
+        p.init_latent = latent
+
+    # -- outputs ----------------------------------------------------------------------------
+
+    def to_pil_rgba(self, rgba: np.ndarray):
+        im = to_pil(rgba)
+        setattr(im, TAG, np.array(im)[..., 3])
+        return im
+
+    def save_extra(self, p, image, index: int, suffix: str, infotext: str) -> None:
+        """Save one extra output like the host saves samples (respects the user's save settings);
+        the image then carries ``already_saved_as``, so the gallery serves that file instead of
+        writing a copy to the host's temporary folder."""
+        from modules import images, shared  # type: ignore
+
+        if not p.save_samples():
+            return
+        fmt = "png" if image.mode == "RGBA" else str(getattr(shared.opts, "samples_format", "png")).lower()
+        images.save_image(image, p.outpath_samples, "", p.all_seeds[index], p.all_prompts[index], fmt,
+                          info=infotext, p=p, suffix=suffix)  # fmt: skip
+
+    def publish_previews(self, p, processed, previews: list) -> None:
+        from PIL import Image
+
+        from ..rgba import to_uint8
+
+        for index, preview in previews:
+            image = Image.fromarray(to_uint8(preview))
+            info = processed.infotext(p, index) if hasattr(processed, "infotext") else ""
+            image.info["parameters"] = info
+            try:
+                self.save_extra(p, image, index, "-checkerboard", info)
+            except Exception as e:
+                log.warning("LayerDiffuse: could not save the preview: %s", e)
+            self.show_preview(processed, image, info)
+
+    def show_preview(self, processed, image, info: str) -> None:
+        """Put a preview in the gallery and the API response (after the host's own images)."""
+        raise NotImplementedError
+
+    def register_callbacks(self) -> None:
+        from modules import script_callbacks  # type: ignore
+
+        script_callbacks.on_before_image_saved(before_image_saved)
+        script_callbacks.on_image_saved(check_saved)
+        script_callbacks.on_app_started(lambda *a, **k: install_api_png())
+
+
+def before_image_saved(params):
+    """Forge2's default stealth infotext ("Alpha") sets our alpha to 255 in place before this
+    callback; put the decoded alpha back (the PNG keeps its infotext in tEXt). The user's
+    settings are not changed. Other hosts write no stealth data: nothing to do there."""
+    image = params.image
+    alpha = getattr(image, TAG, None)
+    if alpha is None or image.mode != "RGBA":
         return
-    if getattr(p, "mask", None) is not None:
-        latent = latent * p.mask + p.init_latent * p.nmask
-    p.init_latent = latent
+    if not np.array_equal(np.asarray(image)[..., 3], alpha):
+        from PIL import Image
+
+        image.putalpha(Image.fromarray(alpha))
+        log.info("LayerDiffuse: restored the transparency that the stealth infotext option overwrote")
+
+
+def _samples_format() -> str:
+    from modules import shared  # type: ignore
+
+    return str(getattr(shared.opts, "samples_format", "png")).lower()
+
+
+def install_api_png():
+    """API responses encode images per the output format (jpg/webp drop alpha): ours go as PNG."""
+    try:
+        from modules.api import api  # type: ignore
+    except Exception:  # API not loaded
+        return
+    original = api.encode_pil_to_base64
+    if getattr(original, "_layerdiffuse", False):
+        return
+
+    def encode(image):
+        if getattr(image, TAG, None) is not None and _samples_format() != "png":
+            import base64
+            import io
+
+            from PIL import PngImagePlugin
+
+            info = PngImagePlugin.PngInfo()
+            if isinstance(image.info.get("parameters"), str):
+                info.add_text("parameters", image.info["parameters"])
+            with io.BytesIO() as out:
+                image.save(out, format="PNG", pnginfo=info)
+                return base64.b64encode(out.getvalue())
+        return original(image)
+
+    encode._layerdiffuse = True
+    api.encode_pil_to_base64 = encode
+
+
+def check_saved(params):
+    """on_image_saved: the file on disk must be RGBA with our alpha; else warn with the fix.
+
+    When the user's format drops alpha (jpg, webp), a PNG copy is written beside the file.
+    """
+    from modules import paths  # type: ignore
+
+    alpha = getattr(params.image, TAG, None)
+    if alpha is None:
+        return
+    path = Path(params.filename)
+    if not path.is_absolute():
+        path = Path(paths.data_path) / path
+    if path.suffix.lower() != ".png":
+        png = path.with_suffix(".png")
+        text = params.pnginfo.get("parameters") if isinstance(getattr(params, "pnginfo", None), dict) else None
+        write_png(png, params.image.convert("RGBA"), parameters=text)
+        log.warning(
+            "LayerDiffuse: %s cannot hold alpha; the transparent image was also saved as %s", path.name, png.name
+        )
+        path = png
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            ok = im.mode == "RGBA" and np.array_equal(np.array(im)[..., 3], alpha)
+            mode = im.mode
+    except OSError as e:
+        log.warning("LayerDiffuse: could not re-open %s to check its alpha: %s", path, e)
+        return
+    if not ok:
+        msg = (
+            f"LayerDiffuse: the saved file {path} lost the transparency (mode {mode}). "
+            "Another extension or a setting rewrote the image before saving; save as PNG and disable options that "
+            "hide data in the alpha channel."
+        )
+        log.warning(msg)
+        print(msg)

@@ -1,7 +1,7 @@
 """Forge2 (lllyasviel/stable-diffusion-webui-forge, 2024 backend) and Forge Neo adapter.
 
-Same function names as :mod:`.a1111`; the script does not know which host it runs on.
-Everything goes through the host's ``UnetPatcher`` on a clone that is assigned back to
+The model side of :class:`pipeline.Host` on Forge's objects (what Forge shares with
+A1111 is in :mod:`.common`). Everything goes through the host's ``UnetPatcher`` on a clone that is assigned back to
 ``p.sd_model.forge_objects.unet`` (the host resets that object before every sampling, so its
 own restore applies; our code changes no tensor of the shared model outside the patcher):
 
@@ -13,13 +13,9 @@ own restore applies; our code changes no tensor of the shared model outside the 
   ``pad_weight`` for the widened conv_in; LoRA as a tuple on Forge2 and as Neo's
   ``LoRAAdapter``); the concat condition as ``c_concat`` added by the UNet function
   wrapper for every row (Neo ignores ``extra_concat_condition`` on non-inpaint models).
-* Stop At: ``predictor.percent_to_sigma``; below it the units are off and ``c_concat`` is
-  removed; weight-patched modes switch to the unpatched UNet through a conditioning
-  modifier, as the official extension does.
-* img2img: the transparent-encoder offset on ``p.init_latent`` by our own code (Neo has
-  no VAE regulation hook).
-* Never silent: ``p.sample`` is wrapped; if our wrapper did not take part in sampling the
-  request fails with the reason (hook exceptions are swallowed by both hosts).
+* Stop At: the session's one rule, on ``predictor.percent_to_sigma``; below it the units
+  are off and ``c_concat`` is removed; weight-patched modes switch to the unpatched UNet
+  through a conditioning modifier, as the official extension does.
 
 Per-host differences (forge-hosts.md §6.2) are the small functions chosen at import below.
 """
@@ -29,14 +25,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 
-import numpy as np
 import torch
 
-from .. import conditioning as C
-from ..attention_sharing import AttentionSharing
-from ..patches import PREFIX, match_keys, parse_patch_state
-from ..pipeline import HostOps, LayerDiffuseError
-from .common import condition_encoder, posterior_moments, set_init_latent
+from ..errors import LayerDiffuseError, PatchError, Refusal
+from ..patches import PREFIX, Patch, match_keys
+from ..session import UNetBackend, UNetSession
+from .common import WebUIHost, posterior_moments, raw_decode
 
 log = logging.getLogger("layerdiffuse")
 
@@ -112,148 +106,11 @@ add_patches = add_patches_neo if NEO else add_patches_forge2
 _family = family_neo if NEO else family_forge2
 
 
-# -- host objects ---------------------------------------------------------------------------
+# -- one sampling pass ----------------------------------------------------------------------
 
 
-def family(p) -> str | None:
-    return _family(p.sd_model)
-
-
-def latent_scale(p) -> float:
-    return float(getattr(p.sd_model.forge_objects.vae.first_stage_model, "scaling_factor", 0.18215))
-
-
-def alphas_cumprod(p):
-    return None  # Stop At uses the predictor's percent_to_sigma on Forge
-
-
-def _vae_module(p):
-    return p.sd_model.forge_objects.vae.first_stage_model
-
-
-def encode_moments(p):
-    """(mean, std) of the VAE posterior, unscaled, for RGB in [0, 1]."""
-    return lambda rgb: posterior_moments(_vae_module(p), rgb)
-
-
-def encode_condition(p):
-    """Deterministic condition latent (posterior mean, scaled) for the SDXL layer modes."""
-    shift = float(getattr(_vae_module(p), "shift_factor", 0.0) or 0.0)
-    return condition_encoder(encode_moments(p), latent_scale(p), shift)
-
-
-def _device_dtype(p):
-    unet = p.sd_model.forge_objects.unet
-    try:
-        from backend import memory_management  # type: ignore
-
-        device = memory_management.get_torch_device()
-    except Exception:
-        device = next(unet.model.diffusion_model.parameters()).device
-    dtype = getattr(unet.model, "computation_dtype", None) or torch.float32
-    return device, dtype
-
-
-def ops(p) -> HostOps:
-    from .a1111 import load_state, weight_path  # same model folder and download rules
-
-    device, dtype = _device_dtype(p)
-    return HostOps(weight_path=weight_path, load_state=load_state, encode_moments=encode_moments(p),
-                   device=device, dtype=dtype)  # fmt: skip
-
-
-# -- one sampling pass --------------------------------------------------------------------
-
-
-class ForgeSession:
-    """Our changes for one sampling pass, on a UnetPatcher clone. ``calls`` feeds the guard."""
-
-    def __init__(self, gen, unet, sharing: AttentionSharing | None, concat: torch.Tensor | None,
-                 sigma_end: float | None, patched: bool):  # fmt: skip
-        self.gen = gen
-        self.unet = unet
-        self.sharing = sharing
-        self.concat = concat
-        self.sigma_end = sigma_end
-        self.patched = patched
-        self.wrapper_calls = 0  # UNet calls that went through our wrapper with our changes active
-        self.stopped_calls = 0  # UNet calls below Stop At
-
-    def __deepcopy__(self, memo):
-        # UnetPatcher.clone() deep-copies model_options: another extension cloning our patcher
-        # must keep this object (a copy would copy the units and the UNet they point to)
-        return self
-
-    def active(self, timestep) -> bool:
-        if self.sigma_end is None:
-            return True
-        return float(torch.as_tensor(timestep).flatten()[0]) >= self.sigma_end
-
-    def __call__(self, apply_model, args):
-        x, t, c = args["input"], args["timestep"], dict(args["c"])
-        active = self.active(t)
-        if active:
-            self.wrapper_calls += 1
-        else:
-            self.stopped_calls += 1
-        if self.concat is not None:
-            if active:
-                cond = self.concat.to(x.device, x.dtype)
-                if x.shape[0] % cond.shape[0]:
-                    raise LayerDiffuseError(
-                        f"LayerDiffuse: condition batch {cond.shape[0]} does not divide UNet batch {x.shape[0]}"
-                    )
-                c["c_concat"] = cond.repeat(x.shape[0] // cond.shape[0], 1, 1, 1)
-            else:
-                c.pop("c_concat", None)
-        if self.sharing is None or not active:
-            return apply_model(x, t, **c)
-        state = self.sharing.state
-        state.enabled = True
-        state.cond_mark = (c.get("transformer_options") or {}).get("cond_mark")
-        self.sharing.install()
-        try:
-            return apply_model(x, t, **c)
-        finally:
-            self.sharing.restore()
-
-    @property
-    def calls(self) -> int:
-        """0 means our changes never took part in sampling (the guard refuses to decode)."""
-        if self.sharing is not None:
-            return self.sharing.state.calls if self.wrapper_calls else 0
-        return self.wrapper_calls
-
-    def disable(self):
-        self.sigma_end = float("inf")
-
-    def restore(self):
-        if self.sharing is not None:
-            self.sharing.restore()  # idempotent; the wrapper already restored in finally
-            self.sharing.state.enabled = True
-
-
-def _sharing(gen, diffusion_model, state, device, dtype) -> AttentionSharing:
-    """The units of the mode's file, built once per generation (the UNet object is the same)."""
-    cached = getattr(gen, "_forge_sharing", None)
-    if cached is not None and cached.unet[0] is diffusion_model:
-        return cached
-    sharing = AttentionSharing(diffusion_model, frames=gen.mode.group, use_control=gen.mode.control is not None)
-    try:
-        sharing.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise LayerDiffuseError(
-            f"LayerDiffuse: {gen.mode.unet_file}.safetensors does not fit '{gen.mode.label}': "
-            f"{str(e).splitlines()[0]} Re-download it."
-        ) from None
-    sharing.to(device, dtype)
-    gen._forge_sharing = sharing
-    return sharing
-
-
-def host_patches(state: dict, params: dict, weight: float, source: str) -> dict:
+def host_patches(patches: dict[str, Patch], params: dict, source: str) -> dict:
     """``{model_key: host patch value}`` for ``add_patches`` (keys the model lacks are dropped)."""
-    patches = parse_patch_state(state, source)
     match_keys(patches, params, source)
     out = {}
     for key, patch in patches.items():
@@ -266,230 +123,164 @@ def host_patches(state: dict, params: dict, weight: float, source: str) -> dict:
     return out
 
 
-def install(p, gen, x_shape):
-    """Clone the UNet patcher, add the mode, assign it back. Returns the session."""
-    current = p.sd_model.forge_objects.unet
-    if getattr(current, "_layerdiffuse", None) is gen:  # already ours (hires: the hook can run twice)
-        return gen.session
-    rows, _, h, w = x_shape
-    if rows % gen.mode.group:
-        raise LayerDiffuseError(
-            f"'{gen.mode.label}' generates groups of {gen.mode.group} images: the batch size must be a "
-            f"multiple of {gen.mode.group}, but the UNet batch has {rows} rows."
-        )
-    fam = family(p)
-    if fam != gen.mode.family:
-        from ..modes import check_family
+class ForgeBackend(UNetBackend):
+    """One pass on a clone of the host's ``UnetPatcher``, assigned to ``forge_objects.unet``.
 
-        check_family(gen.mode, fam)
-    unet = current.clone()
-    mode, settings = gen.mode, gen.settings
-    state = gen.ops.load_state(gen.ops.weight_path(mode.unet_file))
-    device, dtype = _device_dtype(p)
-    source = f"{mode.unet_file}.safetensors"
-    sharing = concat = None
-    patched = False
-    if mode.apply == "attention_sharing":
-        sharing = _sharing(gen, unet.model.diffusion_model, state, device, dtype)
-        sharing.state.calls = 0
-        sharing.state.enabled = True
-        for unit in sharing.units:  # inference-mode weights have no version counter: re-merge per pass
-            unit._merged.clear()
-        if mode.control is not None:
-            img = C.prepare_layer_image(settings.image(mode.control), settings.resize_mode, h * 8, w * 8)
-            sharing.set_control(C.to_tensor(img))
-    else:
-        params = {k: v for k, v in unet.model.named_parameters() if k.startswith(PREFIX)}
-        patches = host_patches(state, params, settings.weight, source)
-        accepted = add_patches(unet, source, patches, settings.weight)
-        if accepted is not None and len(accepted) < len(patches):
-            raise LayerDiffuseError(
-                f"LayerDiffuse: {HOST_NAME} accepted {len(accepted)} of the {len(patches)} patches of {source}"
-            )
-        patched = True
-        if mode.concat:
-            encode = encode_condition(p)
-            lat = []
-            for which in mode.concat:
-                img = C.prepare_layer_image(settings.image(which), settings.resize_mode, h * 8, w * 8)
-                lat.append(encode(C.to_tensor(img)))
-            concat = C.condition_latent(lat)
-    sigma_end = None
-    if settings.stop_at < 1.0:
-        sigma_end = float(unet.model.predictor.percent_to_sigma(settings.stop_at))
-    session = ForgeSession(gen, unet, sharing, concat, sigma_end, patched)
-    unet.set_model_unet_function_wrapper(session)
-    if patched and sigma_end is not None:
-        unet.add_conditioning_modifier(_unpatched_below(current, session))
-    unet._layerdiffuse = gen
-    p.sd_model.forge_objects.unet = unet
-    return session
+    The clone's UNet function wrapper is this object: it calls :meth:`UNetSession.step`
+    per UNet call, swaps the SD1.5 units in only while the UNet runs and adds ``c_concat``.
+    After :meth:`restore` it is inert (other code may still hold clones of our clone).
+    """
 
+    def __init__(self, forge_objects):
+        self.objects = forge_objects  # the host's shared namespace; never p
+        self.original = forge_objects.unet
+        self.unet = self.original.model.diffusion_model
+        self.clone = None
+        self.session: UNetSession | None = None
+        self.message: str | None = None  # abort(): every UNet call raises this
 
-def _unpatched_below(original, session: ForgeSession):
-    """Stop At for weight patches (the official way): below ``sigma_end`` sample with the
-    unpatched patcher, which the host's memory manager loads (its weights, its restore)."""
+    def __deepcopy__(self, memo):
+        # UnetPatcher.clone() deep-copies model_options: a copy would copy the units and the UNet
+        return self
 
-    def modifier(model, x, timestep, uncond, cond, cond_scale, model_options, seed):
-        if session.active(timestep):
+    def _assign(self, clone) -> None:
+        clone.set_model_unet_function_wrapper(self)
+        self.clone = clone
+        self.objects.unet = clone
+
+    def install(self, session: UNetSession) -> None:
+        self.session = session
+        clone = self.original.clone()
+        if session.patches is not None:
+            params = {k: v for k, v in clone.model.named_parameters() if k.startswith(PREFIX)}
+            values = host_patches(session.patches, params, session.source)
+            accepted = add_patches(clone, session.source, values, session.weight)
+            if accepted is not None and len(accepted) < len(values):
+                raise PatchError(
+                    f"{HOST_NAME} accepted {len(accepted)} of the {len(values)} patches of {session.source}."
+                )
+            if session.sigma_end > 0:
+                clone.add_conditioning_modifier(self._unpatched_below)
+        self._assign(clone)
+
+    def __call__(self, apply_model, args):
+        x, t, c = args["input"], args["timestep"], dict(args["c"])
+        if self.message is not None:
+            raise Refusal(self.message)
+        session = self.session
+        if session is None:  # the pass is over: behave as the host would
+            return apply_model(x, t, **c)
+        active = session.step(t)
+        if session.condition is not None:
+            if active:
+                cond = session.condition.to(x.device, x.dtype)
+                if x.shape[0] % cond.shape[0]:
+                    raise LayerDiffuseError(f"condition batch {cond.shape[0]} does not divide UNet batch {x.shape[0]}")
+                c["c_concat"] = cond.repeat(x.shape[0] // cond.shape[0], 1, 1, 1)
+            else:
+                c.pop("c_concat", None)
+        sharing = session.sharing
+        if sharing is None or not active:
+            return apply_model(x, t, **c)
+        sharing.state.cond_mark = (c.get("transformer_options") or {}).get("cond_mark")
+        sharing.install()
+        try:
+            return apply_model(x, t, **c)
+        finally:
+            sharing.restore()
+
+    def _unpatched_below(self, model, x, timestep, uncond, cond, cond_scale, model_options, seed):
+        """Stop At for weight patches (the official way): below ``sigma_end`` sample with the
+        unpatched patcher, which the host's memory manager loads (its weights, its restore)."""
+        session = self.session
+        if session is None or session.active(float(torch.as_tensor(timestep).max())):
             return model, x, timestep, uncond, cond, cond_scale, model_options, seed
         from backend import memory_management  # type: ignore
         from backend.sampling.sampling_function import sampling_prepare  # type: ignore
 
         loaded = [getattr(m, "model", None) for m in memory_management.current_loaded_models]
-        if not any(m is original for m in loaded):
-            sampling_prepare(original, x)
-        return original.model, x, timestep, uncond, cond, cond_scale, model_options, seed
+        if not any(m is self.original for m in loaded):
+            sampling_prepare(self.original, x)
+        return self.original.model, x, timestep, uncond, cond, cond_scale, model_options, seed
 
-    return modifier
+    def disable(self, session: UNetSession) -> None:
+        pass  # the wrapper and the modifier read session.active() on every call
 
+    def restore(self) -> None:
+        if self.session is not None and self.session.sharing is not None:
+            self.session.sharing.restore()  # idempotent; the wrapper already restored in finally
+        if self.clone is not None and self.objects.unet is self.clone:
+            self.objects.unet = self.original
+        self.clone = self.session = self.message = None
 
-def begin_sampling(p, gen, x):
-    """process_before_every_sampling (first pass, again for hires). A failure here must not
-    let sampling run unpatched: the clone then carries a wrapper that raises the reason."""
-    try:
-        gen.session = install(p, gen, x.shape)
-        if getattr(gen, "init_rgba", None) and x is getattr(p, "init_latent", None):
-            offset_init_latent(p, gen)
-    except Exception as e:
-        message = str(e).removeprefix("LayerDiffuse: ")
-        log.error("LayerDiffuse: %s", message)
-        gen._forge_error = message
-        unet = p.sd_model.forge_objects.unet.clone()
-
-        def abort(apply_model, args):
-            raise LayerDiffuseError(f"LayerDiffuse: {message}")
-
-        unet.set_model_unet_function_wrapper(abort)
-        p.sd_model.forge_objects.unet = unet
+    def abort(self, message: str) -> None:
+        self.message = message
+        self._assign(self.original.clone())
 
 
-def prepare(p, gen):
-    """process(): wrap ``p.sample`` (called directly by the host, not swallowed) so that a
-    sampling our changes did not take part in fails the request instead of being decoded."""
-    original = p.sample
-
-    def sample(*args, **kwargs):
-        gen._forge_error = None
-        out = original(*args, **kwargs)
-        check_ran(gen)
-        return out
-
-    p.sample = sample
+# -- the host ---------------------------------------------------------------------------------
 
 
-def check_ran(gen):
-    error = getattr(gen, "_forge_error", None)
-    if error:
-        raise LayerDiffuseError(f"LayerDiffuse: {error}")
-    session = getattr(gen, "session", None)
-    if session is None or not isinstance(session, ForgeSession):
-        raise LayerDiffuseError(
-            "LayerDiffuse: its UNet changes were never installed for this sampling (another extension may have "
-            "replaced the UNet); the image was not generated with LayerDiffuse, so no transparent decode."
-        )
-    if session.calls == 0 and session.stopped_calls == 0:
-        raise LayerDiffuseError(
-            "LayerDiffuse: its UNet changes did not take part in sampling (another extension may have replaced "
-            "the UNet function); refusing to return a 'transparent' image made without them."
-        )
+class ForgeHost(WebUIHost):
+    name = HOST_NAME
+
+    def family(self, p) -> str | None:
+        return _family(p.sd_model)
+
+    def unet_backend(self, p) -> ForgeBackend:
+        return ForgeBackend(p.sd_model.forge_objects)
+
+    def percent_to_sigma(self, p, percent: float) -> float:
+        return float(p.sd_model.forge_objects.unet.model.predictor.percent_to_sigma(percent))
+
+    def device_dtype(self, p):
+        unet = p.sd_model.forge_objects.unet
+        try:
+            from backend import memory_management  # type: ignore
+
+            device = memory_management.get_torch_device()
+        except Exception:
+            device = next(unet.model.diffusion_model.parameters()).device
+        return device, getattr(unet.model, "computation_dtype", None) or torch.float32
+
+    def _vae(self, p):
+        return p.sd_model.forge_objects.vae.first_stage_model
+
+    def latent_format(self, p) -> tuple[float, float]:
+        vae = self._vae(p)
+        return float(getattr(vae, "scaling_factor", 0.18215)), float(getattr(vae, "shift_factor", 0.0) or 0.0)
+
+    def vae_moments(self, p, rgb):
+        return posterior_moments(self._vae(p), rgb)
+
+    def vae_decode(self, p, latent):
+        return raw_decode(self._vae(p), latent)
+
+    def low_vram(self) -> bool:
+        try:
+            from backend import memory_management  # type: ignore
+
+            return memory_management.vram_state in (memory_management.VRAMState.LOW_VRAM,
+                                                    memory_management.VRAMState.NO_VRAM)  # fmt: skip
+        except Exception:
+            return False
+
+    def final_latents(self, p, samples, sampled):
+        """When the host already decoded (hires), the latents Forge keeps in
+        ``p.latents_after_sampling`` (this batch's are the last ones)."""
+        if not getattr(samples, "already_decoded", False):
+            return samples
+        kept = getattr(p, "latents_after_sampling", None) or []
+        if len(kept) >= p.batch_size:
+            return torch.stack([torch.as_tensor(z) for z in kept[-p.batch_size :]])
+        return None
+
+    def show_preview(self, processed, image, info: str) -> None:
+        """Forge shows and returns ``processed.extra_images`` (= ``p.extra_result_images``)."""
+        extra = getattr(processed, "extra_images", None)
+        if extra is None:
+            extra = processed.extra_images = []
+        extra.append(image)
 
 
-def patches_ran(gen) -> bool:
-    session = getattr(gen, "session", None)
-    return isinstance(session, ForgeSession) and (session.calls > 0 or session.stopped_calls > 0)
-
-
-def _resized_rgba(images, p, im) -> np.ndarray:
-    """The init image at the generation size with its alpha (Neo's resize_image returns RGB)."""
-    out = images.resize_image(p.resize_mode, im, p.width, p.height)
-    if out.mode == "RGBA":
-        return np.asarray(out, dtype=np.float32) / 255.0
-    names = {1: "Crop and Resize", 2: "Resize and Fill"}
-    x = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0
-    return C.resize_image(x, names.get(int(p.resize_mode), "Just Resize"), p.height, p.width)
-
-
-def offset_init_latent(p, gen):
-    """img2img: the init latent with the transparent-encoder offset (``mean + std * offset``)."""
-    from modules import images  # type: ignore
-
-    if getattr(p, "paste_to", None) is not None:
-        log.warning("LayerDiffuse: 'Inpaint only masked' keeps the plain init latent (no transparency offset)")
-        return
-    rgba = [_resized_rgba(images, p, im) for im in gen.init_rgba]
-    latent = gen.encode_init(rgba)
-    if latent is None:
-        return
-    shift = float(getattr(_vae_module(p), "shift_factor", 0.0) or 0.0)
-    set_init_latent(p, (latent - shift) * latent_scale(p), log)
-
-
-def final_latents(p, gen, samples):
-    """post_sample: the final latent batch; when the host already decoded (hires), the
-    latents Forge keeps in ``p.latents_after_sampling`` (this batch's are the last ones)."""
-    if not getattr(samples, "already_decoded", False):
-        return samples
-    kept = getattr(p, "latents_after_sampling", None) or []
-    if len(kept) >= p.batch_size:
-        return torch.stack([torch.as_tensor(z) for z in kept[-p.batch_size :]])
-    return None
-
-
-# -- outputs --------------------------------------------------------------------------------
-
-
-TAG = "layerdiffuse_rgba"  # as hosts.a1111.TAG: our images carry their straight alpha (repair and check)
-
-
-def to_pil_rgba(rgba: np.ndarray):
-    from ..rgba import to_pil
-
-    im = to_pil(rgba)
-    setattr(im, TAG, np.array(im)[..., 3])
-    return im
-
-
-def add_preview(p, index: int, image: np.ndarray):
-    """Forge shows and returns ``p.extra_result_images`` (UI gallery and API)."""
-    from PIL import Image
-
-    from ..rgba import to_uint8
-
-    extra = getattr(p, "extra_result_images", None)
-    if extra is None:
-        extra = p.extra_result_images = []
-    extra.append(Image.fromarray(to_uint8(image)))
-
-
-def before_image_saved(params):
-    """Forge2's default stealth infotext ("Alpha") sets our alpha to 255 in place before this
-    callback; put the decoded alpha back (the PNG keeps its infotext in tEXt). The user's
-    settings are not changed. Neo writes no stealth data: nothing to do there."""
-    image = params.image
-    alpha = getattr(image, TAG, None)
-    if alpha is None or image.mode != "RGBA":
-        return
-    if not np.array_equal(np.asarray(image)[..., 3], alpha):
-        from PIL import Image
-
-        image.putalpha(Image.fromarray(alpha))
-        log.info("LayerDiffuse: restored the transparency that the stealth infotext option overwrote")
-
-
-def save_extra(p, image, index, suffix, infotext):
-    from .a1111 import save_extra as _save
-
-    return _save(p, image, index, suffix, infotext)
-
-
-def check_saved(params):
-    from .a1111 import check_saved as _check
-
-    return _check(params)
-
-
-def install_api_png():
-    from .a1111 import install_api_png as _install
-
-    return _install()
+HOST = ForgeHost()
