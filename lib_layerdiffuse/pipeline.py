@@ -174,7 +174,8 @@ class Generation:
         self.session: UNetSession | None = None  # the sampling pass in progress
         self.error: str | None = None  # a setup failure inside a hook, raised after sampling
         self.passes = 0  # sampling passes since the last check_ran
-        self.unran: list[str] = []  # why passes since the last check_ran did not use our changes
+        self.ran_passes = 0  # of those, passes our changes took part in
+        self.unran: list[str] = []  # passes whose UNet calls bypassed our changes, and why
         self.sampled: torch.Tensor | None = None  # the latent the sampler returned last (host-captured)
         self.latents: dict[int, torch.Tensor] = {}  # final latents by global image index (CPU, fp32)
         self.init_rgba: list = []  # img2img: the init images as RGBA PIL images
@@ -283,22 +284,22 @@ class Generation:
         if session.result is not None:
             self.sampled = session.result
         self.passes += 1
-        if not session.ran:
-            if session.calls == 0 and session.stopped_calls:
-                self.unran.append(
-                    f"Stop At {self.settings.stop_at:g} ended LayerDiffuse before the first step of this "
-                    "sampling pass (img2img and hires passes start later in the schedule): raise Stop At."
-                )
-            else:
-                self.unran.append(
-                    "its UNet changes did not take part in sampling (another extension may have replaced the "
-                    "UNet or its function)."
-                )
+        if session.ran:
+            self.ran_passes += 1
+        elif session.calls or not session.stopped_calls:  # UNet calls that bypassed our changes
+            self.unran.append(
+                "its UNet changes did not take part in sampling (another extension may have replaced the "
+                "UNet or its function)."
+            )
 
     def check_ran(self) -> None:
-        """After sampling: refuse to return an image made without our changes (never silent)."""
-        error, unran, passes = self.error, self.unran, self.passes
-        self.error, self.unran, self.passes = None, [], 0
+        """After sampling: refuse to return an image made without our changes (never silent).
+
+        A pass that lies entirely after Stop At (a hires pass at low denoising) is the user's
+        choice, as long as an earlier pass of the same image ran with our changes.
+        """
+        error, unran, passes, ran = self.error, self.unran, self.passes, self.ran_passes
+        self.error, self.unran, self.passes, self.ran_passes = None, [], 0, 0
         if error:
             raise LayerDiffuseError(error)
         if passes == 0:
@@ -308,6 +309,12 @@ class Generation:
             )
         if unran:
             raise LayerDiffuseError(f"{unran[0]} No transparent image is returned.")
+        if not ran:
+            raise LayerDiffuseError(
+                f"Stop At {self.settings.stop_at:g} ended LayerDiffuse before the first sampling step (img2img "
+                "starts later in the schedule by its denoising strength): raise Stop At. No transparent image is "
+                "returned."
+            )
 
     def _release_abort(self) -> None:
         backend, self._aborted = self._aborted, None

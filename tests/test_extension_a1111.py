@@ -10,6 +10,7 @@ what reaches disk.
 """
 
 import base64
+import gc
 import importlib.util
 import io
 import logging
@@ -537,3 +538,65 @@ def test_real_decoder_end_to_end(ctx, monkeypatch):
     mode, arr, text = read(main[0])
     assert mode == "RGBA" and "layerdiffusion_enabled: True" in text
     assert np.array_equal(arr[..., 3], getattr(processed.images[0], TAG))
+
+
+# ---------------------------------------------------------------------------------------
+# nothing a generation created outlives it
+
+
+LIFETIME_TYPES = ("Generation", "Recorded", "UNetSession", "ModuleBackend", "A1111Backend", "AttentionSharing",
+                  "AttentionSharingUnit", "ModulePatcher", "SharingState")  # fmt: skip
+
+
+def live_objects() -> dict[str, int]:
+    """Our per-generation objects still in memory (also those only held by reference cycles)."""
+    counts: dict[str, int] = {}
+    for obj in gc.get_objects():
+        name = type(obj).__name__
+        if name in LIFETIME_TYPES and type(obj).__module__.startswith(("lib_layerdiffuse", "test_extension")):
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def test_nothing_outlives_a_generation(ctx, monkeypatch):
+    """Generations of every kind (ok, hires, img2img, refused, failing mid-sampling) with the
+    garbage collector off: reference counting alone must free everything each one created."""
+    monkeypatch.setattr(ctx.env.mod, "Generation", pipeline.Generation)
+    fg = b64_png(rgba_image(1))
+    runs = [
+        dict(args=positional(TRANSPARENT), batch_size=1),
+        dict(args=positional(JOINT, prompts=("a", "b", "")), batch_size=3),
+        dict(args=positional(FG2BG, fg=fg), batch_size=2),
+        dict(args=positional(TRANSPARENT, stop_at=0.5), batch_size=1, enable_hr=True),
+        dict(args=positional(JOINT), batch_size=2),  # refused in process()
+        dict(args=positional(TRANSPARENT), batch_size=1, kind="img2img", init_images=[rgba_image(7)]),
+    ]
+    before = unet_state(ctx.unet)
+    gc.collect()
+    baseline = live_objects()
+    gc.disable()
+    try:
+        for run in runs * 2:
+            run = dict(run)
+            args, kind = run.pop("args"), run.pop("kind", "txt2img")
+            try:
+                generate(ctx, args, kind=kind, **run)
+            except RuntimeError as e:
+                assert "batch size must be a multiple of 3" in str(e)
+                e = None  # the traceback holds frames of the generation
+            assert live_objects() == baseline, run
+        # a failure in the middle of sampling
+        handle = ctx.unet.output_blocks[4].register_forward_hook(lambda m, a, o: (_ for _ in ()).throw(Boom("x")))
+        try:
+            with pytest.raises(Boom):
+                generate(ctx, positional(JOINT), batch_size=3)
+        finally:
+            handle.remove()
+        assert live_objects() == baseline
+    finally:
+        gc.enable()
+    assert_unet_as_before(ctx.unet, before)
+    assert pipeline._MODELS  # the decoder and encoder stay cached (one of each) until released
+    assert len({k[0] for k in pipeline._MODELS}) == len(pipeline._MODELS) <= 2
+    pipeline.release_models()
+    assert not pipeline._MODELS

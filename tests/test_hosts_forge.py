@@ -12,6 +12,7 @@ signature, ``predictor.percent_to_sigma``, and ``p.sample`` called directly by t
 from __future__ import annotations
 
 import copy
+import gc
 import sys
 import types
 from types import SimpleNamespace
@@ -512,3 +513,72 @@ def test_previews_and_final_latents():
         already_decoded = True
 
     assert forge.HOST.final_latents(p, Decoded(), None).shape == (2, 4, 2, 2)
+
+
+# -- nothing outlives a generation ------------------------------------------------------------
+
+
+def live_objects() -> dict[str, int]:
+    names = ("Generation", "UNetSession", "ForgeBackend", "AttentionSharing", "AttentionSharingUnit", "SharingState")
+    counts: dict[str, int] = {}
+    for obj in gc.get_objects():
+        name = type(obj).__name__
+        if name in names and type(obj).__module__.startswith("lib_layerdiffuse"):
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def run_generation(p, method, state, batch, fail=None, **settings):
+    """What the script and the host do for one generation, through the host contract only."""
+    host = StandInHost(state)
+    gen = Generation(host, Settings.from_dict({"enabled": True, "method": method, **settings}), "sd15", batch,
+                     64, 64, ["p"] * batch)  # fmt: skip
+
+    def host_sample(*args, **kwargs):  # the script's hook, then sampling on whatever patcher is current
+        host.generation(p).begin_sampling(p, torch.zeros(batch, 4, 8, 8))
+        unet = p.sd_model.forge_objects.unet
+        with torch.no_grad():
+            for sigma in (9.0, 4.0, 1.0):
+                if fail == "mid":
+                    raise RuntimeError("boom")
+                unet.run(torch.zeros(batch, 4, 8, 8), sigma=sigma, c_crossattn=torch.randn(2 * batch, 77, 16))
+        return "samples"
+
+    def close():
+        p.closed += 1
+
+    p.sample, p.close = host_sample, close
+    host.attach(p, gen)
+    del gen
+    try:
+        p.sample()
+    finally:
+        p.close()
+
+
+def test_nothing_outlives_a_generation(monkeypatch, neo_adapter):
+    patcher_cls, _ = use_host(monkeypatch, "neo")
+    dm = sd15_tiny()
+    p = make_p(patcher_cls, dm, batch=3)
+    p.closed = 0
+    original = p.sd_model.forge_objects.unet
+    states = {1: sharing_state(dm, 1), 3: sharing_state(dm, 3)}
+    gc.collect()
+    baseline = live_objects()
+    gc.disable()
+    try:
+        for _ in range(2):
+            run_generation(p, "FG_ONLY_ATTN_SD15", states[1], 1)
+            assert live_objects() == baseline
+            run_generation(p, "JOINT_SD15", states[3], 3, stop_at=0.5)
+            assert live_objects() == baseline
+            with pytest.raises(RuntimeError, match="boom"):
+                run_generation(p, "JOINT_SD15", states[3], 3, fail="mid")
+            assert live_objects() == baseline
+            with pytest.raises(LayerDiffuseError, match="does not fit"):  # a broken file: refused
+                run_generation(p, "JOINT_SD15", states[1], 3)
+            assert live_objects() == baseline
+    finally:
+        gc.enable()
+    assert p.sd_model.forge_objects.unet is original and not original.model_options.get("model_function_wrapper")
+    assert p.closed == 8 and "_layerdiffuse" not in vars(p)

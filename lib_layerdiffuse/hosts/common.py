@@ -115,6 +115,7 @@ class WebUIHost(Host):
         pass and runs the never-silent check; ``p.close`` (runs on every path) closes ``gen``
         and takes every reference to it off ``p`` again, so nothing outlives the generation."""
         original_sample, original_close = p.sample, p.close
+        own = {name: p.__dict__[name] for name in ("sample", "close") if name in p.__dict__}  # instance attributes
 
         def sample(*args, **kwargs):
             try:
@@ -133,6 +134,7 @@ class WebUIHost(Host):
             finally:
                 for name in ("sample", "close", _GEN):
                     p.__dict__.pop(name, None)
+                p.__dict__.update(own)
             return original_close(*args, **kwargs)
 
         p.sample, p.close = sample, close
