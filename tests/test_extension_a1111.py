@@ -600,3 +600,46 @@ def test_nothing_outlives_a_generation(ctx, monkeypatch):
     assert len({k[0] for k in pipeline._MODELS}) == len(pipeline._MODELS) <= 2
     pipeline.release_models()
     assert not pipeline._MODELS
+
+
+# ---------------------------------------------------------------------------------------
+# paste round trip
+
+
+def parse_infotext(text: str) -> tuple[str, dict]:
+    """A1111's ``parse_generation_parameters`` in small: the prompt line and the ``key: value`` pairs."""
+    lines = text.split("\n")
+    params = {}
+    for k, v in re.findall(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)', lines[-1]):
+        params[k] = v[1:-1].replace('\\"', '"').replace("\\\\", "\\") if v.startswith('"') else v
+    return lines[0], params
+
+
+@pytest.mark.parametrize("frame", [0, 1, 2])
+def test_pasted_infotext_generates_the_same_frame_prompts(ctx, frame):
+    """PNG Info -> Send to txt2img -> Generate: each frame gets the prompt it had, not the layer prompt twice."""
+    first, processed = generate(ctx, positional(JOINT, prompts=("a red glass", "a wooden table", "")),
+                                batch_size=3, prompt="a glass bottle")  # fmt: skip
+    assert first.all_prompts == ["a red glass, a glass bottle", "a wooden table, a glass bottle", "a glass bottle"]
+    prompt, params = parse_infotext(processed.infotexts[frame])
+    assert prompt == first.all_prompts[frame]
+    pasted = Settings.from_infotext(params)
+    args = [True, pasted.method, pasted.weight, pasted.stop_at, None, None, None, pasted.resize_mode, False,
+            pasted.fg_additional_prompt, pasted.bg_additional_prompt, pasted.blend_additional_prompt]  # fmt: skip
+    again, _ = generate(ctx, args, batch_size=3, prompt=prompt)
+    assert again.all_prompts == first.all_prompts
+    # an infotext written before this change has the same form, so it pastes the same way
+    assert (
+        Settings.from_infotext(
+            {"layerdiffusion_method": JOINT, "layerdiffusion_fg_additional_prompt": "x"}
+        ).fg_additional_prompt
+        == "x"
+    )
+
+
+def test_previews_in_the_gallery_are_the_saved_files(ctx):
+    """The gallery serves a saved file (``already_saved_as``) instead of writing to the host's temporary folder."""
+    p, processed = generate(ctx, positional(TRANSPARENT), batch_size=1)
+    preview = processed.images[1]
+    assert Path(preview.already_saved_as).name.endswith("-checkerboard.png")
+    assert (Path(ctx.env.root) / preview.already_saved_as).is_file() or Path(preview.already_saved_as).is_file()

@@ -213,6 +213,8 @@ class WebUIHost(Host):
                 self.save_extra(p, image, index, "-checkerboard", info)
             except Exception as e:
                 log.warning("LayerDiffuse: could not save the preview: %s", e)
+            if getattr(image, "already_saved_as", None) is None:
+                _ensure_temp_dir()
             self.show_preview(processed, image, info)
 
     def show_preview(self, processed, image, info: str) -> None:
@@ -225,6 +227,16 @@ class WebUIHost(Host):
         script_callbacks.on_before_image_saved(before_image_saved)
         script_callbacks.on_image_saved(check_saved)
         script_callbacks.on_app_started(lambda *a, **k: install_api_png())
+
+
+def _ensure_temp_dir() -> None:
+    """An unsaved image reaches the gallery through the host's temporary folder (``opts.temp_dir``),
+    which some launchers create and ``launch.py`` does not: without it the gallery shows nothing."""
+    from modules import shared  # type: ignore
+
+    folder = getattr(shared.opts, "temp_dir", "")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
 
 
 def before_image_saved(params):
