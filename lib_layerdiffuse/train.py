@@ -57,6 +57,7 @@ def _vae_parser(sub) -> None:
     p.add_argument("--size", type=int, default=64, help="training side in pixels (multiple of 64 at full width)")
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate of E and D (paper: 1e-5)")
     p.add_argument("--disc-lr", type=float, default=None, help="discriminator learning rate (default: --lr)")
+    p.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW eps (larger: gentler steps for tiny gradients)")
     p.add_argument("--lambda-offset", type=float, default=1e-2, help="offset scale (folded into the export)")
     p.add_argument("--offset-dropout", type=float, default=0.0, help="drop this share of offsets (0.3: robust decoder)")
     p.add_argument("--w-recon", type=float, default=1.0)

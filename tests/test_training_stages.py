@@ -183,7 +183,11 @@ def _check_patch_reproduces(out, cfg: DiffusionStageConfig):
             if core_patches.PREFIX + n in patched:
                 p.copy_(patched[core_patches.PREFIX + n])
         got = base(x, t, ctx) if y is None else base(x, t, ctx, y)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # Same weights bit for bit (above), but two forwards over different buffers (functional_call's
+    # substitutes vs the module's own parameters): BLAS kernels may take another summation path
+    # for other addresses on some CPUs. |got - want| measured: 0 under ATEN_CPU_CAPABILITY=default
+    # and avx2, 3.3e-7 on an AVX-512 CPU; the tolerance is ~15x that, the training's effect ~1.
+    torch.testing.assert_close(got, want, rtol=0, atol=5e-6)
 
 
 def test_diffusion_lora_loss_decreases_and_patch_reproduces(tmp_path, frozen_files):
@@ -231,8 +235,14 @@ def _layers(tmp_path, frozen_files, **kw):
     return LayersStageConfig(out=str(tmp_path), **cfg)
 
 
-def _check_sharing_export(out, cfg: LayersStageConfig, frames: int, control: bool, atol=1e-5):
-    """The export loads strict into the core's AttentionSharing and samples like the trained model."""
+def _check_sharing_export(out, cfg: LayersStageConfig, frames: int, control: bool, atol=2e-5):
+    """The export loads strict into the core's AttentionSharing and samples like the trained model.
+
+    Not bit for bit: the core multiplies by its cached contiguous merged weights, the trained
+    units by a transposed view (another matmul path, another summation order). Measured
+    |got - want| without control: 5.1e-7 (ATEN_CPU_CAPABILITY=default), 1.3e-6 (avx2); the
+    default atol is ~15x that.
+    """
     state = load_file(str(out / SHARING_FILE))
     assert all(k.startswith("hookers.layers.") or (control and k.startswith("kwargs_encoder.")) for k in state)
     assert any(k.startswith("kwargs_encoder.") for k in state) == control

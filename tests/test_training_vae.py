@@ -187,7 +187,10 @@ def test_resume_continues_step_count_and_losses(tmp_path, tiny_vae_file):
 def test_grad_accum_checkpointing_and_bf16(tmp_path, tiny_vae_file):
     from safetensors.torch import load_file
 
-    kw = {**TINY, "synthetic": 16, "vae_path": str(tiny_vae_file), "sample_every": 0, "eval_count": 0, "steps": 2}
+    # adam_eps 1e-4: with the default 1e-8, Adam turns the rounding of a near-zero gradient into up
+    # to +-lr (see SMOOTH_ADAM_EPS in test_training_dist.py); grad_accum sums in another order
+    kw = {**TINY, "synthetic": 16, "vae_path": str(tiny_vae_file), "sample_every": 0, "eval_count": 0, "steps": 2,
+          "adam_eps": 1e-4}  # fmt: skip
     states = {}
     for name, extra in {"plain": {}, "accum": {"grad_accum": 2}, "ckpt": {"grad_checkpointing": True}}.items():
         train_vae_stage(VAEStageConfig(out=str(tmp_path / name), **kw, **extra))
@@ -239,7 +242,9 @@ def test_full_size_export_loads_strict_and_folds_lambda(tmp_path):
         # the extension's mean + std * offset equals the trainer's mean + lambda * std * E
         torch.testing.assert_close(core_vae.apply_offset(mean, std, offset), mean + lam * std * enc(feed))
         pixel = rgba[:, :3]
-        torch.testing.assert_close(loaded_d(pixel, mean), dec(pixel, mean), rtol=1e-4, atol=1e-5)
+        # the same weights in other buffers (the loader assigns the file's tensors): the kernels may
+        # round differently; measured |diff| 2.1e-6 at most (default, avx2), atol ~10x that with rtol
+        torch.testing.assert_close(loaded_d(pixel, mean), dec(pixel, mean), rtol=1e-4, atol=2e-5)
     meta = ckpt.read_metadata(e_path)
     assert meta["lambda_offset_folded"] == "0.01"
 

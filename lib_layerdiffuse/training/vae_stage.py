@@ -159,6 +159,7 @@ class VAEStageConfig:
     size: int = 64
     lr: float = 1e-5
     disc_lr: float | None = None  # default: lr
+    adam_eps: float = 1e-8  # AdamW eps of E+D and the discriminator
     lambda_offset: float = 1e-2
     offset_dropout: float = 0.0  # 0.3 for the paper's robust decoder
     w_recon: float = 1.0
@@ -519,8 +520,8 @@ def train_vae_stage(cfg: VAEStageConfig, frozen_vae: nn.Module | None = None) ->
     encoder, decoder = TrainEncoder(widths.encoder), TrainDecoder(widths.decoder, widths.decoder_attn_from)
     pair = LatentTransparencyPair(encoder, decoder, frozen_vae, cfg.lambda_offset).to(info.device)
     disc = PatchDiscriminator(4, cfg.disc_width).to(info.device)
-    opt_g = torch.optim.AdamW(pair.parameters(), lr=cfg.lr)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr or cfg.lr)
+    opt_g = torch.optim.AdamW(pair.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr or cfg.lr, eps=cfg.adam_eps)
     modules, optims = {"pair": pair, "disc": disc}, {"g": opt_g, "d": opt_d}
 
     state_path = out / ckpt.STATE_FILE
