@@ -1,7 +1,7 @@
 """GroupNorm whose statistics do not run as one GPU block per (sample, group).
 
 The decoder uses 4 groups, so ``torch.nn.GroupNorm``'s CUDA statistics kernel runs 4
-blocks per sample and takes 88% of a batch-1 pass (performance.md). :class:`FastGroupNorm`
+blocks per sample and takes 88% of a batch-1 pass (docs/performance.md). :class:`FastGroupNorm`
 is an ``nn.GroupNorm`` (same ``weight`` / ``bias`` parameters, so state-dict keys and
 ``isinstance`` checks are unchanged) whose forward picks one of three implementations:
 

@@ -30,7 +30,7 @@ log = logging.getLogger("layerdiffuse")
 
 PREFIX = "diffusion_model."
 CONV_IN = "input_blocks.0.0.weight"
-# A1111's built-in LoRA keeps lazy backups on the modules it patches (hosts.md §6.1).
+# A1111's built-in LoRA keeps lazy backups on the modules it patches (docs/hosts.md §2).
 FOREIGN_BACKUP_ATTRS = ("network_weights_backup", "network_bias_backup", "network_current_names")
 MOST_MISSING = 0.5  # refuse a file when more than this share of its keys is absent from the model
 

@@ -271,7 +271,7 @@ def _pad_to_multiple(pixel: torch.Tensor, latent: torch.Tensor):
 
 
 # Activation memory of one decoder forward, in elements per output pixel per view. From
-# performance.md (H100, fp16, 1024x1024): batch 1 peaks at 1.2 GB with 0.2 GB of weights
+# docs/performance.md (H100, fp16, 1024x1024): batch 1 peaks at 1.2 GB with 0.2 GB of weights
 # (~1 KB/px), batch 8 at 6.6 GB (~0.77 KB/px for each further view); rounded up.
 FIRST_VIEW_ELEMENTS = 500
 EXTRA_VIEW_ELEMENTS = 400
@@ -297,7 +297,7 @@ def default_views_per_batch(
 ) -> int:
     """How many views one decoder forward takes by default.
 
-    CPU: 1 (the decode is compute-bound there and batching is slower, performance.md).
+    CPU: 1 (the decode is compute-bound there and batching is slower, docs/performance.md).
     CUDA: as many as fit in ``extra_memory_gb`` (default 2 GB) of activations above a
     batch-1 pass (measured ~0.77 KB per pixel per extra view at fp16), and never more
     than 90% of the free memory allows.
@@ -360,7 +360,7 @@ def _run_views(decoder, pixel, latent, views, per):
 
 def _channels_last_on_cpu(decoder, device) -> None:
     """On CPU, channels-last convolutions make a batch-1 pass about 1.4x faster (oneDNN); on
-    GPUs they are slower (performance.md). Converts the decoder's weights once, in place; the
+    GPUs they are slower (docs/performance.md). Converts the decoder's weights once, in place; the
     result differs from the contiguous layout by float rounding only (~5e-6)."""
     conv = getattr(decoder, "conv_in", None)
     if torch.device(device).type != "cpu" or conv is None:
@@ -493,7 +493,7 @@ def compile_decoder(decoder: nn.Module, enabled: bool = True, **compile_kwargs):
     """The decoder compiled with ``torch.compile`` when ``enabled`` and the host supports it.
 
     Off unless asked (compiling the full decoder took 78 s per shape on an H100 for a
-    3.1x faster batched pass, performance.md). Returns the decoder itself when disabled or
+    3.1x faster batched pass, docs/performance.md). Returns the decoder itself when disabled or
     where ``torch.compile`` is missing; otherwise a :class:`CompiledDecoder`.
     """
     if not enabled or not hasattr(torch, "compile"):

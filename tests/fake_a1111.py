@@ -1,7 +1,6 @@
 """Small stand-ins of the AUTOMATIC1111 (1.10) modules the script and its adapter import.
 
-Signatures follow ``/work/shared/reference/hosts.md`` (§2 hooks and call order, §4 saving,
-§5 latents, §6.1 UNet layout and batch rows, §7 prompts and seeds). Nothing here is
+Signatures follow ``docs/hosts.md`` (§1 hooks and call order, §2 A1111's objects). Nothing here is
 imported by production code: :func:`install` puts a fake ``modules`` package and a fake
 ``gradio`` into ``sys.modules`` and :func:`uninstall` removes them, so only the test module
 that calls them sees a WebUI.
@@ -271,6 +270,7 @@ def install(models_dir, data_path) -> SimpleNamespace:
     script_callbacks = _script_callbacks()
     shared = _module("modules.shared")
     shared.cmd_opts = SimpleNamespace(layerdiffuse_models_dir=str(models_dir))
+    shared.state = SimpleNamespace(textinfo=None, interrupted=False)  # the progress shown in the UI
     shared.opts = SimpleNamespace(samples_format="png", enable_pnginfo=True, samples_save=True,
                                   img2img_background_color="#ffffff", jpeg_quality=95)  # fmt: skip
     paths = _module("modules.paths")

@@ -534,6 +534,8 @@ def test_real_decoder_end_to_end(ctx, monkeypatch):
     monkeypatch.setattr(pipeline, "decode_rgba", vae.decode_rgba)
     p, processed = generate(ctx, positional(TRANSPARENT), batch_size=1)
     assert p.scripts.errors == [] and not p.comments
+    assert ctx.env.fake.shared.state.textinfo == "LayerDiffuse: transparent decode, image 1"
+    assert not ctx.env.host.interrupted()
     main = [f for f in saved_files(ctx) if "-checkerboard" not in f.name]
     mode, arr, text = read(main[0])
     assert mode == "RGBA" and "layerdiffusion_enabled: True" in text

@@ -1,6 +1,6 @@
 """Forge2 / Forge Neo adapter (``lib_layerdiffuse.hosts.forge``) against small stand-ins.
 
-The stand-ins mirror the signatures in ``shared/reference/forge-hosts.md`` §6: Forge2's
+The stand-ins mirror the signatures in ``docs/hosts.md`` §3: Forge2's
 keyword-only ``add_patches(*, filename, patches, ...)`` and its tuple LoRA / growing diff
 merge, Neo's ``add_patches(patches, strength_patch, strength_model, *, filename, online_mode)``
 with ``pad_weight`` diffs and ``LoRAAdapter`` objects, ``set_model_unet_function_wrapper``
@@ -32,7 +32,7 @@ from lib_layerdiffuse.patches import compute_patched_tensors, parse_patch_state
 from lib_layerdiffuse.pipeline import Generation
 from lib_layerdiffuse.settings import Settings
 
-# -- stand-ins of the hosts' merge code (forge-hosts.md §5, §6.2) ---------------------------
+# -- stand-ins of the hosts' merge code (docs/hosts.md §3) ---------------------------
 
 
 def merge_forge2(weight, patches):
@@ -582,3 +582,83 @@ def test_nothing_outlives_a_generation(monkeypatch, neo_adapter):
         gc.enable()
     assert p.sd_model.forge_objects.unet is original and not original.model_options.get("model_function_wrapper")
     assert p.closed == 8 and "_layerdiffuse" not in vars(p)
+
+
+# -- a LoRA file through the host's own loader ----------------------------------------------
+
+
+@pytest.fixture
+def host_lora(monkeypatch):
+    """Both hosts' ``backend.utils.load_torch_file`` and ``backend.patcher.lora`` (key map, parser)."""
+    files = {}
+    names = ["backend", "backend.utils", "backend.patcher", "backend.patcher.lora"]
+    mods = {n: types.ModuleType(n) for n in names}
+    for n, m in mods.items():
+        monkeypatch.setitem(sys.modules, n, m)
+    mods["backend.utils"].load_torch_file = lambda path, safe_load=False: safe_load and files[path]
+    seen_maps = []
+
+    def model_lora_keys_unet(model, key_map):
+        seen_maps.append(key_map)
+        for k, _ in model.named_parameters():
+            if k.endswith(".weight"):  # kohya-style name -> the model's key
+                key_map["lora_unet_" + k[: -len(".weight")].replace(".", "_")] = k
+        return key_map
+
+    def load_lora(state, key_map):
+        patches, unmatched = {}, []
+        for k, v in state.items():
+            base = k.split(".")[0]
+            if base in key_map:
+                patches[key_map[base]] = ("lora", (v, v, None, None, None))
+            else:
+                unmatched.append(k)
+        return patches, unmatched
+
+    mods["backend.patcher.lora"].model_lora_keys_unet = model_lora_keys_unet
+    mods["backend.patcher.lora"].load_lora = load_lora
+    return SimpleNamespace(files=files, seen_maps=seen_maps)
+
+
+def test_load_lora_through_the_host(monkeypatch, host_lora):
+    patcher_cls, _ = use_host(monkeypatch, "forge2")
+    p = make_p(patcher_cls, sdxl_like(), SimpleNamespace(is_sd1=False, is_sdxl=True))
+    original = p.sd_model.forge_objects.unet
+    host_lora.files["good.safetensors"] = {"lora_unet_diffusion_model_proj.lora_up.weight": torch.ones(1),
+                                           "lora_unet_elsewhere.lora_up.weight": torch.ones(1)}  # fmt: skip
+    forge.HOST.load_lora(p, "good.safetensors", 0.8)
+    unet = p.sd_model.forge_objects.unet
+    assert unet is not original and not original.patches  # a clone, the host's patcher untouched
+    assert (
+        list(unet.patches) == ["diffusion_model.proj.weight"]
+        and unet.patches["diffusion_model.proj.weight"][0][0] == 0.8
+    )
+    host_lora.files["other.safetensors"] = {"lora_te_text_model.lora_up.weight": torch.ones(1)}
+    p.sd_model.forge_objects.unet = original
+    with pytest.raises(LayerDiffuseError, match="other.safetensors: none of its 1 keys map.*lora_te_text_model"):
+        forge.HOST.load_lora(p, "other.safetensors", 1.0)
+    assert p.sd_model.forge_objects.unet is original
+    assert len(host_lora.seen_maps) == 2 and host_lora.seen_maps[0] is not host_lora.seen_maps[1]  # fresh key maps
+
+
+def test_contract_model_operations(monkeypatch):
+    """The VAE, sigma and device operations of the Forge adapter on stand-in objects."""
+    from lib_layerdiffuse.hosts.common import posterior_moments
+
+    vae = nn.Module()
+    vae.encoder = nn.Conv2d(3, 8, 8, stride=8)
+    vae.quant_conv = None
+    vae.decoder = nn.ConvTranspose2d(4, 3, 8, stride=8)
+    vae.decode = lambda z: vae.decoder(z)
+    vae.scaling_factor, vae.shift_factor = 0.3611, 0.1159
+    dm = sdxl_like()
+    p = make_p(Forge2Patcher, dm, SimpleNamespace(is_sd1=False, is_sdxl=True))
+    p.sd_model.forge_objects.vae = SimpleNamespace(first_stage_model=vae)
+    assert forge.HOST.latent_format(p) == (0.3611, 0.1159)
+    rgb = torch.rand(1, 3, 16, 16)
+    mean, std = forge.HOST.vae_moments(p, rgb)
+    assert mean.shape == std.shape == (1, 4, 2, 2) and torch.equal(mean, posterior_moments(vae, rgb)[0])
+    assert forge.HOST.vae_decode(p, mean).shape == (1, 3, 16, 16)
+    assert forge.HOST.percent_to_sigma(p, 0.25) == 7.5
+    assert forge.HOST.device_dtype(p) == (torch.device("cpu"), torch.float32)
+    assert forge.HOST.low_vram() is False  # no memory manager here

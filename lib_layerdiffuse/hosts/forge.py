@@ -17,13 +17,14 @@ own restore applies; our code changes no tensor of the shared model outside the 
   are off and ``c_concat`` is removed; weight-patched modes switch to the unpatched UNet
   through a conditioning modifier, as the official extension does.
 
-Per-host differences (forge-hosts.md §6.2) are the small functions chosen at import below.
+Per-host differences (docs/hosts.md §3) are the small functions chosen at import below.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+from pathlib import Path
 
 import torch
 
@@ -255,6 +256,29 @@ class ForgeHost(WebUIHost):
 
     def vae_decode(self, p, latent):
         return raw_decode(self._vae(p), latent)
+
+    def load_lora(self, p, path, weight: float) -> None:
+        """The host's own LoRA route on a clone of the current patcher (its key mapping onto
+        fused weights, its merge, restore and memory management), assigned for this pass.
+        A file none of whose keys map onto the model is refused, naming a few."""
+        from backend.patcher import lora as host_lora  # type: ignore
+        from backend.utils import load_torch_file  # type: ignore
+
+        state = load_torch_file(str(path), safe_load=True)
+        unet = p.sd_model.forge_objects.unet.clone()
+        key_map = host_lora.model_lora_keys_unet(unet.model, {})  # a fresh dict: the host's default is shared
+        patches, unmatched = host_lora.load_lora(state, key_map)
+        name = Path(str(path)).name
+        if not patches:
+            few = ", ".join(sorted(state)[:3])
+            raise PatchError(
+                f"{name}: none of its {len(state)} keys map onto the loaded model (e.g. {few}); "
+                "it was made for another model."
+            )
+        if unmatched:
+            log.warning("LayerDiffuse: %s: %d keys do not map onto this model", name, len(unmatched))
+        unet.add_patches(filename=name, patches=patches, strength_patch=weight, strength_model=1.0, online_mode=False)
+        p.sd_model.forge_objects.unet = unet
 
     def low_vram(self) -> bool:
         try:
