@@ -19,6 +19,7 @@ and the adapter removes every reference ``p`` and the host's objects hold to it.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ from .vae import apply_offset, decode_rgba, encode_offset
 from .weights import load_decoder, load_encoder, load_unet_file
 
 log = logging.getLogger("layerdiffuse")
+_AND = re.compile(r"\bAND\b")  # where A1111 splits composable prompts
 
 __all__ = ["Generation", "Host", "LayerDiffuseError", "cached_model", "release_models"]
 
@@ -166,11 +168,7 @@ class Generation:
         M.check_family(self.mode, family)
         M.check_batch(self.mode, batch_size)
         C.check_inputs(self.mode, {k: settings.image(k) for k in ("fg", "bg", "blend")}, height, width)
-        if prompts and self.mode.group > 1 and any(" AND " in p for p in prompts):
-            raise LayerDiffuseError(
-                f"'{self.mode.label}' cannot use composable prompts (AND): they break the frame groups. "
-                "Remove 'AND' from the prompt."
-            )
+        self._check_composable(prompts or [])
         self.session: UNetSession | None = None  # the sampling pass in progress
         self.error: str | None = None  # a setup failure inside a hook, raised after sampling
         self.passes = 0  # sampling passes since the last check_ran
@@ -185,6 +183,16 @@ class Generation:
         self._aborted: UNetBackend | None = None  # a backend that makes sampling fail (setup error)
 
     # -- prompts --------------------------------------------------------------------------
+
+    def _check_composable(self, prompts: list[str]) -> None:
+        """A1111 splits a prompt on the word AND (anywhere, any line) into more conditioning
+        rows, which breaks the frame groups of the multi-layer modes."""
+        if self.mode.group > 1 and any(_AND.search(q) for q in prompts):
+            raise LayerDiffuseError(
+                f"'{self.mode.label}' cannot use composable prompts (AND): they break the frame groups. "
+                "Remove the word 'AND' from the prompt, the hires prompt and the per-layer prompts (lowercase "
+                "'and' is fine)."
+            )
 
     def layer_prompts(self, prompts: list[str]) -> list[str]:
         """Per-image prompts with each frame's additional prompt in front (SD1.5 multi-layer modes).
@@ -203,6 +211,7 @@ class Generation:
             base = strip_layer_prompt(prompt, extras)
             which = self.mode.prompts[i % self.mode.group]
             out.append(C.layer_prompt(self.settings.prompt(which), base) or base)
+        self._check_composable(out)
         return out
 
     # -- sampling -------------------------------------------------------------------------

@@ -79,6 +79,8 @@ class UNetSession:
             self.sharing = sharing if sharing is not None else load_sharing(backend.unet, mode, state, self.source)
         else:
             self.patches = parse_patch_state(state, self.source)
+            if not self.patches:  # it would sample unpatched and still claim transparency
+                raise PatchError(f"{self.source} holds no patches. Delete it and download it again.")
             if mode.concat and not widens_conv_in(self.patches, backend.unet):
                 raise PatchError(
                     f"{self.source} has no widened conv_in ({4 + mode.concat_channels} input channels) for "

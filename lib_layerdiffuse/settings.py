@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import difflib
 import io
 from dataclasses import dataclass, field, fields, replace
 
@@ -82,15 +83,25 @@ class Settings:
         return cls.from_dict(dict(zip(ARG_ORDER, args, strict=False)))
 
     @classmethod
-    def from_dict(cls, values: dict) -> Settings:
+    def from_dict(cls, values: dict, *, lenient_enabled: bool = False) -> Settings:
+        """Key names and ``enabled`` are always checked; the other values only when enabled
+        (a disabled request reads nothing else, images included). ``enabled`` must be a
+        boolean; ``lenient_enabled`` also takes the text an infotext holds ("True")."""
         known = {f.name for f in fields(cls)}
         clean = {}
         for key, value in values.items():
             name = ALIASES.get(key, key)
             if name not in known:
-                raise SettingsError(f"unknown setting {key!r}; known settings: {', '.join(ARG_ORDER)}")
+                close = difflib.get_close_matches(str(key), [*ARG_ORDER, *ALIASES], n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise SettingsError(f"unknown setting {key!r}{hint}; known settings: {', '.join(ARG_ORDER)}")
             if value is not None:  # missing or null means the default
                 clean[name] = value
+        enabled = clean.get("enabled", False)
+        if not isinstance(enabled, (bool, np.bool_)) and not lenient_enabled:
+            raise SettingsError(f"enabled must be true or false (a JSON boolean), got {enabled!r}")
+        if not _to_bool("enabled", enabled):
+            return cls()
         return cls()._validated(clean)
 
     def _validated(self, values: dict) -> Settings:
@@ -100,6 +111,11 @@ class Settings:
                 out[name] = _to_bool(name, value)
             elif name in ("weight", "stop_at"):
                 out[name] = _to_float(name, value, 0.0, 2.0 if name == "weight" else 1.0)
+                if name == "stop_at" and out[name] <= 0.0:
+                    raise SettingsError(
+                        "stop_at (Stop At) must be above 0: at 0 LayerDiffuse would take no part in sampling. "
+                        "Use a value in (0, 1]; 1 keeps it on to the end."
+                    )
             elif name == "method":
                 try:
                     out[name] = _modes.resolve(value).label
@@ -138,7 +154,7 @@ class Settings:
         for name, key in INFOTEXT_KEYS.items():
             if key in params and name not in IMAGES:
                 values[name] = params[key]
-        return cls.from_dict(values)
+        return cls.from_dict(values, lenient_enabled=True)
 
 
 def _to_bool(name, value) -> bool:

@@ -129,9 +129,8 @@ class LayerDiffuseScript(scripts.Script):
     def process(self, p, *args):
         try:
             settings = Settings.from_args(args)
-        except LayerDiffuseError as e:
-            if args and (args[0] is True or (isinstance(args[0], dict) and args[0].get("enabled"))):
-                hosts.refuse(p, str(e))
+        except LayerDiffuseError as e:  # a bad key or enabled, or a bad value while enabled
+            hosts.refuse(p, str(e))
             return
         if not settings.enabled:
             return
@@ -140,13 +139,15 @@ class LayerDiffuseScript(scripts.Script):
             return
         try:
             gen = Generation(host, settings, host.family(p), p.batch_size, p.width, p.height, p.all_prompts)
+            prompts = gen.layer_prompts(p.all_prompts)
+            hr_prompts = gen.layer_prompts(p.all_hr_prompts) if getattr(p, "all_hr_prompts", None) else None
         except LayerDiffuseError as e:
             hosts.refuse(p, str(e))
             return
         p.extra_generation_params.update(settings.infotext())
-        p.all_prompts = gen.layer_prompts(p.all_prompts)
-        if getattr(p, "all_hr_prompts", None):
-            p.all_hr_prompts = gen.layer_prompts(p.all_hr_prompts)
+        p.all_prompts = prompts
+        if hr_prompts is not None:
+            p.all_hr_prompts = hr_prompts
         if getattr(p, "init_images", None):
             p.init_images = gen.prepare_init(p.init_images)
         host.attach(p, gen)

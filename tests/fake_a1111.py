@@ -465,15 +465,17 @@ class DecodedSamples(list):
 
 
 class Txt2Img(Processing):
-    def __init__(self, *args, enable_hr=False, hr_scale=2.0, denoising_strength=0.5, **kwargs):
+    def __init__(self, *args, enable_hr=False, hr_scale=2.0, denoising_strength=0.5, hr_prompt="", **kwargs):
         super().__init__(*args, **kwargs)
         self.enable_hr, self.hr_scale, self.denoising_strength = enable_hr, hr_scale, denoising_strength
+        self.hr_prompt = hr_prompt  # "" = the main prompt, as A1111
         self.is_hr_pass = False
 
     def setup_prompts(self):
         super().setup_prompts()
         if self.enable_hr:
-            self.all_hr_prompts = list(self.all_prompts)
+            n = len(self.all_prompts)
+            self.all_hr_prompts = [self.hr_prompt] * n if self.hr_prompt else list(self.all_prompts)
 
     def init(self, all_prompts, all_seeds, all_subseeds):
         pass

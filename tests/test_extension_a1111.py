@@ -296,6 +296,12 @@ REFUSALS = {
     "unknown-method": (dict(args=positional("Make It Transparent"), batch_size=1), r"Unknown LayerDiffuse method"),
     "bad-weight": (dict(args=positional(TRANSPARENT, weight=5), batch_size=1), r"weight must be between 0.0 and 2.0"),
     "and-prompt": (dict(args=positional(JOINT), batch_size=3, prompt="a cat AND a dog"), r"composable prompts \(AND\)"),
+    "and-newline": (dict(args=positional(JOINT), batch_size=3, prompt="a cat\nAND a dog"), r"composable prompts"),
+    "and-layer-prompt": (dict(args=positional(JOINT, prompts=("x AND y", "", "")), batch_size=3), r"composable prompts"),
+    "and-hires-prompt": (dict(args=positional(JOINT), batch_size=3, enable_hr=True, hr_prompt="a AND b"), r"composable"),
+    "stop-at-0": (dict(args=positional(TRANSPARENT, stop_at=0), batch_size=1), r"Stop At\) must be above 0"),
+    "enabled-text": (dict(args=[{"enabled": "true", "method": "nope"}], batch_size=1), r"a JSON boolean"),
+    "misspelt-key": (dict(args=[{"enable": True}], batch_size=1), r"did you mean 'enabled'"),
     "sdxl-on-sd15": (dict(args=positional(SDXL_ATTN), batch_size=1), r"needs an SDXL checkpoint.*SD1\.5"),
     "named-unknown-key": (dict(args=named(method=TRANSPARENT, colour="red"), batch_size=1), r"unknown setting 'colour'"),
 }  # fmt: skip
@@ -633,7 +639,11 @@ def test_pasted_infotext_generates_the_same_frame_prompts(ctx, frame):
     # an infotext written before this change has the same form, so it pastes the same way
     assert (
         Settings.from_infotext(
-            {"layerdiffusion_method": JOINT, "layerdiffusion_fg_additional_prompt": "x"}
+            {
+                "layerdiffusion_enabled": "True",
+                "layerdiffusion_method": JOINT,
+                "layerdiffusion_fg_additional_prompt": "x",
+            }
         ).fg_additional_prompt
         == "x"
     )

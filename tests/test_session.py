@@ -138,3 +138,8 @@ def test_wrong_file_for_the_mode(trees):
     with pytest.raises(PatchError, match="no widened conv_in \\(8 input channels\\)"):
         session_for(xl, layer, no_conv_in)  # refused before anything is installed
     assert same_bits(snapshot(xl), before)
+
+
+def test_empty_patch_file_is_refused(trees):
+    with pytest.raises(PatchError, match="layer_xl_transparent_attn.safetensors holds no patches"):
+        session_for(trees["sdxl"], M.resolve("FG_ONLY_ATTN"), {})

@@ -45,7 +45,6 @@ def test_named_form_ignores_trailing_ui_defaults():
         ({"stop_at": -0.1}, "stop_at must be between 0.0 and 1.0"),
         ({"method": "magic"}, "Unknown LayerDiffuse method 'magic'"),
         ({"resize_mode": "Stretch"}, "resize_mode must be one of Just Resize, Crop and Resize, Resize and Fill"),
-        ({"enabled": "perhaps"}, "enabled must be true or false"),
         ({"fg_image": "not base64!!"}, "fg_image is not a base64-encoded image"),
         ({"fg_image": [1, 2, 3]}, "fg_image must be an RGB or RGBA image"),
         ({"colour": 1}, "unknown setting 'colour'"),
@@ -54,7 +53,29 @@ def test_named_form_ignores_trailing_ui_defaults():
 )
 def test_invalid_values_are_named(values, message):
     with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Settings.from_dict({"enabled": True, **values})
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"enable": True}, "unknown setting 'enable' (did you mean 'enabled'?)"),
+        ({"enabled": "true", "method": "magic"}, "enabled must be true or false (a JSON boolean), got 'true'"),
+        ({"enabled": 1}, "enabled must be true or false (a JSON boolean), got 1"),
+        ({"enabled": True, "stop_at": 0}, "Stop At) must be above 0"),
+    ],
+)
+def test_keys_and_enabled_are_always_checked(values, message):
+    with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")):
         Settings.from_dict(values)
+
+
+def test_disabled_reads_no_other_value():
+    """A disabled request with values that would be refused when enabled (a broken image, an
+    unknown method, a weight out of range) generates as if LayerDiffuse were not there."""
+    s = Settings.from_args([False, "Make It Transparent", 5, 0, "not base64!!", None, None, "Stretch"])
+    assert s == Settings()
+    assert Settings.from_dict({"enabled": False, "fg_image": "not base64!!"}) == Settings()
 
 
 def test_images_from_every_source():
@@ -64,7 +85,7 @@ def test_images_from_every_source():
     assert decode_image("x", "data:image/png;base64," + b64(rgb)).shape == (4, 5, 4)
     assert decode_image("x", {"image": rgb}).shape == (4, 5, 4)
     assert decode_image("x", np.ones((2, 2, 4), np.float32))[0, 0, 0] == 255
-    assert Settings.from_dict({"resize_mode": 2}).resize_mode == "Resize and Fill"
+    assert Settings.from_dict({"enabled": True, "resize_mode": 2}).resize_mode == "Resize and Fill"
 
 
 def test_infotext_round_trip_and_legacy_labels():

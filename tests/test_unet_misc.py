@@ -43,7 +43,8 @@ class CountingBackend(UNetBackend):
 def test_stop_at_switches_once():
     """One rule for every backend: active while sigma >= percent_to_sigma(stop_at), off once below."""
     acp = sd_alphas_cumprod()
-    mode = M.resolve("FG_ONLY_ATTN")  # a patch mode: an empty file parses to no patches
+    mode = M.resolve("FG_ONLY_ATTN")  # a patch mode with one small patch
+    state = {"diffusion_model.x.weight::diff::0": torch.zeros(1)}
 
     def session(stop_at):
         backend = CountingBackend()
