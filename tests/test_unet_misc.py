@@ -49,7 +49,7 @@ def test_stop_at_switches_once():
     def session(stop_at):
         backend = CountingBackend()
         return UNetSession(
-            backend, mode, {}, sigma_end=0.0 if stop_at >= 1 else percent_to_sigma(acp, stop_at)
+            backend, mode, state, sigma_end=0.0 if stop_at >= 1 else percent_to_sigma(acp, stop_at)
         ), backend
 
     half, backend = session(0.5)
