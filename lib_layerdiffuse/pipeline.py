@@ -271,6 +271,10 @@ class Generation:
                 sharing.set_control(C.to_tensor(img))
             if self.mode.concat:
                 session.condition = self._condition(p, h, w)
+            if self.mode.decoder_file is not None:  # a damaged decoder is refused before sampling, not after
+                self._model(p, "decoder")
+            if self.init_rgba and self.mode.encoder_file is not None:
+                self._model(p, "encoder")
             self.session = session
             session.install()
             if self.init_rgba and self.host.is_init_latent(p, x):
@@ -345,6 +349,12 @@ class Generation:
 
     # -- outputs ----------------------------------------------------------------------------
 
+    def _model(self, p, kind: str):
+        """The mode's transparent decoder or encoder (loaded, checked and cached once)."""
+        device, dtype = self.host.device_dtype(p)
+        name = self.mode.decoder_file if kind == "decoder" else self.mode.encoder_file
+        return cached_model(kind, self.host.weight_path(name), device, dtype)
+
     def keep_latents(self, p, iteration: int, samples) -> None:
         """post_sample: the final diffusion-space latents of one batch (after hires), by image index."""
         latents = self.host.final_latents(p, samples, self.sampled)
@@ -377,9 +387,7 @@ class Generation:
             )
             latent = torch.nn.functional.interpolate(latent, size=(h // 8, w // 8), mode="bilinear")
         self.host.progress(f"LayerDiffuse: transparent decode, image {index + 1}")
-        device, dtype = self.host.device_dtype(p)
-        decoder = cached_model("decoder", self.host.weight_path(self.mode.decoder_file), device, dtype)
-        rgba = from_decoder(decode_rgba(decoder, pixel, latent)[0])
+        rgba = from_decoder(decode_rgba(self._model(p, "decoder"), pixel, latent)[0])
         self.previews[index] = rgba
         return rgba
 
@@ -398,8 +406,7 @@ class Generation:
 
     def encode_init(self, p, rgba_images: list[np.ndarray]) -> torch.Tensor:
         """The adjusted raw init latent ``mean + std * offset`` of float RGBA images (Eq. 2)."""
-        device, dtype = self.host.device_dtype(p)
-        encoder = cached_model("encoder", self.host.weight_path(self.mode.encoder_file), device, dtype)
+        encoder = self._model(p, "encoder")
         flat = np.stack([flatten_on_grey(x) for x in rgba_images])
         mean, std = self.host.vae_moments(p, torch.from_numpy(flat).permute(0, 3, 1, 2).float())
         offset = encode_offset(encoder, rgba_images)

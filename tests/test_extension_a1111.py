@@ -655,3 +655,21 @@ def test_previews_in_the_gallery_are_the_saved_files(ctx):
     preview = processed.images[1]
     assert Path(preview.already_saved_as).name.endswith("-checkerboard.png")
     assert (Path(ctx.env.root) / preview.already_saved_as).is_file() or Path(preview.already_saved_as).is_file()
+
+
+def test_damaged_decoder_is_refused_before_sampling(ctx, tmp_path, monkeypatch):
+    """A truncated decoder is found when sampling starts (not after it): nothing is sampled or saved."""
+    import shutil
+
+    folder = tmp_path / "models"
+    shutil.copytree(ctx.env.models, folder)
+    decoder = folder / "layer_sd15_vae_transparent_decoder.safetensors"
+    decoder.write_bytes(decoder.read_bytes()[: decoder.stat().st_size // 2])
+    monkeypatch.setattr(ctx.env.fake.shared.cmd_opts, "layerdiffuse_models_dir", str(folder))
+    pipeline.release_models()
+    before = unet_state(ctx.unet)
+    p = fa.Txt2Img(ctx.model, ctx.outpath, batch_size=1)
+    with pytest.raises(RuntimeError, match="LayerDiffuse: .*layer_sd15_vae_transparent_decoder.*truncated"):
+        fa.process_images(p, ctx.env.mod.LayerDiffuseScript(), positional(TRANSPARENT))
+    assert len(p.unet_rows) == 1 and p.sampled == [] and ctx.env.fake.images.saved == []
+    assert_unet_as_before(ctx.unet, before)

@@ -256,6 +256,7 @@ class StandInHost(forge.ForgeHost):
 def files_in_memory(monkeypatch):
     loads = []
     monkeypatch.setattr(pipeline, "load_unet_file", lambda path: (loads.append(path.name), path.state)[1])
+    monkeypatch.setattr(pipeline, "cached_model", lambda kind, path, device, dtype: (loads.append(path.name), kind)[1])
     return loads
 
 
