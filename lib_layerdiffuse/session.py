@@ -22,7 +22,7 @@ from torch import nn
 from .attention_sharing import AttentionSharing
 from .errors import PatchError, Refusal
 from .modes import Mode
-from .patches import ConcatConv, ModulePatcher, Patch, parse_patch_state, widens_conv_in
+from .patches import ModulePatcher, Patch, parse_patch_state, widens_conv_in
 
 
 class UNetBackend:
@@ -150,10 +150,6 @@ class ModuleBackend(UNetBackend):
         t = args[1] if len(args) > 1 else kwargs.get("timesteps", kwargs.get("t"))
         if t is not None and self.session is not None:
             self.session.step(self.sigma_of_t(t))
-
-    @property
-    def concat(self) -> ConcatConv | None:
-        return None if self.patcher is None else self.patcher.concat
 
     def disable(self, session: UNetSession) -> None:
         if session.sharing is not None:
