@@ -22,13 +22,34 @@ def _hq_resize(x: np.ndarray, width: int, height: int) -> np.ndarray:
     if x.shape[0] == height and x.shape[1] == width:
         return x
     shrink = width * height < x.shape[0] * x.shape[1]
-    return cv2.resize(x, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LANCZOS4)
+    try:
+        return cv2.resize(x, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LANCZOS4)
+    except cv2.error as e:  # never a bare OpenCV assertion
+        raise SettingsError(
+            f"A {x.shape[1]}x{x.shape[0]} image could not be resized to {width}x{height} "
+            f"({str(e).strip().splitlines()[-1]}). Use an image closer to the generation's shape."
+        ) from None
+
+
+# "Crop and Resize" scales the whole image until it covers the target, then crops. For an
+# extreme aspect ratio (a 1x4000 strip to 64x64) that intermediate would be huge (256000x64
+# here); above this many times the target's area the crop is taken from the source first.
+_CROP_FIRST_RATIO = 4
 
 
 def resize_image(x: np.ndarray, resize_mode: str, height: int, width: int) -> np.ndarray:
-    """HxWxC to ``height`` x ``width``: "Just Resize", "Crop and Resize" or "Resize and Fill"."""
+    """HxWxC to ``height`` x ``width``: "Just Resize", "Crop and Resize" or "Resize and Fill".
+
+    Any aspect ratio works: a side that would scale below one pixel keeps one pixel ("Resize
+    and Fill"), and a cover that would be far larger than the target is cropped from the
+    source before resizing ("Crop and Resize"); ordinary images take the official path.
+    """
     if resize_mode not in _modes.RESIZE_MODES:
         raise SettingsError(f"Unknown resize mode {resize_mode!r}; use one of {', '.join(_modes.RESIZE_MODES)}")
+    if x.ndim != 3 or x.shape[0] < 1 or x.shape[1] < 1:
+        raise SettingsError(f"An image to resize must be HxWxC with at least one pixel, got shape {x.shape}")
+    if height < 1 or width < 1:
+        raise SettingsError(f"Cannot resize an image to {width}x{height}: width and height must be at least 1.")
     if resize_mode == "Just Resize":
         return np.ascontiguousarray(_hq_resize(x, width, height))
     old_h, old_w = x.shape[:2]
@@ -37,12 +58,21 @@ def resize_image(x: np.ndarray, resize_mode: str, height: int, width: int) -> np
         k = min(k_h, k_w)
         borders = np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]], axis=0)
         canvas = np.tile(np.median(borders, axis=0).astype(x.dtype)[None, None], (height, width, 1))
-        y = _hq_resize(x, int(np.round(old_w * k)), int(np.round(old_h * k)))
+        new_w = min(width, max(1, int(np.round(old_w * k))))
+        new_h = min(height, max(1, int(np.round(old_h * k))))
+        y = _hq_resize(x, new_w, new_h)
         top, left = max(0, (height - y.shape[0]) // 2), max(0, (width - y.shape[1]) // 2)
         canvas[top : top + y.shape[0], left : left + y.shape[1]] = y
         return np.ascontiguousarray(canvas)
     k = max(k_h, k_w)
-    y = _hq_resize(x, int(np.round(old_w * k)), int(np.round(old_h * k)))
+    new_w, new_h = int(np.round(old_w * k)), int(np.round(old_h * k))
+    if new_w * new_h > _CROP_FIRST_RATIO * width * height:
+        # the same centre crop, taken in source pixels (at least one), then resized to the target
+        src_w = min(old_w, max(1, int(np.round(width / k))))
+        src_h = min(old_h, max(1, int(np.round(height / k))))
+        top, left = (old_h - src_h) // 2, (old_w - src_w) // 2
+        return np.ascontiguousarray(_hq_resize(x[top : top + src_h, left : left + src_w], width, height))
+    y = _hq_resize(x, new_w, new_h)
     top, left = max(0, (y.shape[0] - height) // 2), max(0, (y.shape[1] - width) // 2)
     return np.ascontiguousarray(y[top : top + height, left : left + width])
 

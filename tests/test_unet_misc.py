@@ -99,6 +99,60 @@ def test_resize_modes():
         C.resize_image(img, "Stretch", 8, 8)
 
 
+@pytest.mark.parametrize("mode", M.RESIZE_MODES)
+@pytest.mark.parametrize("shape", [(1, 4000), (4000, 1), (2, 9000), (1, 1)])
+def test_extreme_aspect_ratios_resize_correctly(mode, shape):
+    """A 1x4000 strip (and the like) to 64x64 gave a bare OpenCV assertion ("Resize and Fill":
+    a side scaled to 0 px) or a 256000x64 intermediate ("Crop and Resize"); now a correct result."""
+    h, w = shape
+    along = np.linspace(0.0, 1.0, max(h, w), dtype=np.float32)  # a ramp along the long side
+    ramp = np.ascontiguousarray(np.broadcast_to(along[None] if w >= h else along[:, None], (h, w)))
+    img = np.stack([ramp, 1.0 - ramp, np.full_like(ramp, 0.25)], axis=-1)
+    out = C.resize_image(img, mode, 64, 64)
+    assert out.shape == (64, 64, 3) and out.dtype == np.float32 and np.isfinite(out).all()
+    if h * w == 1:
+        np.testing.assert_allclose(out, np.broadcast_to(img[0, 0], out.shape), atol=1e-6)
+    elif mode == "Crop and Resize":  # the centre of the strip, covering the whole target
+        np.testing.assert_allclose(out[..., 0], 0.5, atol=2.0 / max(h, w) + 1e-3)
+    elif mode == "Resize and Fill":  # the strip shrunk to one row / column, the rest the border median
+        line = out[31] if w > h else out[:, 31]  # centred: (64 - 1) // 2
+        np.testing.assert_allclose(line[..., 0], np.linspace(0, 1, 64), atol=0.03)
+        np.testing.assert_allclose(line[..., 2], 0.25, atol=1e-6)
+    layer = C.prepare_layer_image((np.concatenate([img, np.ones_like(img[..., :1])], -1) * 255).astype(np.uint8),
+                                  mode, 64, 64)  # fmt: skip
+    assert layer.shape == (64, 64, 3)
+
+
+def test_crop_first_matches_the_official_cover_and_crop(monkeypatch):
+    """Above _CROP_FIRST_RATIO the crop is taken from the source; the result stays close to
+    the official scale-then-crop (the same centre region, resampled once)."""
+    img = np.random.default_rng(1).random((40, 400, 3), dtype=np.float32)
+    img = cv2_blur(img)
+    fast = C.resize_image(img, "Crop and Resize", 32, 32)  # 10:1, above the ratio
+    monkeypatch.setattr(C, "_CROP_FIRST_RATIO", 10**9)
+    official = C.resize_image(img, "Crop and Resize", 32, 32)
+    assert fast.shape == official.shape == (32, 32, 3)
+    assert np.abs(fast - official).mean() < 0.02
+
+
+def cv2_blur(img):
+    import cv2
+
+    return cv2.GaussianBlur(img, (0, 0), 3)
+
+
+def test_resize_failure_is_a_settings_error(monkeypatch):
+    import cv2
+
+    def broken(*args, **kwargs):
+        raise cv2.error("OpenCV(5.0.0) resize.cpp:4220: error: (-215:Assertion failed) inv_scale_x > 0")
+
+    monkeypatch.setattr(cv2, "resize", broken)
+    with pytest.raises(ValueError, match=r"A 3x2 image could not be resized to 8x8 .*inv_scale_x > 0") as info:
+        C.resize_image(np.zeros((2, 3, 3), np.float32), "Just Resize", 8, 8)
+    assert isinstance(info.value, C.SettingsError)
+
+
 def test_prepare_layer_image_flattens_before_resizing():
     rgba = np.zeros((16, 16, 4), np.uint8)
     rgba[..., 0] = 255
