@@ -132,10 +132,47 @@ def write_png(path: str | os.PathLike, image, parameters: str | None = None) -> 
     return atomic_write(path, write)
 
 
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def has_alpha(image: Image.Image) -> bool:
+    """Whether a PIL image carries transparency: an alpha band (RGBA, LA, PA) or a
+    transparent colour / palette entry (``info["transparency"]``, as PNG's tRNS gives to
+    P, L, RGB and 1-bit images)."""
+    return image.mode in ALPHA_MODES or "transparency" in image.info
+
+
+def pil_to_rgba(image: Image.Image) -> np.ndarray:
+    """Any PIL image as uint8 HxWx4 straight RGBA, keeping its transparency: LA and P or L
+    with a transparent entry keep their alpha; 16-bit greys (PNG ``I;16``) are scaled to 8
+    bits (PIL's own conversion clips them to white); images without alpha get 255."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        arr = np.asarray(image)
+        grey = (arr.astype(np.float64).clip(0, 65535) / 257.0).round().astype(np.uint8)
+        if image.mode == "F":
+            grey = (arr.astype(np.float64).clip(0, 1) * 255.0).round().astype(np.uint8)
+        alpha = np.full(arr.shape, 255, np.uint8)
+        t = image.info.get("transparency")
+        if isinstance(t, (int, float)) and image.mode != "F":
+            alpha[arr == t] = 0
+        return np.ascontiguousarray(np.stack([grey, grey, grey, alpha], axis=-1))
+    if image.mode != "RGBA":
+        image = image.convert("RGBA")  # P / L / RGB / 1 with a transparent entry, LA, PA: alpha kept
+    return np.array(image)
+
+
 def read_png(path: str | os.PathLike) -> tuple[np.ndarray, str | None]:
-    """(HxWx4 uint8 RGBA, parameters text or None) of a PNG; raises if it has no alpha."""
+    """(HxWx4 uint8 RGBA, parameters text or None) of a PNG.
+
+    RGBA is read as it is; LA, PA and palette / grey / RGB images with a transparent entry
+    (tRNS) are converted to RGBA with their alpha. An image without any alpha is refused.
+    """
     with Image.open(path) as im:
         im.load()
-        if im.mode != "RGBA":
-            raise ValueError(f"{path} is mode {im.mode}, not RGBA: the alpha channel was lost")
-        return np.array(im), im.info.get("parameters")
+        if not has_alpha(im):
+            raise ValueError(
+                f"{path} has no alpha channel (mode {im.mode}, no transparent colour): the transparency was "
+                "lost when it was saved. Save the transparent image as an RGBA PNG (LayerDiffuse's own files "
+                "are), not as JPEG or through a tool that flattens it."
+            )
+        return pil_to_rgba(im), im.info.get("parameters")

@@ -115,8 +115,48 @@ def test_png_writer_is_atomic(tmp_path, monkeypatch):
 
 def test_read_png_reports_lost_alpha(tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / "rgb.png")
-    with pytest.raises(ValueError, match="alpha channel was lost"):
+    with pytest.raises(ValueError, match=r"has no alpha channel \(mode RGB.*Save the transparent image as an RGBA PNG"):
         R.read_png(tmp_path / "rgb.png")
+
+
+def _alpha_images():
+    """(name, image saved as PNG, expected alpha) for every way a PNG can carry transparency."""
+    alpha = np.array([[0, 255], [128, 255]], np.uint8)
+    la = Image.fromarray(np.stack([np.full((2, 2), 200, np.uint8), alpha], axis=-1), "LA")
+    pal = Image.new("P", (2, 2))
+    pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    pal.putdata([0, 1, 1, 0])
+    grey = Image.fromarray(np.array([[7, 9], [9, 7]], np.uint8), "L")
+    rgb = Image.fromarray(np.array([[[1, 2, 3], [4, 5, 6]], [[4, 5, 6], [1, 2, 3]]], np.uint8), "RGB")
+    deep = Image.fromarray(np.array([[0, 65535], [32896, 0]], np.uint16))  # PNG I;16
+    return [
+        ("LA", la, {}, alpha),
+        ("P", pal, {"transparency": 0}, np.array([[0, 255], [255, 0]], np.uint8)),
+        ("L+tRNS", grey, {"transparency": 7}, np.array([[0, 255], [255, 0]], np.uint8)),
+        ("RGB+tRNS", rgb, {"transparency": (1, 2, 3)}, np.array([[0, 255], [255, 0]], np.uint8)),
+        ("I;16+tRNS", deep, {"transparency": 0}, np.array([[0, 255], [255, 0]], np.uint8)),
+    ]
+
+
+@pytest.mark.parametrize("case", _alpha_images(), ids=lambda c: c[0])
+def test_read_png_keeps_alpha_of_la_palette_and_trns(tmp_path, case):
+    """LA, P with a transparent entry and tRNS greys / RGB are read as RGBA with their alpha,
+    not refused as "alpha channel was lost"."""
+    name, image, save_args, expected = case
+    path = tmp_path / "x.png"
+    image.save(path, **save_args)
+    pixels, _ = R.read_png(path)
+    assert pixels.dtype == np.uint8 and pixels.shape == (2, 2, 4)
+    np.testing.assert_array_equal(pixels[..., 3], expected)
+    with Image.open(path) as im:
+        np.testing.assert_array_equal(R.pil_to_rgba(im)[..., 3], expected)
+
+
+def test_pil_to_rgba_scales_16_bit_grey():
+    deep = Image.fromarray(np.array([[0, 65535], [32896, 257]], np.uint16))
+    out = R.pil_to_rgba(deep)
+    np.testing.assert_array_equal(out[..., 0], [[0, 255], [128, 1]])
+    assert (out[..., 3] == 255).all() and (out[..., 0] == out[..., 2]).all()
 
 
 def test_from_decoder_orders_channels():
