@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from . import modes as _modes
 from .errors import SettingsError
+from .rgba import pil_to_rgba
 
 ARG_ORDER = (
     "enabled", "method", "weight", "stop_at", "fg_image", "bg_image", "blend_image", "resize_mode",
@@ -186,23 +187,134 @@ def _to_resize_mode(value) -> str:
     raise SettingsError(f"resize_mode must be one of {', '.join(_modes.RESIZE_MODES)}, got {value!r}")
 
 
+# Layer images: the formats an upload may have, and at most this many pixels (read from the
+# header before any pixel is decoded): a 4096x4096 RGBA image is 64 MB as uint8, 256 MB as
+# the float32 copy the pipeline makes, which bounds the work one request can ask for.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+_FORMAT_ALIASES = {"MPO": "JPEG"}  # PIL names a JPEG with extra pictures (phone cameras) MPO
+MAX_IMAGE_PIXELS = 4096 * 4096
+_ACCEPTED = "PNG, JPEG or WebP"
+
+
+def _check_pixels(name: str, width: int, height: int) -> None:
+    if width * height > MAX_IMAGE_PIXELS:
+        raise SettingsError(
+            f"{name} is {width}x{height} ({width * height / 1e6:.1f} MP), above the limit of "
+            f"{MAX_IMAGE_PIXELS / 1e6:.1f} MP ({MAX_IMAGE_PIXELS} pixels, e.g. 4096x4096) for a layer image: "
+            "scale it down to about the generation size and send it again."
+        )
+
+
+def _format_of(prefix: bytes) -> str | None:
+    """The format PIL would say a file is, from its first bytes only (no plugin parses it)."""
+    Image.init()
+    for fmt in Image.ID:
+        accept = Image.OPEN.get(fmt, (None, None))[1]
+        try:
+            if accept is not None and accept(prefix):
+                return fmt
+        except Exception:
+            continue
+    return None
+
+
+def _open_base64(name: str, value: str) -> Image.Image:
+    """A base64 / data URL image opened lazily (header only) and checked: format, pixels."""
+    text = value.strip()
+    if text.startswith("data:"):
+        head, comma, text = text.partition(",")
+        if not comma:
+            raise SettingsError(
+                f"{name} is a broken data URL: no comma after {head[:40]!r}. "
+                "Send 'data:image/png;base64,<base64 data>' or the bare base64 text."
+            )
+        if not head.lower().endswith(";base64"):
+            raise SettingsError(
+                f"{name} is a data URL that is not base64 ({head[:40]!r}). "
+                "Send 'data:image/png;base64,<base64 data>' or the bare base64 text."
+            )
+    text = "".join(text.split())  # line breaks some encoders insert
+    if not text:
+        raise SettingsError(f"{name} holds no image data (empty base64). Send a {_ACCEPTED} image as base64.")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise SettingsError(
+            f"{name} is not a base64-encoded image (invalid base64). Send a {_ACCEPTED} image "
+            "as base64 or as a data URL (PNG with alpha recommended)."
+        ) from None
+    try:
+        image = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)  # JPEG's opener also reads MPO
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise SettingsError(
+            f"{name} is far above the limit of {MAX_IMAGE_PIXELS / 1e6:.1f} MP for a layer image "
+            "(a decompression bomb, or a huge image): scale it down to about the generation size."
+        ) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
+        found = _format_of(raw[:16])
+        if found is not None and found not in IMAGE_FORMATS and found not in _FORMAT_ALIASES:
+            raise SettingsError(
+                f"{name} is in {found} format; layer images must be {_ACCEPTED}. Convert it (PNG keeps "
+                "alpha) and send it again."
+            ) from None
+        if found is not None:
+            raise SettingsError(
+                f"{name} is a damaged {_FORMAT_ALIASES.get(found, found)} file (its header cannot be read). "
+                "Save the image again and send the whole file."
+            ) from None
+        raise SettingsError(
+            f"{name} is not a base64-encoded image (the data is not a readable {_ACCEPTED} file). Send a "
+            f"{_ACCEPTED} image as base64 or as a data URL (PNG with alpha recommended)."
+        ) from None
+    fmt = _FORMAT_ALIASES.get(image.format, image.format)
+    if fmt not in IMAGE_FORMATS:  # formats= above makes this unreachable; kept as the rule itself
+        raise SettingsError(f"{name} is in {image.format} format; layer images must be {_ACCEPTED}.")
+    _check_pixels(name, *image.size)
+    try:
+        image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise SettingsError(
+            f"{name} is far above the limit of {MAX_IMAGE_PIXELS / 1e6:.1f} MP for a layer image: scale it down."
+        ) from None
+    except Exception as e:  # PIL's decoders raise OSError, ValueError, SyntaxError, struct.error, ...
+        raise SettingsError(
+            f"{name}: the {fmt} image could not be decoded, its data is damaged or truncated "
+            f"({type(e).__name__}: {e}). Save it again and send the whole file."
+        ) from None
+    return image
+
+
 def decode_image(name: str, value) -> np.ndarray:
-    """A layer image from the UI (PIL / numpy / Gradio dict) or the API (base64, data URL) as uint8 RGBA."""
+    """A layer image from the UI (PIL / numpy / Gradio dict) or the API (base64, data URL) as uint8 RGBA.
+
+    Base64 images must be PNG, JPEG or WebP (the decoded format is checked, not the data URL's
+    type); every image is at most :data:`MAX_IMAGE_PIXELS`, checked from the header before
+    the pixels are decoded. Alpha is kept (LA, palette and tRNS transparency included).
+    """
     if isinstance(value, dict):  # gradio image editor values
         value = value.get("image", value.get("background", value.get("composite")))
     if isinstance(value, str):
-        text = value.split(",", 1)[1] if value.startswith("data:") else value
-        try:
-            value = Image.open(io.BytesIO(base64.b64decode(text, validate=True)))
-            value.load()
-        except (binascii.Error, ValueError, UnidentifiedImageError, OSError):
-            raise SettingsError(f"{name} is not a base64-encoded image (PNG with alpha recommended)") from None
+        value = _open_base64(name, value)
     if isinstance(value, Image.Image):
-        return np.array(value.convert("RGBA"))
-    arr = np.asarray(value)
+        _check_pixels(name, *value.size)
+        try:
+            return pil_to_rgba(value)
+        except (OSError, ValueError) as e:
+            raise SettingsError(f"{name}: the image could not be read ({type(e).__name__}: {e}).") from None
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError):  # ragged nested lists
+        raise SettingsError(
+            f"{name} must be an RGB or RGBA image, got a {type(value).__name__} that is not one"
+        ) from None
     if arr.ndim != 3 or arr.shape[2] not in (3, 4) or arr.size == 0:
         raise SettingsError(f"{name} must be an RGB or RGBA image, got an array of shape {arr.shape}")
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+        raise SettingsError(f"{name} must be an RGB or RGBA image of numbers, got an array of {arr.dtype}")
+    _check_pixels(name, arr.shape[1], arr.shape[0])
     if arr.dtype != np.uint8:
+        if not np.isfinite(arr).all():
+            raise SettingsError(f"{name} holds NaN or infinite values: send an image with values in 0..1 or 0..255")
         arr = (
             (np.clip(arr.astype(np.float32), 0, 1) * 255).astype(np.uint8)
             if arr.max() <= 1.0

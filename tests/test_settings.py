@@ -100,3 +100,140 @@ def test_infotext_round_trip_and_legacy_labels():
     legacy = Settings.from_infotext({"layerdiffusion_enabled": "True", "layerdiffusion_method": "From Foreground to Blending",
                                      "layerdiffusion_weight": "0.8", "layerdiffusion_ending_step": "0.5"})  # fmt: skip
     assert legacy.method == "(SDXL) From Foreground to Blending" and legacy.weight == 0.8 and legacy.stop_at == 0.5
+
+
+# -- bounded layer images: formats, pixels, broken data URLs ---------------------------------
+
+
+def encoded(image: Image.Image, fmt: str, **kwargs) -> str:
+    bio = io.BytesIO()
+    image.save(bio, format=fmt, **kwargs)
+    return base64.b64encode(bio.getvalue()).decode()
+
+
+WEBP_EXACT = {"WEBP": {"lossless": True, "exact": True}}  # exact: keep the colour under alpha 0
+RGBA_8 = np.random.default_rng(3).integers(0, 256, (8, 8, 4), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_accepted_formats_decode(fmt):
+    image = Image.fromarray(RGBA_8 if fmt != "JPEG" else RGBA_8[..., :3])
+    out = decode_image("fg_image", "data:image/whatever;base64," + encoded(image, fmt, **WEBP_EXACT.get(fmt, {})))
+    assert out.shape == (8, 8, 4) and out.dtype == np.uint8
+    if fmt != "JPEG":
+        np.testing.assert_array_equal(out, RGBA_8)  # alpha kept
+    else:
+        assert (out[..., 3] == 255).all()
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF", "ICO", "PPM"])
+def test_other_formats_are_refused_by_name(fmt):
+    """The decoded format counts, not the data URL's type: a GIF labelled image/png is a GIF."""
+    image = Image.fromarray(RGBA_8 if fmt in ("TIFF", "ICO") else RGBA_8[..., :3])
+    with pytest.raises(SettingsError, match=rf"fg_image is in {fmt} format; layer images must be PNG, JPEG or WebP"):
+        Settings.from_dict({"enabled": True, "fg_image": "data:image/png;base64," + encoded(image, fmt)})
+
+
+def test_the_pixel_cap_is_checked_before_decoding(monkeypatch):
+    """An 8000x8000 PNG of a few dozen KB is refused from its header: no pixel is decoded."""
+    from PIL import ImageFile
+
+    from lib_layerdiffuse import settings as S
+
+    big = encoded(Image.new("L", (8000, 8000)), "PNG")
+    assert len(big) < 200_000
+
+    def no_decoding(self, *args, **kwargs):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    with pytest.raises(SettingsError, match=r"fg_image is 8000x8000 \(64\.0 MP\), above the limit of 16\.8 MP"):
+        Settings.from_dict({"enabled": True, "fg_image": big})
+    assert S.MAX_IMAGE_PIXELS == 4096 * 4096
+    side = encoded(Image.new("L", (4097, 4096)), "PNG")
+    with pytest.raises(SettingsError, match="4097x4096"):
+        decode_image("bg_image", side)
+    monkeypatch.undo()
+    assert decode_image("bg_image", encoded(Image.new("L", (4096, 4096)), "PNG")).shape == (4096, 4096, 4)
+
+
+def test_a_decompression_bomb_gets_our_message(monkeypatch):
+    """20000x20000 (400 MP, above PIL's own error threshold) and a PIL warning turned into
+    an error by the host's filters both end in the same clear refusal."""
+    import warnings
+
+    bomb = encoded(Image.new("1", (20000, 20000)), "PNG")
+    with pytest.raises(SettingsError, match="far above the limit of 16.8 MP"):
+        decode_image("blend_image", bomb)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64x64 = 4096 px: PIL warns
+    small = encoded(Image.new("L", (64, 64)), "PNG")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with pytest.raises(SettingsError, match="far above the limit"):
+            decode_image("blend_image", small)
+
+
+@pytest.mark.parametrize(
+    "value,message",
+    [
+        ("data:image/png;base64,", "fg_image holds no image data"),
+        ("data:image/png;base64,%%%garbage%%%", "fg_image is not a base64-encoded image (invalid base64)"),
+        ("data:image/png;base64" + "iVBORw0KGgo=", "fg_image is a broken data URL: no comma"),
+        ("data:", "fg_image is a broken data URL: no comma"),
+        ("data:image/png,iVBORw0KGgo=", "fg_image is a data URL that is not base64"),
+        (
+            "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"x" * 64).decode(),
+            "fg_image is a damaged PNG file",
+        ),
+        (base64.b64encode(b"hello, not an image").decode(), "fg_image is not a base64-encoded image (the data is not"),
+    ],
+)
+def test_broken_data_urls_name_the_field(value, message):
+    with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Settings.from_dict({"enabled": True, "fg_image": value})
+
+
+def test_truncated_image_names_the_field():
+    bio = io.BytesIO()
+    Image.fromarray(RGBA_8).save(bio, format="PNG")
+    half = base64.b64encode(bio.getvalue()[: len(bio.getvalue()) // 2]).decode()
+    with pytest.raises(
+        SettingsError, match="bg_image: the PNG image could not be decoded, its data is damaged or truncated"
+    ):
+        decode_image("bg_image", half)
+
+
+def test_base64_with_line_breaks_is_read():
+    text = encoded(Image.fromarray(RGBA_8), "PNG")
+    wrapped = "\n".join(text[i : i + 76] for i in range(0, len(text), 76))
+    np.testing.assert_array_equal(decode_image("fg_image", wrapped), RGBA_8)
+
+
+def test_la_and_palette_images_keep_their_alpha():
+    la = Image.fromarray(np.stack([np.full((2, 2), 90, np.uint8), np.array([[0, 255], [64, 255]], np.uint8)], -1), "LA")
+    pal = Image.new("P", (2, 2))
+    pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    pal.putdata([0, 1, 1, 0])
+    for image, kwargs, alpha in ((la, {}, [[0, 255], [64, 255]]), (pal, {"transparency": 0}, [[0, 255], [255, 0]])):
+        np.testing.assert_array_equal(decode_image("fg_image", encoded(image, "PNG", **kwargs))[..., 3], alpha)
+        bio = io.BytesIO()
+        image.save(bio, format="PNG", **kwargs)
+        np.testing.assert_array_equal(decode_image("fg_image", Image.open(bio))[..., 3], alpha)
+
+
+def test_ui_arrays_and_images_share_the_cap_and_are_checked():
+    huge = np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (4097, 4096, 3))  # no memory behind it
+    with pytest.raises(SettingsError, match="fg_image is 4096x4097"):
+        decode_image("fg_image", huge)
+    with pytest.raises(SettingsError, match="fg_image is 5000x4000"):
+        decode_image("fg_image", Image.new("1", (5000, 4000)))
+    with pytest.raises(SettingsError, match="fg_image is 5000x4000"):
+        decode_image("fg_image", {"image": Image.new("1", (5000, 4000))})
+    nan = np.zeros((2, 2, 3), np.float32)
+    nan[0, 0, 0] = np.nan
+    with pytest.raises(SettingsError, match="NaN or infinite"):
+        decode_image("fg_image", nan)
+    with pytest.raises(SettingsError, match="an array of <U1"):
+        decode_image("fg_image", [[["a", "b", "c"]]])
+    with pytest.raises(SettingsError, match="must be an RGB or RGBA image"):
+        decode_image("fg_image", [[[1, 2, 3]], [[1, 2]]])  # ragged
