@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,35 @@ def _fix_hint(path: Path) -> str:
     return ""
 
 
+def not_a_file(path: str | os.PathLike) -> str | None:
+    """What sits at ``path`` where a weight file belongs, when it is not a file: "<path> is a
+    directory", "<path> is a broken link (to <target>)", ...; None when nothing is there
+    (or a file is). The caller adds what to do."""
+    path = Path(path)
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"{path} cannot be read ({e.strerror or e})"
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        try:
+            st = path.stat()
+        except OSError:  # dangling, a loop, or a target we may not see
+            return f"{path} is a broken link (to {target}, which does not exist)"
+        if stat.S_ISDIR(st.st_mode):
+            return f"{path} is a link to a directory ({target}), not a weight file"
+    if stat.S_ISDIR(st.st_mode):
+        return f"{path} is a directory, not a weight file"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path} is not a regular file"
+    return None
+
+
 def read_header(path: str | os.PathLike) -> dict[str, tuple[list[int], str]]:
     """key -> (shape, dtype string) from a safetensors header, with the file's integrity checked.
 
@@ -105,6 +135,11 @@ def read_header(path: str | os.PathLike) -> dict[str, tuple[list[int], str]]:
     """
     path = Path(path)
     if not path.is_file():
+        problem = not_a_file(path)
+        if problem is not None:
+            known = FILES.get(path.stem)
+            source = f" (download it from {known.url})" if known else ""
+            raise WeightFileError(f"{problem}; remove it and put the weight file there{source}.")
         raise WeightFileError(f"Weight file not found: {path}")
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -130,6 +165,10 @@ def read_header(path: str | os.PathLike) -> dict[str, tuple[list[int], str]]:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise WeightFileError(
                 f"{path} is not a safetensors file (unreadable header: {e}).{_fix_hint(path)}"
+            ) from None
+        except RecursionError:  # a header of nested brackets: json recurses once per level
+            raise WeightFileError(
+                f"{path} is not a safetensors file (its header nests too deeply to be a tensor index).{_fix_hint(path)}"
             ) from None
     header.pop("__metadata__", None)
     out = {}
@@ -179,20 +218,7 @@ def check_state(path, found: dict[str, tuple[list[int], str]], expected: dict[st
             f"{path.name} is {ROLE_NAMES[guessed]}, not {want} (it holds keys such as "
             f"{_few(list(found), 2)}). Use one of: {names}."
         )
-    missing = set(expected) - set(found)
-    unexpected = set(found) - set(expected)
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys ({_few(missing)})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys ({_few(unexpected)})")
-    bad_shapes = [
-        f"{k}: expected {expected[k]}, found {found[k][0]}"
-        for k in sorted(expected)
-        if k in found and list(found[k][0]) != list(expected[k])
-    ]
-    if bad_shapes:
-        problems.append(f"{len(bad_shapes)} shape mismatches ({'; '.join(bad_shapes[:3])})")
+    problems = _problems({k: list(v[0]) for k, v in found.items()}, expected)
     bad_dtypes = sorted({d for _, d in found.values() if d not in _DTYPES})
     if bad_dtypes:
         problems.append(f"unsupported tensor dtypes {bad_dtypes} (expected floating point)")
@@ -202,6 +228,75 @@ def check_state(path, found: dict[str, tuple[list[int], str]], expected: dict[st
             + "; ".join(problems)
             + "."
             + _fix_hint(path)
+        )
+
+
+def _problems(found: dict[str, list[int]], expected: dict[str, list[int]]) -> list[str]:
+    missing = set(expected) - set(found)
+    unexpected = set(found) - set(expected)
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys ({_few(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys ({_few(unexpected)})")
+    bad_shapes = [
+        f"{k}: expected {expected[k]}, found {found[k]}"
+        for k in sorted(expected)
+        if k in found and list(found[k]) != list(expected[k])
+    ]
+    if bad_shapes:
+        problems.append(f"{len(bad_shapes)} shape mismatches ({'; '.join(bad_shapes[:3])})")
+    return problems
+
+
+def state_mismatch(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> str:
+    """Why ``module.load_state_dict(state, strict=True)`` fails, with the key names, in one
+    line ("3 missing keys (a, b, c); 1 unexpected keys (x)"); empty when keys and shapes fit.
+
+    torch's own message starts with a line that names no key ("Error(s) in loading
+    state_dict for ..."); use this instead wherever a load error reaches the user.
+    """
+    return "; ".join(_problems({k: list(v.shape) for k, v in state.items()}, expected_shapes(module)))
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def _non_finite(t: torch.Tensor) -> tuple[int, int]:
+    """(NaN count, infinite count) of a floating-point tensor, in bounded temporary memory."""
+    nan = inf = 0
+    for chunk in t.detach().reshape(-1).split(1 << 24):
+        if not bool(torch.isfinite(chunk).all()):
+            nan += int(torch.isnan(chunk).sum())
+            inf += int(torch.isinf(chunk).sum())
+    return nan, inf
+
+
+def check_finite(state: dict[str, torch.Tensor], path) -> None:
+    """Refuse a state with NaN or infinite values, naming the first such key (in sorted order)
+    and how many tensors are affected. Integer tensors are skipped.
+
+    A weight file with NaN / Inf loads without complaint and then gives NaN latents or an
+    image with alpha 0 everywhere; call this on every loaded file before it is used.
+    """
+    first, bad = None, 0
+    for key in sorted(state):
+        t = state[key]
+        if not (torch.is_tensor(t) and t.is_floating_point()):
+            continue
+        nan, inf = _non_finite(t)
+        if nan or inf:
+            bad += 1
+            if first is None:
+                first = (key, nan, inf, t.numel())
+    if first is not None:
+        key, nan, inf, numel = first
+        also = f" ({bad - 1} more tensors too)" if bad > 1 else ""
+        raise WeightFileError(
+            f"{path} holds non-finite values: {key} has {nan} NaN and {inf} infinite of {numel} values{also}. "
+            "The file is damaged (or saved from a diverged training run) and would give NaN latents or an "
+            f"empty alpha.{_fix_hint(Path(path)) or ' Replace it with a good copy.'}"
         )
 
 
@@ -220,8 +315,15 @@ def _load_module(cls, role: str, path, device, dtype) -> torch.nn.Module:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             state = {k: f.get_tensor(k) for k in found}
     except Exception as e:  # safetensors raises its own error types for corrupt data
-        raise WeightFileError(f"{path} could not be read ({type(e).__name__}: {e}).{_fix_hint(Path(path))}") from None
-    module.load_state_dict(state, strict=True, assign=True)
+        raise WeightFileError(
+            f"{path} could not be read ({type(e).__name__}: {_one_line(e)}).{_fix_hint(Path(path))}"
+        ) from None
+    check_finite(state, path)
+    try:
+        module.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:  # torch's first line names no key: say which keys instead
+        detail = state_mismatch(module, state) or _one_line(e)
+        raise WeightFileError(f"{path} does not fit {ROLE_NAMES[role]}: {detail}.{_fix_hint(Path(path))}") from None
     return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 

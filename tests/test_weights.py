@@ -213,3 +213,92 @@ def test_verify_file_by_role(tmp_path, encoder_file):
     )
     with pytest.raises(W.WeightFileError, match="not LayerDiffuse patch keys"):
         W.verify_file(bad, W.FILES["layer_xl_transparent_conv"])
+
+
+# --- fail closed: nesting, non-files, non-finite values, load errors with the key names ---------
+
+
+def test_deeply_nested_header_is_a_weight_file_error(tmp_path):
+    """10000 nested brackets made json raise a bare RecursionError."""
+    for nested in (b"[" * 10000 + b"]" * 10000, b'{"a":' * 10000 + b"1" + b"}" * 10000):
+        header = b'{"x": ' + nested + b"}"
+        path = tmp_path / "nested.safetensors"
+        path.write_bytes(len(header).to_bytes(8, "little") + header)
+        with pytest.raises(W.WeightFileError, match="nested.safetensors is not a safetensors file .*nests too deeply"):
+            W.read_header(path)
+        with pytest.raises(W.WeightFileError, match="nests too deeply"):
+            W.load_decoder(path)
+
+
+def test_directory_or_broken_link_where_a_weight_file_belongs(tmp_path):
+    folder = tmp_path / "vae_transparent_decoder.safetensors"
+    folder.mkdir()
+    with pytest.raises(W.WeightFileError, match=r"is a directory, not a weight file; remove it .*huggingface\.co"):
+        W.load_decoder(folder)
+    link = tmp_path / "layer_sd15_vae_transparent_encoder.safetensors"
+    link.symlink_to(tmp_path / "gone.safetensors")
+    with pytest.raises(W.WeightFileError, match=r"is a broken link \(to .*gone\.safetensors, which does not exist\)"):
+        W.load_encoder(link)
+    loop = tmp_path / "loop.safetensors"
+    loop.symlink_to(loop)
+    with pytest.raises(W.WeightFileError, match="loop.safetensors is a broken link"):
+        W.read_header(loop)
+    to_dir = tmp_path / "to_dir.safetensors"
+    to_dir.symlink_to(folder)
+    with pytest.raises(W.WeightFileError, match="is a link to a directory"):
+        W.read_header(to_dir)
+    assert W.not_a_file(tmp_path / "absent") is None
+    with pytest.raises(W.WeightFileError, match="not found"):
+        W.read_header(tmp_path / "absent")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_values_are_refused_naming_the_first_key(tmp_path, enc_state, bad):
+    enc_state["blocks.4.weight"] = enc_state["blocks.4.weight"].clone()
+    enc_state["blocks.4.weight"].view(-1)[7] = bad
+    enc_state["blocks.2.bias"] = enc_state["blocks.2.bias"].clone()
+    enc_state["blocks.2.bias"][0] = bad
+    path = save(tmp_path, "vae_transparent_encoder.safetensors", {k: v.half() for k, v in enc_state.items()})
+    kind = r"1 NaN and 0 infinite" if bad != bad else r"0 NaN and 1 infinite"
+    with pytest.raises(
+        W.WeightFileError,
+        match=rf"holds non-finite values: blocks\.2\.bias has {kind} of 32 values \(1 more tensors too\).*huggingface",
+    ):
+        W.load_encoder(path)
+
+
+def test_non_finite_decoder_is_refused(tmp_path, decoder_state):
+    state = {k: v.half() for k, v in decoder_state.items()}
+    key = sorted(state)[-1]
+    state[key] = state[key].clone()
+    state[key].view(-1)[0] = float("nan")
+    path = save(tmp_path, "dec.safetensors", state)
+    with pytest.raises(W.WeightFileError, match=rf"dec\.safetensors holds non-finite values: {key} .*good copy"):
+        W.load_decoder(path)
+
+
+def test_check_finite_helper():
+    W.check_finite({"a": torch.ones(3), "steps": torch.tensor([1, 2], dtype=torch.int64)}, "x.safetensors")
+    big = torch.zeros((1 << 24) + 5, dtype=torch.bfloat16)
+    big[-1] = float("inf")
+    with pytest.raises(W.WeightFileError, match=r"x\.safetensors holds non-finite values: w has 0 NaN and 1 infinite"):
+        W.check_finite({"w": big, "a": torch.ones(2)}, "x.safetensors")
+
+
+def test_load_errors_name_the_keys(tmp_path, enc_state, monkeypatch):
+    """torch's "Error(s) in loading state_dict for ...:" line names no key; the message that
+    reaches the user names them (here with the header check skipped to reach load_state_dict)."""
+    del enc_state["blocks.16.weight"]
+    enc_state["blocks.99.weight"] = torch.zeros(2)
+    path = save(tmp_path, "enc.safetensors", enc_state)
+    monkeypatch.setattr(W, "check_state", lambda *a, **k: None)
+    with pytest.raises(W.WeightFileError) as info:
+        W.load_encoder(path)
+    text = str(info.value)
+    assert "blocks.16.weight" in text and "blocks.99.weight" in text and "Error(s)" not in text
+    assert "does not fit a transparent VAE encoder: 1 missing keys" in text
+    lin = torch.nn.Linear(2, 3)
+    assert W.state_mismatch(lin, lin.state_dict()) == ""
+    assert W.state_mismatch(lin, {"weight": torch.zeros(3, 3), "extra": torch.zeros(1)}) == (
+        "1 missing keys (bias); 1 unexpected keys (extra); 1 shape mismatches (weight: expected [3, 2], found [3, 3])"
+    )
