@@ -26,7 +26,7 @@ host = hosts.adapter(HOST_ID)  # the one host contract (lib_layerdiffuse.pipelin
 
 try:
     from modules.ui_components import InputAccordion
-except ImportError:  # A1111 < 1.6
+except ImportError:  # WebUIs older than 1.6 have no InputAccordion
     InputAccordion = None
 
 
