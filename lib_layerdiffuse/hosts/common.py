@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,74 @@ def raw_decode(first_stage, latent: torch.Tensor) -> torch.Tensor:
         return first_stage.decode(latent.to(param.device, param.dtype)).float()
 
 
+_DOWNLOAD_LOCK = threading.Lock()  # one download at a time per process: no two writers of one .part
+
+
+def _weight_present(path: Path, info) -> bool:
+    """Whether the weight file is there; raises when something else sits where it belongs
+    (``path.is_file()`` alone is False for a directory or a dead link, which then went to
+    the downloader and came back as "could not download it")."""
+    from ..weights import not_a_file
+
+    problem = not_a_file(path)
+    if problem is not None:
+        raise WeightFileError(
+            f"{problem}; remove it and try again: LayerDiffuse then downloads {info.filename} "
+            f"(or download it from {info.url} and put it there yourself)."
+        )
+    return path.is_file()
+
+
+def _remove_file(path: Path) -> None:
+    """Remove a file or link; nothing else, and never raise (a cleanup must not hide the error)."""
+    try:
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+    except OSError:
+        pass
+
+
+def clean_partial_downloads(folder: str | os.PathLike, current: str | None = None) -> list[Path]:
+    """Remove leftovers of interrupted downloads of the published files from the models
+    folder: ``<file>.part`` (A1111's downloader takes an existing one as complete) and
+    torch.hub's ``<file>.part.<hex>.partial``, plus fileio's stale temporary files.
+
+    ``current`` (a file name about to be downloaded) loses its ``.part`` whatever its age;
+    other leftovers go once untouched for ``fileio.DEAD_WRITER_GRACE_S`` (another process may
+    be downloading them). Never raises; returns the paths removed.
+    """
+    import time
+
+    from ..fileio import DEAD_WRITER_GRACE_S, clean_stale
+
+    folder = Path(folder)
+    removed = clean_stale(folder)
+    parts = {f.filename + ".part" for f in FILES.values()}
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        name = entry.name
+        ours = name in parts or (name.endswith(".partial") and name.split(".part.", 1)[0] + ".part" in parts)
+        if not ours:
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                continue
+            fresh = now - entry.stat(follow_symlinks=False).st_mtime <= DEAD_WRITER_GRACE_S
+        except OSError:
+            continue
+        if fresh and name != f"{current}.part":
+            continue
+        path = Path(entry.path)
+        _remove_file(path)
+        if not os.path.lexists(path):
+            removed.append(path)
+    return removed
+
+
 class WebUIHost(Host):
     # -- files ------------------------------------------------------------------------------
 
@@ -61,33 +130,53 @@ class WebUIHost(Host):
         return Path(folder)
 
     def weight_path(self, name: str) -> Path:
-        """The file's path, downloaded on first use (temporary name, checked, then renamed)."""
+        """The file's path, downloaded on first use (``<file>.part``, checked, fsync'd, renamed).
+
+        A directory or a broken link where the file belongs is refused with its own message
+        (not sent to the downloader); stale ``.part`` / ``.partial`` leftovers are removed
+        before a download (A1111's downloader would take a stale ``.part`` as complete), and a
+        failed, rejected or interrupted download leaves no ``.part`` behind.
+        """
         from modules import modelloader  # type: ignore
+
+        from ..fileio import fsync_dir, fsync_path
 
         info = FILES[name]
         folder = self.models_dir()
         path = folder / info.filename
-        if path.is_file():
+        if _weight_present(path, info):
             return path
-        part = folder / (info.filename + ".part")
-        try:
-            modelloader.load_file_from_url(info.url, model_dir=str(folder), file_name=part.name)
-        except Exception as e:  # offline, proxy, HTTP errors: the user needs the manual route
-            part.unlink(missing_ok=True)
-            raise WeightFileError(
-                f"LayerDiffuse needs {info.filename} and could not download it ({type(e).__name__}: {e}). "
-                f"Download it from {info.url} and put it in {folder}."
-            ) from None
-        try:
-            verify_file(part, info)  # keys and shapes always
-            if info.sha256 and sha256_of(part) != info.sha256:
-                raise WeightFileError(
-                    f"{info.filename}: the downloaded file has the wrong SHA-256; it was deleted. Try again."
-                )
-        except WeightFileError:
-            part.unlink(missing_ok=True)
-            raise
-        os.replace(part, path)
+        with _DOWNLOAD_LOCK:
+            if _weight_present(path, info):  # another thread downloaded it meanwhile
+                return path
+            part = folder / (info.filename + ".part")
+            clean_partial_downloads(folder, info.filename)
+            try:
+                try:
+                    modelloader.load_file_from_url(info.url, model_dir=str(folder), file_name=part.name)
+                except Exception as e:  # offline, proxy, HTTP errors: the user needs the manual route
+                    raise WeightFileError(
+                        f"LayerDiffuse needs {info.filename} and could not download it ({type(e).__name__}: {e}). "
+                        f"Download it from {info.url} and put it in {folder}."
+                    ) from None
+                try:
+                    verify_file(part, info)  # keys and shapes always
+                    if info.sha256 and sha256_of(part) != info.sha256:
+                        raise WeightFileError(
+                            f"{info.filename}: the downloaded file has the wrong SHA-256; it was deleted. Try again."
+                        )
+                    fsync_path(part)
+                    os.replace(part, path)
+                except OSError as e:
+                    raise WeightFileError(
+                        f"{info.filename}: the downloaded file could not be checked or moved into place "
+                        f"({type(e).__name__}: {e}); it was deleted. Try again, or download it from {info.url} "
+                        f"and put it in {folder}."
+                    ) from None
+            except BaseException:  # failed, rejected or interrupted (Ctrl+C, the host's stop): no .part left
+                _remove_file(part)
+                raise
+        fsync_dir(folder)
         return path
 
     # -- progress ---------------------------------------------------------------------------
