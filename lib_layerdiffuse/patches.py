@@ -94,15 +94,16 @@ def patched_tensor(base: torch.Tensor, patch: Patch, weight: float) -> torch.Ten
     return (base.float() + delta).to(base.dtype)
 
 
-def match_keys(patches: Mapping[str, Patch], names, source: str, family: str = "SDXL") -> list[str]:
-    """Model keys of the file that the model lacks; refuse when most of them are missing."""
+def match_keys(patches: Mapping[str, Patch], names, source: str) -> list[str]:
+    """Model keys of the file that the model lacks; refuse when most of them are missing (the patch
+    files are all made for SDXL UNets)."""
     names = set(names)
     missing = sorted(k for k in patches if k not in names)
     if patches and len(missing) > MOST_MISSING * len(patches):
         raise PatchError(
             f"{source}: {len(missing)} of its {len(patches)} keys do not exist in the loaded model "
-            f"(e.g. {', '.join(missing[:3])}). It is made for {family} UNets: the loaded checkpoint is "
-            f"probably another model family. Load an {family} checkpoint."
+            f"(e.g. {', '.join(missing[:3])}). It is made for SDXL UNets: the loaded checkpoint is "
+            "probably another model family. Load an SDXL checkpoint."
         )
     if missing:
         log.warning("%s: %d keys not in the model, skipped: %s", source, len(missing), ", ".join(missing))
