@@ -102,9 +102,8 @@ def read_metadata(path) -> dict[str, str]:
         return f.metadata() or {}
 
 
-def load_state(path, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-               restore_rng: bool = True) -> int:  # fmt: skip
-    """Load what :func:`save_state` wrote (strict); returns the step to continue from."""
+def load_state(path, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer]) -> int:
+    """Load what :func:`save_state` wrote (strict), torch RNG included; returns the step to continue from."""
     with safe_open(str(path), framework="pt", device="cpu") as f:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -126,8 +125,7 @@ def load_state(path, modules: dict[str, nn.Module], optimizers: dict[str, torch.
             if "betas" in g:
                 g["betas"] = tuple(g["betas"])
         opt.load_state_dict({"state": state, "param_groups": pgs})
-    if restore_rng:
-        torch.set_rng_state(tensors["rng.torch"])
-        if "rng.cuda" in tensors and torch.cuda.is_available():
-            torch.cuda.set_rng_state(tensors["rng.cuda"])
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
     return int(meta["step"])

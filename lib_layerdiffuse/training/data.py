@@ -274,9 +274,9 @@ class StepBatches:
     """
 
     def __init__(self, dataset_len: int, batch_size: int, rank: int, world_size: int, seed: int,
-                 start: int = 0, stop: int = 0, shuffle: bool = True):  # fmt: skip
+                 start: int = 0, stop: int = 0):  # fmt: skip
         self.sampler = DistributedSampler(
-            range(dataset_len), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=True
+            range(dataset_len), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
         )
         self.batch_size = batch_size
         self.per_epoch = len(self.sampler) // batch_size

@@ -22,7 +22,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 class DistInfo:
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     device: torch.device = torch.device("cpu")
 
     @property
@@ -57,11 +56,7 @@ def init(device: str | None = None, timeout_s: float = 1800.0) -> DistInfo:
         )
     if torch_dist.is_initialized():
         rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
-    return DistInfo(rank, world, local, dev)
-
-
-def is_main() -> bool:
-    return not torch_dist.is_initialized() or torch_dist.get_rank() == 0
+    return DistInfo(rank, world, dev)
 
 
 def barrier() -> None:
@@ -89,10 +84,6 @@ def wrap(module: nn.Module, info: DistInfo) -> nn.Module:
     return DDP(module, device_ids=ids)
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    return module.module if isinstance(module, DDP) else module
-
-
 def mean_across_ranks(values: dict[str, float], info: DistInfo) -> dict[str, float]:
     """Average scalar logs over ranks (a collective: every rank must call it)."""
     if not info.distributed or not values:
@@ -102,12 +93,3 @@ def mean_across_ranks(values: dict[str, float], info: DistInfo) -> dict[str, flo
     torch_dist.all_reduce(t)
     t /= info.world_size
     return dict(zip(keys, t.tolist(), strict=True))
-
-
-def broadcast_module(module: nn.Module, info: DistInfo) -> None:
-    """Copy rank 0's parameters and buffers to every rank (for modules that are not in DDP)."""
-    if not info.distributed:
-        return
-    with torch.no_grad():
-        for t in list(module.parameters()) + list(module.buffers()):
-            torch_dist.broadcast(t.data, src=0)

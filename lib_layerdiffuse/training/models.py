@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import vae as core
+from ..fastnorm import FastGroupNorm
 
 FULL_ENCODER_WIDTHS = (32, 32, 64, 64, 128, 128, 256, 256)
 FULL_DECODER_CHANNELS = core.CHANNELS
@@ -30,9 +31,6 @@ TINY_DECODER_CHANNELS = (8, 8, 16, 16)
 # Small: short CPU runs that reach a meaningful PSNR (5 levels: sides multiple of 16).
 SMALL_ENCODER_WIDTHS = (16, 16, 32, 32, 64, 64, 64, 64)
 SMALL_DECODER_CHANNELS = (16, 16, 32, 32, 64)
-# The core's forward calls its own norm class (a fused-SiLU GroupNorm where present), so
-# the top-level norm built here must be that same class.
-_CoreNorm = getattr(core, "FastGroupNorm", nn.GroupNorm)
 
 
 @dataclass(frozen=True)
@@ -129,7 +127,8 @@ class TrainDecoder(core.TransparentVAEDecoder):
         self.up_blocks = nn.ModuleList(
             [core.UpBlock(r[min(i + 1, n - 1)], r[max(i - 1, 0)], r[i], i < n - attn_from, i < n - 1) for i in range(n)]
         )
-        self.conv_norm_out = _CoreNorm(core.GROUPS, c[0], eps=core.EPS)
+        # the core's forward calls conv_norm_out(x, silu=True): the core's own norm class
+        self.conv_norm_out = FastGroupNorm(core.GROUPS, c[0], eps=core.EPS)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(c[0], 4, 3, padding=1)
 

@@ -166,7 +166,7 @@ class VAEStageConfig:
     w_identity: float = 1.0
     w_disc: float = 0.01
     disc_start: int = 0
-    widths: str = "full"  # full | tiny
+    widths: str = "full"  # full | small | tiny
     disc_width: int = 64
     seed: int = 0
     save_every: int = 500
@@ -291,10 +291,6 @@ def write_summary(out: Path, label: str, summary: dict) -> None:
 
 # ---------------------------------------------------------------------------------------
 # Helpers
-
-
-def build_dataset(cfg: VAEStageConfig) -> torch.utils.data.Dataset:
-    return tdata.stage_dataset(cfg)
 
 
 def held_out(cfg: VAEStageConfig, train_set) -> torch.utils.data.Dataset:
@@ -510,7 +506,7 @@ def train_vae_stage(cfg: VAEStageConfig, frozen_vae: nn.Module | None = None) ->
     widths = Widths.named(cfg.widths)
     if cfg.size % widths.multiple:
         raise ValueError(f"--size {cfg.size} must be a multiple of {widths.multiple} for the {cfg.widths} decoder")
-    dataset = build_dataset(cfg)
+    dataset = tdata.stage_dataset(cfg)
 
     if frozen_vae is None:
         frozen_vae = frozen_vae_for(cfg, info)
