@@ -19,6 +19,7 @@ and the adapter removes every reference ``p`` and the host's objects hold to it.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from .rgba import flatten_on_grey, from_decoder, to_uint8
 from .session import UNetBackend, UNetSession, load_sharing
 from .settings import Settings
 from .vae import apply_offset, decode_rgba, encode_offset
-from .weights import load_decoder, load_encoder, load_unet_file
+from .weights import check_finite, load_decoder, load_encoder, load_unet_file
 
 log = logging.getLogger("layerdiffuse")
 _AND = re.compile(r"\bAND\b")  # where A1111 splits composable prompts
@@ -150,6 +151,14 @@ def cached_model(kind: str, path, device, dtype):
     return _MODELS[key]
 
 
+_FINITE: set = set()  # (path, size, mtime) of UNet files whose values were found finite
+
+
+def _file_stamp(path) -> tuple:
+    st = os.stat(path)
+    return str(path), st.st_size, st.st_mtime_ns
+
+
 def release_models() -> None:
     """Forget the cached transparent decoder and encoder (the next decode loads them again)."""
     _MODELS.clear()
@@ -218,7 +227,13 @@ class Generation:
 
     def _file_state(self) -> dict:
         if self._state is None:
-            self._state = load_unet_file(self.host.weight_path(self.mode.unet_file))
+            path = self.host.weight_path(self.mode.unet_file)
+            state = load_unet_file(path)
+            stamp = _file_stamp(path)
+            if stamp not in _FINITE:  # all values finite: checked once per file version
+                check_finite(state, path)
+                _FINITE.add(stamp)
+            self._state = state
         return self._state
 
     def _units(self, backend: UNetBackend, device, dtype) -> AttentionSharing | None:

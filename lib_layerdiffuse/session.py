@@ -23,6 +23,7 @@ from .attention_sharing import AttentionSharing
 from .errors import PatchError, Refusal
 from .modes import Mode
 from .patches import ModulePatcher, Patch, parse_patch_state, widens_conv_in
+from .weights import state_mismatch
 
 
 class UNetBackend:
@@ -49,12 +50,10 @@ class UNetBackend:
 def load_sharing(unet: nn.Module, mode: Mode, state: dict, source: str) -> AttentionSharing:
     """The SD1.5 units of ``mode`` around ``unet``, loaded strictly from the file's state."""
     sharing = AttentionSharing(unet, frames=mode.group, use_control=mode.control is not None)
-    try:
-        sharing.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise PatchError(
-            f"{source} does not fit '{mode.label}': {str(e).splitlines()[0]} Delete {source} and download it again."
-        ) from None
+    why = state_mismatch(sharing, state)  # torch's own message names no key in its first line
+    if why:
+        raise PatchError(f"{source} does not fit '{mode.label}': {why}. Delete {source} and download it again.")
+    sharing.load_state_dict(state, strict=True)
     return sharing
 
 

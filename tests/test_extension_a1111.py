@@ -673,3 +673,23 @@ def test_damaged_decoder_is_refused_before_sampling(ctx, tmp_path, monkeypatch):
         fa.process_images(p, ctx.env.mod.LayerDiffuseScript(), positional(TRANSPARENT))
     assert len(p.unet_rows) == 1 and p.sampled == [] and ctx.env.fake.images.saved == []
     assert_unet_as_before(ctx.unet, before)
+
+
+def test_nan_in_the_unet_file_is_refused_before_sampling(ctx, tmp_path, monkeypatch):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "models"
+    shutil.copytree(ctx.env.models, folder)
+    path = folder / "layer_sd15_transparent_attn.safetensors"
+    state = load_file(str(path))
+    key = sorted(state)[5]
+    state[key] = state[key].clone()
+    state[key].view(-1)[0] = float("nan")
+    save_file(state, str(path))
+    monkeypatch.setattr(ctx.env.fake.shared.cmd_opts, "layerdiffuse_models_dir", str(folder))
+    p = fa.Txt2Img(ctx.model, ctx.outpath, batch_size=1)
+    with pytest.raises(RuntimeError, match=f"LayerDiffuse: .*holds non-finite values: {re.escape(key)} has 1 NaN"):
+        fa.process_images(p, ctx.env.mod.LayerDiffuseScript(), positional(TRANSPARENT))
+    assert len(p.unet_rows) == 1 and ctx.env.fake.images.saved == []

@@ -257,6 +257,7 @@ def files_in_memory(monkeypatch):
     loads = []
     monkeypatch.setattr(pipeline, "load_unet_file", lambda path: (loads.append(path.name), path.state)[1])
     monkeypatch.setattr(pipeline, "cached_model", lambda kind, path, device, dtype: (loads.append(path.name), kind)[1])
+    monkeypatch.setattr(pipeline, "_file_stamp", lambda path: (path.name, id(path.state)))
     return loads
 
 
