@@ -14,8 +14,10 @@ import gc
 import importlib.util
 import io
 import logging
+import os
 import re
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -693,3 +695,15 @@ def test_nan_in_the_unet_file_is_refused_before_sampling(ctx, tmp_path, monkeypa
     with pytest.raises(RuntimeError, match=f"LayerDiffuse: .*holds non-finite values: {re.escape(key)} has 1 NaN"):
         fa.process_images(p, ctx.env.mod.LayerDiffuseScript(), positional(TRANSPARENT))
     assert len(p.unet_rows) == 1 and ctx.env.fake.images.saved == []
+
+
+def test_start_up_removes_stale_partial_downloads(env, monkeypatch):
+    api = env.fake.api_api
+    monkeypatch.setattr(api, "encode_pil_to_base64", api.encode_pil_to_base64)
+    stale = env.models / "layer_sd15_joint.safetensors.part"
+    stale.write_bytes(b"half a file")
+    old = time.time() - 7200
+    os.utime(stale, (old, old))
+    env.fake.script_callbacks.app_started_callback(None, None)
+    assert not stale.exists()
+    assert (env.models / "layer_sd15_joint.safetensors").is_file()

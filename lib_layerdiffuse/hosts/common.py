@@ -19,7 +19,7 @@ import torch
 from .. import conditioning as C
 from ..errors import LayerDiffuseError, Refusal, WeightFileError
 from ..pipeline import Generation, Host
-from ..rgba import to_pil, write_png
+from ..rgba import has_alpha, pil_to_rgba, to_pil, write_png
 from ..weights import FILES, sha256_of, verify_file
 
 log = logging.getLogger("layerdiffuse")
@@ -126,7 +126,13 @@ class WebUIHost(Host):
         folder = getattr(shared.cmd_opts, "layerdiffuse_models_dir", None) or os.path.join(
             paths.models_path, "layer_model"
         )
-        Path(folder).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise WeightFileError(
+                f"{folder} cannot be used as the LayerDiffuse models folder ({e.strerror or e}); remove what is "
+                "there or start the WebUI with --layerdiffuse-models-dir DIR."
+            ) from None
         return Path(folder)
 
     def weight_path(self, name: str) -> Path:
@@ -315,7 +321,16 @@ class WebUIHost(Host):
 
         script_callbacks.on_before_image_saved(before_image_saved)
         script_callbacks.on_image_saved(check_saved)
-        script_callbacks.on_app_started(lambda *a, **k: install_api_png())
+        script_callbacks.on_app_started(lambda *a, **k: self._started())
+
+    def _started(self) -> None:
+        """At start-up: PNG for our API images, and leftovers of interrupted writes and downloads
+        in the models folder removed (A1111's downloader would take a stale .part as complete)."""
+        install_api_png()
+        try:
+            clean_partial_downloads(self.models_dir())
+        except WeightFileError as e:
+            log.warning("LayerDiffuse: %s", e)
 
 
 def _ensure_temp_dir() -> None:
@@ -325,7 +340,10 @@ def _ensure_temp_dir() -> None:
 
     folder = getattr(shared.opts, "temp_dir", "")
     if folder:
-        Path(folder).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # the gallery then misses this preview; the saved files are complete
+            log.warning("LayerDiffuse: cannot create the temporary folder %s: %s", folder, e)
 
 
 def before_image_saved(params):
@@ -403,7 +421,7 @@ def check_saved(params):
 
     try:
         with Image.open(path) as im:
-            ok = im.mode == "RGBA" and np.array_equal(np.array(im)[..., 3], alpha)
+            ok = has_alpha(im) and np.array_equal(pil_to_rgba(im)[..., 3], alpha)
             mode = im.mode
     except OSError as e:
         log.warning("LayerDiffuse: could not re-open %s to check its alpha: %s", path, e)
