@@ -107,7 +107,9 @@ def test_batched_equals_sequential_multi_image(decoder):
     expected = torch.cat([sequential_official(decoder, pixel[i : i + 1], latent[i : i + 1]) for i in range(2)])
     for per in (1, 5, 16):
         out = decode_rgba(decoder, pixel, latent, views_per_batch=per)
-        torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+        # batched and single-view convolutions take other kernels: measured up to 5.4e-6 (avx2),
+        # 4.5e-6 (default); 10x that keeps a wrong view order (errors ~1e-1) far outside
+        torch.testing.assert_close(out, expected, atol=5e-5, rtol=0)
 
 
 @pytest.mark.parametrize("hw", [(8, 8), (72, 40), (40, 136), (64, 64)])
