@@ -72,9 +72,9 @@ def is_stale_temp(path: str | os.PathLike, now: float | None = None) -> bool:
     return pid == os.getpid() or _pid_alive(pid) is False  # our own but not live: a crashed predecessor
 
 
-def clean_stale(folder: str | os.PathLike) -> list[Path]:
-    """Remove our stale temporary files from ``folder`` (not recursive); best effort, never
-    raises. Returns the paths removed."""
+def remove_where(folder: str | os.PathLike, stale) -> list[Path]:
+    """Remove the plain files of ``folder`` (not recursive) for which ``stale(path, now)`` is
+    true; best effort, never raises. Returns the paths removed."""
     removed = []
     try:
         entries = list(os.scandir(folder))
@@ -83,13 +83,18 @@ def clean_stale(folder: str | os.PathLike) -> list[Path]:
     now = time.time()
     for entry in entries:
         path = Path(entry.path)
-        if is_stale_temp(path, now):
+        if stale(path, now):
             try:
                 path.unlink()
                 removed.append(path)
             except OSError:
                 pass
     return removed
+
+
+def clean_stale(folder: str | os.PathLike) -> list[Path]:
+    """Remove our stale temporary files from ``folder``; returns the paths removed."""
+    return remove_where(folder, is_stale_temp)
 
 
 def fsync_path(path: str | os.PathLike) -> None:

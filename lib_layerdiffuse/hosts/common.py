@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 from pathlib import Path
 
@@ -85,36 +86,23 @@ def clean_partial_downloads(folder: str | os.PathLike, current: str | None = Non
     other leftovers go once untouched for ``fileio.DEAD_WRITER_GRACE_S`` (another process may
     be downloading them). Never raises; returns the paths removed.
     """
-    import time
+    from ..fileio import DEAD_WRITER_GRACE_S, clean_stale, remove_where
 
-    from ..fileio import DEAD_WRITER_GRACE_S, clean_stale
-
-    folder = Path(folder)
-    removed = clean_stale(folder)
     parts = {f.filename + ".part" for f in FILES.values()}
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return removed
-    now = time.time()
-    for entry in entries:
-        name = entry.name
-        ours = name in parts or (name.endswith(".partial") and name.split(".part.", 1)[0] + ".part" in parts)
-        if not ours:
-            continue
+
+    def leftover(path: Path, now: float) -> bool:
+        name = path.name
+        if name not in parts and not (name.endswith(".partial") and name.split(".part.", 1)[0] + ".part" in parts):
+            return False
         try:
-            if entry.is_dir(follow_symlinks=False):
-                continue
-            fresh = now - entry.stat(follow_symlinks=False).st_mtime <= DEAD_WRITER_GRACE_S
+            st = path.lstat()
         except OSError:
-            continue
-        if fresh and name != f"{current}.part":
-            continue
-        path = Path(entry.path)
-        _remove_file(path)
-        if not os.path.lexists(path):
-            removed.append(path)
-    return removed
+            return False
+        if stat.S_ISDIR(st.st_mode):
+            return False
+        return name == f"{current}.part" or now - st.st_mtime > DEAD_WRITER_GRACE_S
+
+    return clean_stale(folder) + remove_where(folder, leftover)
 
 
 class WebUIHost(Host):
