@@ -190,6 +190,7 @@ class Generation:
         self._state: dict | None = None  # the mode's UNet file, read once per generation
         self._sharing: AttentionSharing | None = None  # SD1.5 units, built once per UNet
         self._aborted: UNetBackend | None = None  # a backend that makes sampling fail (setup error)
+        self._pass_key: tuple | None = None  # (id, shape) of the latent the current pass started from
 
     # -- prompts --------------------------------------------------------------------------
 
@@ -265,8 +266,16 @@ class Generation:
         Never raises (hosts swallow hook exceptions): a failure is kept in :attr:`error`, the
         backend makes sampling itself fail, and :meth:`check_ran` raises it after sampling.
         """
+        key = (id(x), tuple(x.shape))
+        session = self.session
+        if session is not None and self._pass_key == key and not (session.calls or session.stopped_calls):
+            # the hook ran again for the same pass before any UNet call (Forge2 calls it twice
+            # around a reset before hires): the earlier install is replaced, not counted
+            self.session = None
+            session.restore()
         self.end_sampling()
         self._release_abort()
+        self._pass_key = key
         backend = None
         try:
             backend = self.host.unet_backend(p)  # first: a refusal below must stop sampling through it

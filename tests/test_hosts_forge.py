@@ -664,3 +664,27 @@ def test_contract_model_operations(monkeypatch):
     assert forge.HOST.percent_to_sigma(p, 0.25) == 7.5
     assert forge.HOST.device_dtype(p) == (torch.device("cpu"), torch.float32)
     assert forge.HOST.low_vram() is False  # no memory manager here
+
+
+def test_hook_twice_around_a_reset_is_one_pass(monkeypatch, neo_adapter):
+    """Forge2 calls process_before_every_sampling twice before hires, resetting forge_objects in
+    between: the second install replaces the first, and the pass counts once."""
+    patcher_cls, _ = use_host(monkeypatch, "forge2")
+    dm = sd15_tiny()
+    gen = make_gen("FG_ONLY_ATTN_SD15", sharing_state(dm, 1))
+    p = make_p(patcher_cls, dm)
+    original = p.sd_model.forge_objects.unet
+    x = torch.zeros(1, 4, 8, 8)
+    gen.begin_sampling(p, x)
+    p.sd_model.forge_objects.unet = original  # the host's reset
+    gen.begin_sampling(p, x)
+    with torch.no_grad():
+        p.sd_model.forge_objects.unet.run(x, sigma=5.0, c_crossattn=torch.randn(2, 77, 16))
+    gen.end_sampling()
+    gen.check_ran()  # no "did not take part" for the replaced install
+    # a pass whose UNet calls all bypassed our changes is still refused
+    gen.begin_sampling(p, torch.zeros(1, 4, 8, 8))
+    gen.end_sampling()
+    with pytest.raises(LayerDiffuseError, match="did not take part"):
+        gen.check_ran()
+    gen.close()
