@@ -514,7 +514,20 @@ def test_previews_and_final_latents():
     class Decoded(list):
         already_decoded = True
 
-    assert forge.HOST.final_latents(p, Decoded(), None).shape == (2, 4, 2, 2)
+    # after hires Forge's latents_after_sampling holds decoded pixels (seen on a real Forge2):
+    # the latent is the one the sampler returned, captured during the pass
+    captured = torch.ones(2, 4, 2, 2)
+    assert forge.HOST.final_latents(p, Decoded(), captured) is captured
+    sampler = SimpleNamespace(sample_img2img=lambda *a: captured)
+    session = SimpleNamespace(result=None)
+    capture = common.SamplerCapture(sampler)
+    capture.install(session)
+    assert sampler.sample_img2img() is captured and session.result is captured
+    capture.restore()
+    assert sampler.sample_img2img() is captured and session.result is captured
+    session.result = None
+    sampler.sample_img2img()
+    assert session.result is None  # unwrapped
 
 
 # -- nothing outlives a generation ------------------------------------------------------------

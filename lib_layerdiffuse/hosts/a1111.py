@@ -12,40 +12,23 @@ import torch
 
 from ..session import ModuleBackend
 from ..unet import detect_family, percent_to_sigma, timestep_to_sigma
-from .common import WebUIHost, posterior_moments, raw_decode
+from .common import SamplerCapture, WebUIHost, posterior_moments, raw_decode
 
 
 class A1111Backend(ModuleBackend):
-    """:class:`ModuleBackend` that also keeps the sampler's result: after hires fix A1111
-    hands post_sample decoded images only, and the transparent decode needs the latent."""
+    """:class:`ModuleBackend` that also keeps the sampler's result (:class:`.common.SamplerCapture`)."""
 
     def __init__(self, p):
         model = p.sd_model
         super().__init__(model.model.diffusion_model, timestep_to_sigma(model.alphas_cumprod))
-        self.sampler = getattr(p, "sampler", None)
-        self.wrapped: list[str] = []
+        self.capture = SamplerCapture(getattr(p, "sampler", None))
 
     def install(self, session) -> None:
         super().install(session)
-        for name in ("sample", "sample_img2img"):
-            original = getattr(self.sampler, name, None)
-            if original is None:
-                continue
-
-            def run(*args, _original=original, **kwargs):
-                samples = _original(*args, **kwargs)
-                if self.session is not None:
-                    self.session.result = samples
-                return samples
-
-            setattr(self.sampler, name, run)
-            self.wrapped.append(name)
+        self.capture.install(session)
 
     def restore(self) -> None:
-        for name in self.wrapped:
-            self.sampler.__dict__.pop(name, None)
-        self.wrapped.clear()
-        self.sampler = None
+        self.capture.restore()
         super().restore()
 
 
@@ -79,9 +62,6 @@ class A1111Host(WebUIHost):
         from modules import shared  # type: ignore
 
         return bool(getattr(shared.cmd_opts, "lowvram", False) or getattr(shared.cmd_opts, "medvram", False))
-
-    def final_latents(self, p, samples, sampled):
-        return sampled if getattr(samples, "already_decoded", False) else samples
 
     def show_preview(self, processed, image, info: str) -> None:
         processed.images.append(image)

@@ -105,6 +105,38 @@ def clean_partial_downloads(folder: str | os.PathLike, current: str | None = Non
     return clean_stale(folder) + remove_where(folder, leftover)
 
 
+class SamplerCapture:
+    """Keeps the latent ``p.sampler`` returns during one pass in ``session.result``: after hires
+    fix the hosts hand post_sample decoded images, and the transparent decode needs the latent
+    (docs/hosts.md §1). The sampler's methods are wrapped for the pass and unwrapped after."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+        self.wrapped: dict = {}  # name -> the sampler's own instance attribute (or None)
+
+    def install(self, session) -> None:
+        for name in ("sample", "sample_img2img"):
+            original = getattr(self.sampler, name, None)
+            if original is None:
+                continue
+
+            def run(*args, _original=original, **kwargs):
+                samples = _original(*args, **kwargs)
+                session.result = samples
+                return samples
+
+            self.wrapped[name] = vars(self.sampler).get(name)
+            setattr(self.sampler, name, run)
+
+    def restore(self) -> None:
+        for name, own in self.wrapped.items():
+            vars(self.sampler).pop(name, None)
+            if own is not None:
+                setattr(self.sampler, name, own)
+        self.wrapped.clear()
+        self.sampler = None
+
+
 class WebUIHost(Host):
     # -- files ------------------------------------------------------------------------------
 
@@ -244,6 +276,10 @@ class WebUIHost(Host):
         names = {1: "Crop and Resize", 2: "Resize and Fill"}
         x = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
         return C.resize_image(x, names.get(int(p.resize_mode), "Just Resize"), p.height, p.width)
+
+    def final_latents(self, p, samples, sampled):
+        """The batch's final latents: the sampler's result when the host already decoded (hires)."""
+        return sampled if getattr(samples, "already_decoded", False) else samples
 
     def set_init_latent(self, p, latent: torch.Tensor) -> None:
         """Inpaint: the masked area keeps what the host put there (``p.mask`` / ``p.nmask``), so

@@ -31,7 +31,7 @@ import torch
 from ..errors import LayerDiffuseError, PatchError, Refusal
 from ..patches import PREFIX, Patch, match_keys
 from ..session import UNetBackend, UNetSession
-from .common import WebUIHost, posterior_moments, raw_decode
+from .common import SamplerCapture, WebUIHost, posterior_moments, raw_decode
 
 log = logging.getLogger("layerdiffuse")
 
@@ -132,8 +132,9 @@ class ForgeBackend(UNetBackend):
     After :meth:`restore` it is inert (other code may still hold clones of our clone).
     """
 
-    def __init__(self, forge_objects):
+    def __init__(self, forge_objects, sampler=None):
         self.objects = forge_objects  # the host's shared namespace; never p
+        self.capture = SamplerCapture(sampler)
         self.original = forge_objects.unet
         self.unet = self.original.model.diffusion_model
         self.clone = None
@@ -163,6 +164,7 @@ class ForgeBackend(UNetBackend):
             if session.sigma_end > 0:
                 clone.add_conditioning_modifier(self._unpatched_below)
         self._assign(clone)
+        self.capture.install(session)
 
     def __call__(self, apply_model, args):
         x, t, c = args["input"], args["timestep"], dict(args["c"])
@@ -208,6 +210,7 @@ class ForgeBackend(UNetBackend):
         pass  # the wrapper and the modifier read session.active() on every call
 
     def restore(self) -> None:
+        self.capture.restore()
         if self.session is not None and self.session.sharing is not None:
             self.session.sharing.restore()  # idempotent; the wrapper already restored in finally
         if self.clone is not None and self.objects.unet is self.clone:
@@ -229,7 +232,7 @@ class ForgeHost(WebUIHost):
         return _family(p.sd_model)
 
     def unet_backend(self, p) -> ForgeBackend:
-        return ForgeBackend(p.sd_model.forge_objects)
+        return ForgeBackend(p.sd_model.forge_objects, getattr(p, "sampler", None))
 
     def percent_to_sigma(self, p, percent: float) -> float:
         return float(p.sd_model.forge_objects.unet.model.predictor.percent_to_sigma(percent))
@@ -288,16 +291,6 @@ class ForgeHost(WebUIHost):
                                                     memory_management.VRAMState.NO_VRAM)  # fmt: skip
         except Exception:
             return False
-
-    def final_latents(self, p, samples, sampled):
-        """When the host already decoded (hires), the latents Forge keeps in
-        ``p.latents_after_sampling`` (this batch's are the last ones)."""
-        if not getattr(samples, "already_decoded", False):
-            return samples
-        kept = getattr(p, "latents_after_sampling", None) or []
-        if len(kept) >= p.batch_size:
-            return torch.stack([torch.as_tensor(z) for z in kept[-p.batch_size :]])
-        return None
 
     def show_preview(self, processed, image, info: str) -> None:
         """Forge shows and returns ``processed.extra_images`` (= ``p.extra_result_images``)."""
