@@ -8,8 +8,8 @@ never stored. The WebUI script calls :class:`Generation` from its hooks:
     host.attach(p, gen)                  # p.sample guarded, p.close restores and releases
     gen.begin_sampling(p, x)             # before every sampling pass (again for hires)
     gen.end_sampling(); gen.check_ran()  # right after sampling (the adapter's p.sample wrapper)
-    gen.keep_latents(p, iteration, samples)   # post_sample
-    rgba = gen.decode(p, index, pixel_rgb)    # each image, right before saving
+    gen.decode_batch(p, first, latents, pixels)  # there too: a failure fails the request
+    rgba = gen.take(index)               # each image, right before saving
     gen.close()                          # always: UNet as before, everything released
 
 Nothing of a generation outlives :meth:`Generation.close`: it holds no reference to ``p``,
@@ -32,7 +32,7 @@ from .attention_sharing import AttentionSharing
 from .errors import LayerDiffuseError
 from .rgba import flatten_on_grey, from_decoder, to_uint8
 from .session import UNetBackend, UNetSession, load_sharing
-from .settings import Settings
+from .settings import Settings, check_init_image
 from .vae import apply_offset, decode_rgba, encode_offset
 from .weights import check_finite, load_decoder, load_encoder, load_unet_file
 
@@ -80,6 +80,12 @@ class Host:
         """The host VAE's raw decode ``[B, 3, H, W]`` in about [-1, 1] of a raw (unscaled) latent."""
         raise NotImplementedError
 
+    def decode_samples(self, p, samples):
+        """``p.sample``'s result as the host decodes it (its own VAE route, NaN checks included), in
+        the already-decoded form the host takes back from ``p.sample``: a list of ``[3, H, W]``
+        in about [-1, 1]. A result the host already decoded (hires fix) is returned as it is."""
+        raise NotImplementedError
+
     def load_lora(self, p, path: Path, weight: float) -> None:
         """Apply a LoRA file through the host's own loader for this generation."""
         raise LayerDiffuseError(f"{self.name} cannot load LoRA files for LayerDiffuse.")
@@ -113,7 +119,7 @@ class Host:
         raise NotImplementedError
 
     def final_latents(self, p, samples, sampled: torch.Tensor | None) -> torch.Tensor | None:
-        """The final latent batch in post_sample (``sampled``: what the sampler returned last)."""
+        """The final latent batch of ``p.sample``'s result (``sampled``: what the sampler returned last)."""
         raise NotImplementedError
 
     def attach(self, p, gen: Generation) -> None:
@@ -123,7 +129,9 @@ class Host:
     def generation(self, p) -> Generation | None:
         raise NotImplementedError
 
-    def to_pil_rgba(self, rgba: np.ndarray):
+    def rgba_image(self, p, rgba: np.ndarray, host_image):
+        """The image to save for a decoded frame: ``rgba`` (HxWx4 float) as the host's image type,
+        at ``host_image``'s size and with its info."""
         raise NotImplementedError
 
     def publish_previews(self, p, processed, previews: list) -> None:
@@ -184,7 +192,7 @@ class Generation:
         self.ran_passes = 0  # of those, passes our changes took part in
         self.unran: list[str] = []  # passes whose UNet calls bypassed our changes, and why
         self.sampled: torch.Tensor | None = None  # the latent the sampler returned last (host-captured)
-        self.latents: dict[int, torch.Tensor] = {}  # final latents by global image index (CPU, fp32)
+        self.rgba: dict[int, np.ndarray] = {}  # decoded RGBA by global image index, until its hook takes it
         self.init_rgba: list = []  # img2img: the init images as RGBA PIL images
         self.previews: dict[int, np.ndarray] = {}  # checkerboard previews by image index
         self._state: dict | None = None  # the mode's UNet file, read once per generation
@@ -367,7 +375,7 @@ class Generation:
             if self._sharing is not None:
                 self._sharing.clear_caches()
             self._sharing = self._state = self.sampled = None
-            self.latents.clear()
+            self.rgba.clear()
             self.init_rgba.clear()
             self.previews.clear()
 
@@ -379,41 +387,60 @@ class Generation:
         name = self.mode.decoder_file if kind == "decoder" else self.mode.encoder_file
         return cached_model(kind, self.host.weight_path(name), device, dtype)
 
-    def keep_latents(self, p, iteration: int, samples) -> None:
-        """post_sample: the final diffusion-space latents of one batch (after hires), by image index."""
-        latents = self.host.final_latents(p, samples, self.sampled)
-        self.sampled = None
-        if latents is None:
-            return
-        for i, z in enumerate(latents):
-            self.latents[iteration * self.batch_size + i] = z.detach().to("cpu", torch.float32)
+    def decodes(self) -> bool:
+        """Whether the mode decodes RGBA (then the adapter decodes right after sampling)."""
+        return self.mode.decoder_file is not None
 
-    def decode(self, p, index: int, pixel_rgb: np.ndarray) -> np.ndarray | None:
-        """RGBA (HxWx4 float) for image ``index`` if the mode decodes it, else None.
+    def decode_batch(self, p, first: int, latents: torch.Tensor, pixels: torch.Tensor) -> None:
+        """Right after sampling, inside ``p.sample`` (where an exception fails the request, docs/hosts.md
+        §1): the RGBA of every frame of one batch the mode decodes, kept for :meth:`take`.
 
-        pixel_rgb: the host's final image, uint8 HxWx3. The decoder reads the raw latent.
+        latents: the batch's final diffusion-space latents; pixels: the host's decode of them,
+        ``[B, 3, H, W]`` in [0, 1] as the host turns it into 8-bit images; ``first``: the global
+        index of row 0. Raises :class:`LayerDiffuseError` when the decode fails or the user
+        interrupts it: no frame of the batch is then returned as if it were transparent.
         """
-        if not self.mode.is_decoded(index):
-            return None
-        latent = self.latents.pop(index, None)
-        if latent is None:
-            raise LayerDiffuseError(f"no latent was kept for image {index}; the transparent decode needs it")
-        pixel = torch.from_numpy(np.array(pixel_rgb[..., :3], dtype=np.float32)).div(255).permute(2, 0, 1)[None]
-        h, w = pixel.shape[-2:]
-        if h % 8 or w % 8:
-            raise LayerDiffuseError(f"image size {w}x{h} is not a multiple of 8")
+        todo = [i for i in range(pixels.shape[0]) if self.mode.is_decoded(first + i)]
+        if not todo:
+            return
+        if latents is None or latents.shape[0] != pixels.shape[0]:
+            raise LayerDiffuseError("the sampler's final latents were not found, so the transparent decode cannot run")
         scale, shift = self.host.latent_format(p)
-        latent = latent[None] / scale + shift
-        if latent.shape[-2:] != (h // 8, w // 8):
-            # inpaint "only masked": the latent covers another region than the pixels
-            log.warning(
-                "LayerDiffuse: latent %s does not match the %dx%d image; resizing it", tuple(latent.shape[-2:]), w, h
+        decoder = self._model(p, "decoder")
+        for k, i in enumerate(todo):
+            pixel = pixels[i : i + 1].float().cpu()
+            h, w = pixel.shape[-2:]
+            if h % 8 or w % 8:
+                raise LayerDiffuseError(f"image size {w}x{h} is not a multiple of 8; choose a width and height "
+                                        "that are multiples of 8")  # fmt: skip
+            latent = latents[i : i + 1].detach().to("cpu", torch.float32) / scale + shift
+            if latent.shape[-2:] != (h // 8, w // 8):
+                raise LayerDiffuseError(
+                    f"the final latent {tuple(latent.shape[-2:])} does not match the {w}x{h} image the host decoded "
+                    "from it; another extension changed one of them."
+                )
+            text = f"LayerDiffuse: transparent decode, image {k + 1} of {len(todo)}"
+            self.host.progress(text)
+            self._stop_if_interrupted()
+
+            def step(done: int, total: int, text=text) -> None:
+                self.host.progress(f"{text}, pass {done} of {total}")
+                self._stop_if_interrupted()
+
+            rgba = from_decoder(decode_rgba(decoder, pixel, latent, callback=step)[0])
+            self.rgba[first + i] = rgba
+            self.previews[first + i] = rgba
+
+    def _stop_if_interrupted(self) -> None:
+        if self.host.interrupted():
+            raise LayerDiffuseError(
+                "the generation was interrupted before the transparent decode finished; no transparent image is "
+                "returned for this batch."
             )
-            latent = torch.nn.functional.interpolate(latent, size=(h // 8, w // 8), mode="bilinear")
-        self.host.progress(f"LayerDiffuse: transparent decode, image {index + 1}")
-        rgba = from_decoder(decode_rgba(self._model(p, "decoder"), pixel, latent)[0])
-        self.previews[index] = rgba
-        return rgba
+
+    def take(self, index: int) -> np.ndarray | None:
+        """The RGBA (HxWx4 float) decoded for image ``index``, or None for frames not decoded."""
+        return self.rgba.pop(index, None)
 
     # -- img2img ------------------------------------------------------------------------------
 
@@ -424,6 +451,8 @@ class Generation:
 
         if self.mode.encoder_file is None:
             return images
+        for i, im in enumerate(images):
+            check_init_image(i, *im.size)
         self.init_rgba = [im.convert("RGBA") for im in images]
         flat = [flatten_on_grey(np.asarray(im, dtype=np.float32) / 255.0) for im in self.init_rgba]
         return [Image.fromarray(to_uint8(x)) for x in flat]

@@ -196,13 +196,19 @@ MAX_IMAGE_PIXELS = 4096 * 4096
 _ACCEPTED = "PNG, JPEG or WebP"
 
 
-def _check_pixels(name: str, width: int, height: int) -> None:
+def _check_pixels(name: str, width: int, height: int, kind: str = "a layer image") -> None:
     if width * height > MAX_IMAGE_PIXELS:
         raise SettingsError(
             f"{name} is {width}x{height} ({width * height / 1e6:.1f} MP), above the limit of "
-            f"{MAX_IMAGE_PIXELS / 1e6:.1f} MP ({MAX_IMAGE_PIXELS} pixels, e.g. 4096x4096) for a layer image: "
+            f"{MAX_IMAGE_PIXELS / 1e6:.1f} MP ({MAX_IMAGE_PIXELS} pixels, e.g. 4096x4096) for {kind}: "
             "scale it down to about the generation size and send it again."
         )
+
+
+def check_init_image(index: int, width: int, height: int) -> None:
+    """img2img init images: the host decoded them before any script ran; LayerDiffuse's own work
+    on them (RGBA copies, the transparent encoder) is bounded like a layer image's."""
+    _check_pixels(f"init image {index + 1}", width, height, "an img2img image LayerDiffuse encodes")
 
 
 def _format_of(prefix: bytes) -> str | None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -335,10 +336,13 @@ def default_tile_size(device: torch.device, dtype: torch.dtype, height: int, wid
     return max(MULTIPLE, int(fits_px**0.5) // MULTIPLE * MULTIPLE)
 
 
-def _run_views(decoder, pixel, latent, views, per):
-    """Decode each (image, view), ``per`` per forward; returns [B, V, 4, H, W] (clipped, unviewed)."""
+def _run_views(decoder, pixel, latent, views, per, callback=None):
+    """Decode each (image, view), ``per`` per forward; returns [B, V, 4, H, W] (clipped, unviewed).
+
+    ``callback(done, total)`` runs after each forward with the (image, view) jobs done so far."""
     b = pixel.shape[0]
     outs: list = [[None] * len(views) for _ in range(b)]
+    done, total = 0, b * len(views)
     # Views with odd k have H and W swapped, so they batch only with each other.
     for parity in (0, 1):
         jobs = [(i, v) for v in range(len(views)) if views[v][1] % 2 == parity for i in range(b)]
@@ -355,6 +359,9 @@ def _run_views(decoder, pixel, latent, views, per):
             for (i, v), yi in zip(chunk, y.split(1), strict=True):
                 outs[i][v] = _unview(yi, *views[v])
             del y, feed_p, feed_l
+            done += len(chunk)
+            if callback is not None:
+                callback(done, total)
     return torch.stack([torch.cat(o) for o in outs])
 
 
@@ -389,6 +396,7 @@ def decode_rgba(
     extra_memory_gb: float | None = None,
     tile_size: int | str | None = None,
     tile_overlap: int | None = None,
+    callback: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """RGBA from the normal decode and its latent (Eq. 3), with test-time augmentation.
 
@@ -413,6 +421,10 @@ def decode_rgba(
     sees the whole image through its attention layers; see tests/test_fast_decode.py for
     the error). ``"auto"`` tiles only where a batch-1 pass would not fit the free CUDA
     memory (:func:`default_tile_size`).
+
+    ``callback(done, total)``, if given, runs after every decoder forward with the passes
+    (image x view x tile) done so far and in all: for progress, and an exception it raises
+    stops the decode (an interrupt).
     """
     if pixel.ndim != 4 or pixel.shape[1] != 3:
         raise ValueError(f"pixel must be [B, 3, H, W] RGB, got {tuple(pixel.shape)}")
@@ -437,18 +449,28 @@ def decode_rgba(
 
         if not isinstance(tile_size, int) or tile_size <= 0 or tile_size % MULTIPLE:
             raise ValueError(f"tile_size must be a positive multiple of {MULTIPLE}, 'auto' or None, got {tile_size!r}")
-        if len(tile_plan(h, tile_size, tile_overlap)) * len(tile_plan(w, tile_size, tile_overlap)) > 1:
+        tiles = len(tile_plan(h, tile_size, tile_overlap)) * len(tile_plan(w, tile_size, tile_overlap))
+        if tiles > 1:
             kw = {"passes": n, "views_per_batch": views_per_batch, "extra_memory_gb": extra_memory_gb}
+            finished = [0]  # passes of the tiles already decoded
+
+            def tile_callback(done: int, total: int) -> None:
+                if callback is not None:
+                    callback(finished[0] + done, total * tiles)
+                if done == total:
+                    finished[0] += total
+
             return decode_tiled(
-                lambda p, lat: decode_rgba(decoder, p, lat, **kw), pixel, latent, tile_size, tile_overlap
-            )
+                lambda p, lat: decode_rgba(decoder, p, lat, callback=tile_callback, **kw),
+                pixel, latent, tile_size, tile_overlap,
+            )  # fmt: skip
 
     pixel, latent, crop = _pad_to_multiple(pixel, latent)
     _channels_last_on_cpu(decoder, param.device)
     per = views_per_batch or default_views_per_batch(
         param.device, param.dtype, *pixel.shape[-2:], extra_memory_gb=extra_memory_gb
     )
-    result = _combine(_run_views(decoder, pixel, latent, views, per), n)
+    result = _combine(_run_views(decoder, pixel, latent, views, per, callback), n)
     if crop is not None:
         top, left, h0, w0 = crop
         result = result[..., top : top + h0, left : left + w0]

@@ -7,10 +7,7 @@ with the official positional order, or ``[{"enabled": true, "method": "...", ...
 
 from __future__ import annotations
 
-import logging
-
 import gradio as gr
-import numpy as np
 from modules import scripts
 
 from lib_layerdiffuse import hosts
@@ -20,7 +17,6 @@ from lib_layerdiffuse.pipeline import Generation
 from lib_layerdiffuse.rgba import checkerboard_preview
 from lib_layerdiffuse.settings import ARG_ORDER, INFOTEXT_KEYS, Settings
 
-log = logging.getLogger("layerdiffuse")
 HOST_ID = hosts.detect()
 host = hosts.adapter(HOST_ID)  # the one host contract (lib_layerdiffuse.pipeline.Host), or None
 
@@ -141,6 +137,7 @@ class LayerDiffuseScript(scripts.Script):
             gen = Generation(host, settings, host.family(p), p.batch_size, p.width, p.height, p.all_prompts)
             prompts = gen.layer_prompts(p.all_prompts)
             hr_prompts = gen.layer_prompts(p.all_hr_prompts) if getattr(p, "all_hr_prompts", None) else None
+            init_images = gen.prepare_init(p.init_images) if getattr(p, "init_images", None) else None
         except LayerDiffuseError as e:
             hosts.refuse(p, str(e))
             return
@@ -148,8 +145,8 @@ class LayerDiffuseScript(scripts.Script):
         p.all_prompts = prompts
         if hr_prompts is not None:
             p.all_hr_prompts = hr_prompts
-        if getattr(p, "init_images", None):
-            p.init_images = gen.prepare_init(p.init_images)
+        if init_images is not None:
+            p.init_images = init_images
         host.attach(p, gen)
 
     def process_before_every_sampling(self, p, *args, **kwargs):
@@ -157,27 +154,14 @@ class LayerDiffuseScript(scripts.Script):
         if gen is not None:
             gen.begin_sampling(p, kwargs["x"])
 
-    def post_sample(self, p, ps, *args):
-        gen = host.generation(p) if host is not None else None
-        if gen is not None:
-            gen.keep_latents(p, p.iteration, ps.samples)
-
     def postprocess_image_after_composite(self, p, pp, *args):
         gen = host.generation(p) if host is not None else None
         if gen is None:
             return
-        index = p.iteration * p.batch_size + p.batch_index
-        try:
-            rgba = gen.decode(p, index, np.asarray(pp.image.convert("RGB")))
-        except Exception as e:
-            log.exception("LayerDiffuse: transparent decode failed")
-            host.comment(p, f"LayerDiffuse: transparent decode failed: {e}")
-            return
-        if rgba is None:
-            return
-        image = host.to_pil_rgba(rgba)
-        image.info.update(pp.image.info)
-        pp.image = image
+        # decoded right after sampling (hosts/common.py: attach), where a failure fails the request
+        rgba = gen.take(p.iteration * p.batch_size + p.batch_index)
+        if rgba is not None:
+            pp.image = host.rgba_image(p, rgba, pp.image)
 
     def postprocess(self, p, processed, *args):
         gen = host.generation(p) if host is not None else None

@@ -279,6 +279,16 @@ def install(models_dir, data_path) -> SimpleNamespace:
     devices = _module("modules.devices")
     devices.device = torch.device("cpu")
     devices.dtype = torch.float32
+    devices.cpu = torch.device("cpu")
+
+    class NansException(Exception):
+        pass
+
+    def test_for_nans(x, where):
+        if not torch.isfinite(x).all():
+            raise NansException(f"A tensor with NaNs was produced in {where}.")
+
+    devices.NansException, devices.test_for_nans = NansException, test_for_nans
     images = _images(shared, paths, script_callbacks)
     modelloader = _module("modules.modelloader")
     modelloader.calls = []
@@ -295,6 +305,7 @@ def install(models_dir, data_path) -> SimpleNamespace:
     processing.StableDiffusionProcessingImg2Img = Img2Img
     processing.Processed = Processed
     processing.DecodedSamples = DecodedSamples
+    processing.decode_latent_batch = decode_latent_batch
     processing.create_infotext = create_infotext
     api_pkg, api = _api(shared)
     gradio = _gradio()
@@ -464,6 +475,19 @@ class DecodedSamples(list):
     already_decoded = True
 
 
+def decode_latent_batch(model, batch, target_device=None, check_for_nans=False):
+    """A1111 1.10's signature: the batch decoded image by image, as ``DecodedSamples``."""
+    from modules import devices  # type: ignore
+
+    samples = DecodedSamples()
+    for i in range(batch.shape[0]):
+        sample = model.decode_first_stage(batch[i : i + 1])[0]
+        if check_for_nans:
+            devices.test_for_nans(sample, "vae")
+        samples.append(sample.to(target_device))
+    return samples
+
+
 class Txt2Img(Processing):
     def __init__(self, *args, enable_hr=False, hr_scale=2.0, denoising_strength=0.5, hr_prompt="", **kwargs):
         super().__init__(*args, **kwargs)
@@ -581,7 +605,7 @@ def process_images(p: Processing, script, args) -> Processed:
 
 
 def _process_images_inner(p: Processing) -> Processed:
-    from modules import images, shared  # type: ignore
+    from modules import devices, images, shared  # type: ignore
     from modules.scripts import PostprocessImageArgs, PostSampleArgs  # type: ignore
 
     p.scripts.before_process(p)
@@ -609,12 +633,13 @@ def _process_images_inner(p: Processing) -> Processed:
         if getattr(samples, "already_decoded", False):
             x = torch.stack(list(samples)).float()
         else:
-            x = p.sd_model.decode_first_stage(samples)
+            devices.test_for_nans(samples, "unet")
+            x = torch.stack(decode_latent_batch(p.sd_model, samples, target_device=devices.cpu, check_for_nans=True))
         x = ((x + 1) / 2).clamp(0, 1)
         p.scripts.postprocess_batch(p, images=x, batch_number=n)
         for i, xi in enumerate(x):
             p.batch_index = i
-            arr = (xi.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            arr = (255.0 * xi.permute(1, 2, 0).numpy()).astype(np.uint8)  # truncated, as the hosts do
             pp = PostprocessImageArgs(Image.fromarray(arr))
             p.scripts.postprocess_image(p, pp)
             pp = PostprocessImageArgs(pp.image)

@@ -499,6 +499,20 @@ def test_img2img_offsets_every_init_image(ctx):
     assert_unet_as_before(ctx.unet, before)
 
 
+def test_oversized_init_image_is_refused_in_process(ctx, monkeypatch):
+    from lib_layerdiffuse import settings
+
+    monkeypatch.setattr(settings, "MAX_IMAGE_PIXELS", 64 * 64)
+    before = unet_state(ctx.unet)
+    big = Image.new("RGBA", (65, 64))
+    p = fa.Img2Img(ctx.model, ctx.outpath, init_images=[rgba_image(5), big], batch_size=2)
+    with pytest.raises(RuntimeError, match=r"^LayerDiffuse: init image 2 is 65x64 .* above the limit"):
+        fa.process_images(p, ctx.env.mod.LayerDiffuseScript(), positional(TRANSPARENT))
+    assert p.unet_rows == [] and ctx.env.fake.images.saved == [] and p.closed == 1
+    assert p.init_images[1] is big  # the host's images as they were
+    assert_unet_as_before(ctx.unet, before)
+
+
 # ---------------------------------------------------------------------------------------
 # UI, infotext paste, the real decoder
 
@@ -535,14 +549,34 @@ def test_infotext_paste_legacy_sdxl_label(env):
     )
 
 
+class RecordingState:
+    """``shared.state`` that keeps every progress text shown, and interrupts on request."""
+
+    def __init__(self, shown, interrupt_at=None):
+        self.shown, self.interrupt_at, self.interrupted = shown, interrupt_at, False
+
+    @property
+    def textinfo(self):
+        return self.shown[-1] if self.shown else None
+
+    @textinfo.setter
+    def textinfo(self, text):
+        self.shown.append(text)
+        if text == self.interrupt_at:
+            self.interrupted = True  # the user pressed Interrupt while this was shown
+
+
 def test_real_decoder_end_to_end(ctx, monkeypatch):
     """One generation through the real transparent decoder (the official 8-view decode)."""
     from lib_layerdiffuse import vae
 
     monkeypatch.setattr(pipeline, "decode_rgba", vae.decode_rgba)
-    p, processed = generate(ctx, positional(TRANSPARENT), batch_size=1)
+    shown = []
+    monkeypatch.setattr(ctx.env.fake.shared, "state", RecordingState(shown))
+    p, processed = generate(ctx, positional(TRANSPARENT), batch_size=2)
     assert p.scripts.errors == [] and not p.comments
-    assert ctx.env.fake.shared.state.textinfo == "LayerDiffuse: transparent decode, image 1"
+    head = "LayerDiffuse: transparent decode, image"
+    assert shown == [f"{head} {i} of 2{s}" for i in (1, 2) for s in ["", *(f", pass {k} of 8" for k in range(1, 9))]]
     assert not ctx.env.host.interrupted()
     main = [f for f in saved_files(ctx) if "-checkerboard" not in f.name]
     mode, arr, text = read(main[0])
@@ -707,3 +741,108 @@ def test_start_up_removes_stale_partial_downloads(env, monkeypatch):
     env.fake.script_callbacks.app_started_callback(None, None)
     assert not stale.exists()
     assert (env.models / "layer_sd15_joint.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------
+# a failure after sampling is still a failure (the decode runs inside p.sample)
+
+
+def assert_refused_after_sampling(ctx, p, info, message, before):
+    assert re.search(r"^LayerDiffuse: .*" + message, str(info.value)), str(info.value)
+    assert p.unet_rows, "sampling ran"
+    assert ctx.env.fake.images.saved == []  # nothing saved as if it were the transparent result
+    assert p.closed == 1 and p.scripts.errors == []
+    assert_unet_as_before(ctx.unet, before)
+
+
+@pytest.mark.parametrize("where", ["first", "second"])
+def test_decode_failure_fails_the_request(ctx, monkeypatch, where):
+    calls = []
+
+    def failing(decoder, pixel, latent, *args, **kwargs):
+        calls.append(1)
+        if where == "first" or len(calls) == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 24.00 GiB")
+        return ctx.spy(decoder, pixel, latent)
+
+    monkeypatch.setattr(pipeline, "decode_rgba", failing)
+    before = unet_state(ctx.unet)
+    p = fa.Txt2Img(ctx.model, ctx.outpath, batch_size=2)
+    with pytest.raises(RuntimeError) as info:
+        fa.process_images(p, ctx.env.mod.LayerDiffuseScript(), positional(TRANSPARENT))
+    assert_refused_after_sampling(ctx, p, info, r"transparent decode failed \(OutOfMemoryError: CUDA out of", before)
+    assert "no transparent image is returned" in str(info.value)
+
+
+@pytest.mark.parametrize("at", ["image 1 of 2", "image 2 of 2, pass 3 of 8"])
+def test_interrupt_during_the_decode_returns_no_image(ctx, monkeypatch, at):
+    from lib_layerdiffuse import vae
+
+    monkeypatch.setattr(pipeline, "decode_rgba", vae.decode_rgba)
+    shown = []
+    monkeypatch.setattr(ctx.env.fake.shared, "state", RecordingState(shown, f"LayerDiffuse: transparent decode, {at}"))
+    before = unet_state(ctx.unet)
+    p = fa.Txt2Img(ctx.model, ctx.outpath, batch_size=2)
+    with pytest.raises(RuntimeError) as info:
+        fa.process_images(p, ctx.env.mod.LayerDiffuseScript(), positional(TRANSPARENT))
+    assert_refused_after_sampling(ctx, p, info, r"interrupted before the transparent decode finished", before)
+    assert shown[-1].endswith(at)  # stopped right there: no pass ran after the interrupt
+
+
+def test_nan_latent_is_refused_by_the_hosts_check(ctx, monkeypatch):
+    original = fa.Sampler.sample
+
+    def nan_sample(self, p, x, *args, **kwargs):
+        out = original(self, p, x, *args, **kwargs)
+        out[0, 0, 0, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(fa.Sampler, "sample", nan_sample)
+    before = unet_state(ctx.unet)
+    p = fa.Txt2Img(ctx.model, ctx.outpath, batch_size=1)
+    with pytest.raises(RuntimeError) as info:
+        fa.process_images(p, ctx.env.mod.LayerDiffuseScript(), positional(TRANSPARENT))
+    # the host's own NaN check ran on the host's decode path, and its message reaches the user
+    assert_refused_after_sampling(ctx, p, info, r"NansException: A tensor with NaNs was produced in unet", before)
+    assert ctx.spy.latents == []
+
+
+def test_the_host_decodes_each_batch_once(ctx, monkeypatch):
+    decodes = []
+    original = ctx.model.decode_first_stage
+
+    def counting(z):
+        decodes.append(z.shape[0])
+        return original(z)
+
+    monkeypatch.setattr(ctx.model, "decode_first_stage", counting)
+    p, processed = generate(ctx, positional(TRANSPARENT), batch_size=2, n_iter=2)
+    assert decodes == [1, 1, 1, 1]  # image by image (decode_latent_batch), never twice
+    check_decoded(ctx, p, processed, [0, 1, 2, 3], 4)
+    # the decoder saw the host's 8-bit pixels of the final latent, as on every host
+    for k, index in enumerate(range(4)):
+        it, i = divmod(index, 2)
+        x = ((original(p.sampled[it][i : i + 1]) + 1) / 2).clamp(0, 1)
+        assert torch.equal(ctx.spy.pixels[k], torch.floor(x * 255) / 255)
+
+
+def test_inpaint_only_masked_pastes_the_region(ctx):
+    host = ctx.env.host
+    init = rgba_image(3, 64)
+    gen = SimpleNamespace(init_rgba=[init])
+    p = type("P", (), {})()
+    p.paste_to, p.batch_index = (16, 8, 32, 32), 0
+    p._layerdiffuse = gen
+    region = np.zeros((16, 16, 4), np.float32)
+    region[..., 0] = 1.0  # opaque red (HxWx4, alpha last, as decoded)
+    region[..., 3] = 1.0
+    host_image = Image.new("RGB", (64, 64))
+    host_image.info["parameters"] = "text"
+    out = host.rgba_image(p, region, host_image)
+    arr = np.asarray(out)
+    assert out.size == (64, 64) and out.mode == "RGBA" and out.info["parameters"] == "text"
+    assert (arr[8:40, 16:48] == (255, 0, 0, 255)).all()  # the region, at its place and size
+    outside = np.ones((64, 64), bool)
+    outside[8:40, 16:48] = False
+    assert np.array_equal(arr[outside], np.asarray(init)[outside])  # the original elsewhere
+    assert np.array_equal(getattr(out, TAG), arr[..., 3])

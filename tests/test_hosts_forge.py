@@ -251,6 +251,18 @@ class StandInHost(forge.ForgeHost):
     def weight_path(self, name):
         return SimpleNamespace(name=name, state=self.state)
 
+    def latent_format(self, p):
+        return 1.0, 0.0
+
+    def progress(self, text):
+        pass
+
+    def interrupted(self):
+        return False
+
+    def decode_samples(self, p, samples):  # the host's VAE decode: grey pixels, 8x the latent
+        return [torch.zeros(3, z.shape[-2] * 8, z.shape[-1] * 8) for z in samples]
+
 
 @pytest.fixture(autouse=True)
 def files_in_memory(monkeypatch):
@@ -258,6 +270,9 @@ def files_in_memory(monkeypatch):
     monkeypatch.setattr(pipeline, "load_unet_file", lambda path: (loads.append(path.name), path.state)[1])
     monkeypatch.setattr(pipeline, "cached_model", lambda kind, path, device, dtype: (loads.append(path.name), kind)[1])
     monkeypatch.setattr(pipeline, "_file_stamp", lambda path: (path.name, id(path.state)))
+    monkeypatch.setattr(
+        pipeline, "decode_rgba", lambda decoder, pixel, latent, **kw: torch.zeros(1, 4, *pixel.shape[-2:])
+    )
     return loads
 
 
@@ -557,7 +572,7 @@ def run_generation(p, method, state, batch, fail=None, **settings):
                 if fail == "mid":
                     raise RuntimeError("boom")
                 unet.run(torch.zeros(batch, 4, 8, 8), sigma=sigma, c_crossattn=torch.randn(2 * batch, 77, 16))
-        return "samples"
+        return torch.zeros(batch, 4, 8, 8)
 
     def close():
         p.closed += 1
@@ -575,7 +590,7 @@ def test_nothing_outlives_a_generation(monkeypatch, neo_adapter):
     patcher_cls, _ = use_host(monkeypatch, "neo")
     dm = sd15_tiny()
     p = make_p(patcher_cls, dm, batch=3)
-    p.closed = 0
+    p.closed, p.iteration = 0, 0
     original = p.sd_model.forge_objects.unet
     states = {1: sharing_state(dm, 1), 3: sharing_state(dm, 3)}
     gc.collect()

@@ -107,7 +107,7 @@ def clean_partial_downloads(folder: str | os.PathLike, current: str | None = Non
 
 class SamplerCapture:
     """Keeps the latent ``p.sampler`` returns during one pass in ``session.result``: after hires
-    fix the hosts hand post_sample decoded images, and the transparent decode needs the latent
+    fix ``p.sample`` returns decoded images, and the transparent decode needs the latent
     (docs/hosts.md §1). The sampler's methods are wrapped for the pass and unwrapped after."""
 
     def __init__(self, sampler):
@@ -227,8 +227,9 @@ class WebUIHost(Host):
 
     def attach(self, p, gen: Generation) -> None:
         """``p.sample`` (called by the host itself, so its exceptions reach the user) ends the
-        pass and runs the never-silent check; ``p.close`` (runs on every path) closes ``gen``
-        and takes every reference to it off ``p`` again, so nothing outlives the generation."""
+        pass, runs the never-silent check and, for modes that decode RGBA, decodes the batch
+        (docs/hosts.md §1); ``p.close`` (runs on every path) closes ``gen`` and takes every
+        reference to it off ``p`` again, so nothing outlives the generation."""
         original_sample, original_close = p.sample, p.close
         own = {name: p.__dict__[name] for name in ("sample", "close") if name in p.__dict__}  # instance attributes
 
@@ -239,8 +240,16 @@ class WebUIHost(Host):
                 gen.end_sampling()
             try:
                 gen.check_ran()
+                if gen.decodes():
+                    return self._decode_batch(p, gen, samples)
             except LayerDiffuseError as e:
                 raise Refusal(str(e)) from None
+            except Exception as e:  # out of memory and the like: still a refusal, not an RGB image
+                log.exception("LayerDiffuse: transparent decode failed")
+                raise Refusal(
+                    f"the transparent decode failed ({type(e).__name__}: {e}); no transparent image is returned. "
+                    "Lower the decode's memory use in Settings > LayerDiffuse or the image size, and try again."
+                ) from None
             return samples
 
         def close(*args, **kwargs):
@@ -254,6 +263,60 @@ class WebUIHost(Host):
 
         p.sample, p.close = sample, close
         p.__dict__[_GEN] = gen
+
+    def _decode_batch(self, p, gen: Generation, samples):
+        """Decode the batch the host's way once, hand those pixels to the transparent decode, and
+        give the host the decoded batch (it then does not decode again)."""
+        latents = self.final_latents(p, samples, gen.sampled)
+        gen.sampled = None
+        decoded = self.decode_samples(p, samples)
+        pixels = torch.stack([x.detach().to("cpu", torch.float32) for x in decoded])
+        # as the host makes its 8-bit images: clamp((x + 1) / 2), then 255 * x truncated
+        pixels = ((pixels + 1.0) / 2.0).clamp(0.0, 1.0).mul(255.0).floor().div(255.0)
+        gen.decode_batch(p, p.iteration * p.batch_size, latents, pixels)
+        return decoded
+
+    def decode_samples(self, p, samples):
+        """The host's own decode of a latent batch (the steps its ``process_images_inner`` runs)."""
+        if getattr(samples, "already_decoded", False):
+            return samples
+        from modules import devices, processing, shared  # type: ignore
+
+        devices.test_for_nans(samples, "unet")
+        method = getattr(shared.opts, "sd_vae_decode_method", "Full")
+        if method != "Full":
+            p.extra_generation_params["VAE Decoder"] = method
+        return processing.decode_latent_batch(p.sd_model, samples, target_device=devices.cpu, check_for_nans=True)
+
+    def rgba_image(self, p, rgba: np.ndarray, host_image):
+        """The saved image of a decoded frame: RGBA at the host image's size and with its info.
+
+        Inpaint "only masked" decodes the masked region only (the host pastes it back at
+        ``p.paste_to``): the region's RGBA is pasted the same way over the original init image.
+        Another size (an extension resized the image) gets the RGBA resized to it.
+        """
+        from PIL import Image
+
+        image = to_pil(rgba)
+        size = host_image.size
+        if image.size != size:
+            paste_to = getattr(p, "paste_to", None)
+            if paste_to is not None:
+                x, y, w, h = (int(v) for v in paste_to)
+                gen = self.generation(p)
+                canvas = Image.new("RGBA", size, (0, 0, 0, 0))
+                if gen is not None and gen.init_rgba:
+                    init = gen.init_rgba[min(p.batch_index, len(gen.init_rgba) - 1)]
+                    canvas = init.resize(size, Image.LANCZOS) if init.size != size else init.copy()
+                canvas.paste(image.resize((w, h), Image.LANCZOS), (x, y))
+                image = canvas
+            else:
+                log.warning("LayerDiffuse: the image is %s, the decode %s: the transparency is resized", size,
+                            image.size)  # fmt: skip
+                image = image.resize(size, Image.LANCZOS)
+        setattr(image, TAG, np.array(image)[..., 3])
+        image.info.update(host_image.info)
+        return image
 
     def comment(self, p, text: str) -> None:
         try:
