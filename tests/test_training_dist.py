@@ -37,7 +37,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_gloo_available(), reaso
 def _torchrun(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "lib_layerdiffuse.train", *args]  # fmt: skip
+           "-m", "lib_layerdiffuse.training", *args]  # fmt: skip
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
@@ -143,7 +143,7 @@ def _worker_pid(out_dir: Path, rank: int) -> int | None:
             env = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if str(out_dir).encode() in cmd and f"RANK={rank}".encode() in env and b"lib_layerdiffuse.train" in cmd:
+        if str(out_dir).encode() in cmd and f"RANK={rank}".encode() in env and b"lib_layerdiffuse.training" in cmd:
             return int(proc.name)
     return None
 
@@ -165,7 +165,7 @@ def test_killing_one_rank_ends_the_job_and_leaves_a_loadable_checkpoint(tmp_path
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "lib_layerdiffuse.train", *args]  # fmt: skip
+           "-m", "lib_layerdiffuse.training", *args]  # fmt: skip
     job = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 180

@@ -307,7 +307,7 @@ def test_layers_eps_zero_condition_and_resume(tmp_path, frozen_files):
 
 
 def test_cli_diffusion_and_layers(tmp_path, frozen_files, capsys):
-    from lib_layerdiffuse import train
+    from lib_layerdiffuse.training import cli as train
 
     common = ["--synthetic", "8", "--steps", "2", "--batch-size", "2", "--size", "32", "--rank", "2",
               "--context-tokens", "4", "--vae-path", frozen_files["vae_path"], "--log-every", "1",

@@ -4,5 +4,5 @@ Stage 1, the latent-transparency VAE (§3.1), is :mod:`.vae_stage`; stage 2, the
 fine-tune on adjusted latents (§3.2, SDXL patch-file export), is :mod:`.diffusion_stage`;
 stage 3, the per-frame LoRAs with attention sharing (§3.3, SD1.5 attention-sharing
 export), is :mod:`.layers_stage`. Stages 2 and 3 share :mod:`.unet_training`.
-Entry point: ``python -m lib_layerdiffuse.train`` (also under ``torchrun``).
+Entry point: :mod:`.cli` (``python -m lib_layerdiffuse.training``, also under ``torchrun``).
 """

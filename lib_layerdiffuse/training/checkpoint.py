@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..fileio import atomic_write
+from .errors import TrainingError
 
 ENCODER_FILE = "transparent_encoder.safetensors"
 DECODER_FILE = "transparent_decoder.safetensors"
@@ -102,6 +103,16 @@ def read_metadata(path) -> dict[str, str]:
         return f.metadata() or {}
 
 
+def read_state_metadata(path) -> dict[str, str]:
+    """A resume state's metadata; an unreadable file is a :class:`TrainingError` saying how to start over."""
+    try:
+        return read_metadata(path)
+    except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
+        raise TrainingError(f"{path} cannot be resumed: not a readable safetensors file ({type(e).__name__}: "
+                            f"{str(e)[:200]}); rerun with --no-resume to start over (it overwrites that file), "
+                            "or give another --out") from None  # fmt: skip
+
+
 def load_state(path, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer]) -> int:
     """Load what :func:`save_state` wrote (strict), torch RNG included; returns the step to continue from."""
     with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -129,3 +140,33 @@ def load_state(path, modules: dict[str, nn.Module], optimizers: dict[str, torch.
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     return int(meta["step"])
+
+
+def resume(path, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer], steps: int,
+           lrs: dict[str, float], label: str) -> tuple[int, list[str]]:  # fmt: skip
+    """Load a resume state for a run to ``steps``; returns (the step to continue from, lines to print).
+
+    The learning rates of this run (``lrs``: optimizer name -> lr, from ``--lr``) replace the
+    saved ones, and the lines say so when they differ. A file that cannot be read or does
+    not fit the modules, or a state already at or past ``steps`` (nothing would be trained
+    or exported), is a :class:`TrainingError` that says how to go on.
+    """
+    start_over = f"rerun with --no-resume to start over (it overwrites {path}), or give another --out"
+    try:
+        start = load_state(path, modules, optimizers)
+    except Exception as e:  # noqa: BLE001  (any failure here means the file cannot be resumed)
+        reason = " ".join(str(e).split())  # torch's message spans lines: keep it on one
+        raise TrainingError(f"{path} cannot be resumed ({type(e).__name__}: {reason[:400]}); {start_over}") from None
+    if start >= steps:
+        raise TrainingError(f"{path} is at step {start} and --steps is {steps}: nothing left to train or export; "
+                            f"raise --steps above {start} to continue, or {start_over}")  # fmt: skip
+    lines = [f"[{label}] resuming from {path} at step {start}"]
+    for name, lr in lrs.items():
+        opt = optimizers[name]
+        saved = {g["lr"] for g in opt.param_groups}
+        for g in opt.param_groups:
+            g["lr"] = lr
+        if saved != {lr}:
+            old = ", ".join(f"{v:g}" for v in sorted(saved))
+            lines.append(f"[{label}] learning rate of {name!r}: {old} (saved) -> {lr:g} (this run's --lr)")
+    return start, lines

@@ -19,6 +19,8 @@ resumed run continues with exactly the batches an uninterrupted one would have s
 from __future__ import annotations
 
 import math
+import struct
+import warnings
 from pathlib import Path
 
 import cv2
@@ -31,6 +33,9 @@ from torch.utils.data.distributed import DistributedSampler
 from .. import rgba as core_rgba
 
 IMAGE_SUFFIXES = {".png", ".webp"}
+# Images above this many pixels are skipped (read from the header, before decoding): far
+# more than a training crop needs, and a decompression bomb stays harmless.
+MAX_PIXELS = 8192 * 8192
 HELD_OUT_OFFSET = 10_000_000  # synthetic indices from here on are never used for training
 
 
@@ -89,17 +94,38 @@ def usable(alpha: np.ndarray) -> str | None:
     return None
 
 
+def _open_checked(path: Path, want_alpha: bool) -> np.ndarray | str:
+    """The image as HxWx4 (``want_alpha``) or HxWx3 uint8, or the reason it cannot be used.
+
+    The size is read from the header before any pixel is decoded: more than
+    :data:`MAX_PIXELS` is refused (a decompression bomb would otherwise take the memory of
+    the whole run); PIL's own bomb error and warning give the same reason.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > MAX_PIXELS:
+                    return "oversized (more than 8192x8192 pixels)"
+                if w < 1 or h < 1:
+                    return "unreadable (empty image)"
+                if want_alpha:
+                    has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+                    if not has_alpha:
+                        return f"no alpha channel (mode {im.mode})"
+                im.load()
+                return np.array(im.convert("RGBA" if want_alpha else "RGB"))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return "oversized (more than 8192x8192 pixels)"
+    except (OSError, ValueError, SyntaxError, struct.error, EOFError) as e:
+        # PIL raises all of these for damaged or truncated files
+        return f"unreadable ({type(e).__name__})"
+
+
 def _read_rgba_uint8(path: Path) -> np.ndarray | str:
     """HxWx4 uint8, or the reason it cannot be used."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
-            if not has_alpha:
-                return f"no alpha channel (mode {im.mode})"
-            return np.array(im.convert("RGBA"))
-    except (OSError, ValueError) as e:
-        return f"unreadable ({type(e).__name__})"
+    return _open_checked(path, want_alpha=True)
 
 
 def _rejection(path: Path) -> str | None:
@@ -356,8 +382,10 @@ class SyntheticTriplets(_SyntheticSet):
 
 
 def _read_rgb(path: Path, size: int) -> np.ndarray:
-    with Image.open(path) as im:
-        rgb = np.array(im.convert("RGB")).astype(np.float32) / 255.0
+    img = _open_checked(path, want_alpha=False)
+    if isinstance(img, str):
+        raise NoUsableImagesError(f"{path} became unusable during training: {img}")
+    rgb = img.astype(np.float32) / 255.0
     rgba = np.concatenate([rgb, np.ones_like(rgb[..., :1])], axis=2)
     return resize_crop(rgba, size)[..., :3]
 
@@ -400,10 +428,18 @@ class TripletFolder(Dataset):
                 reject("no matching bg/blend file")
                 continue
             reason = _rejection(path)
+            if reason is not None:
+                reject(f"fg {reason}")
+                continue
+            for frame, other in (("bg", bgs[stem]), ("blend", blends[stem])):
+                img = _open_checked(other, want_alpha=False)
+                if isinstance(img, str):
+                    reason = f"{frame} {img}"
+                    break
             if reason is None:
                 self.names.append(stem)
             else:
-                reject(f"fg {reason}")
+                reject(reason)
         self.paths = {s: (fgs[s], bgs[s], blends[s]) for s in self.names}
         if not self.names:
             found = _found_and_rejected(f"{len(fgs)} fg, {len(bgs)} bg, {len(blends)} blend images", self.rejected)
@@ -435,3 +471,17 @@ def stage_dataset(cfg, triplets: bool = False) -> Dataset:
     if cfg.data is not None:
         return folder_cls(cfg.data, cfg.size)
     return synthetic_cls(cfg.synthetic, cfg.size, seed=cfg.seed)
+
+
+def describe(dataset) -> str:
+    """One line on what a stage trains on: the usable count and the skipped files by reason."""
+    n = len(dataset)
+    if isinstance(dataset, (RGBAFolder, TripletFolder)):
+        what = "images" if isinstance(dataset, RGBAFolder) else "triplets"
+        folder = getattr(dataset, "folder", None) or dataset.root
+        line = f"{n} {what} from {folder}"
+        skipped = sum(dataset.rejected.values())
+        if skipped:
+            line += f"; skipped {skipped}: " + ", ".join(f"{c} {why}" for why, c in sorted(dataset.rejected.items()))
+        return line
+    return f"{n} synthetic samples"

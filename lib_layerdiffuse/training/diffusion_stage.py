@@ -157,6 +157,8 @@ def train_diffusion_stage(cfg: DiffusionStageConfig, frozen_vae: nn.Module | Non
                          "transparent_encoder.safetensors of a vae-stage run (or a published encoder file)")  # fmt: skip
     info, _ = start_run(cfg)
     dataset = tdata.stage_dataset(cfg)
+    if info.is_main:
+        print(f"[diffusion] data: {tdata.describe(dataset)}", flush=True)
     source, base = frozen_latent_source(cfg, info, dataset, frozen_vae, unet, _transparent_latents)
     ctx_dim = unet_context_dim(base)
     adm = getattr(base, "adm_in_channels", None)

@@ -197,6 +197,8 @@ def train_layers_stage(cfg: LayersStageConfig, frozen_vae: nn.Module | None = No
     frames, eps_zero, control = frame_layout(cfg)
     info, _ = start_run(cfg)
     dataset = tdata.stage_dataset(cfg, triplets=True)
+    if info.is_main:
+        print(f"[layers] data: {tdata.describe(dataset)}", flush=True)
 
     def latents(src: LatentSource, batch: dict, device) -> torch.Tensor:
         return _frame_latents(src, batch, frames, device)

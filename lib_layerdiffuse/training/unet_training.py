@@ -35,6 +35,7 @@ from .. import ldm_unet
 from . import checkpoint as ckpt
 from . import data as tdata
 from . import dist
+from .errors import TrainingError
 from .models import TrainEncoder
 from .vae_stage import (
     StepRecords,
@@ -304,13 +305,13 @@ def run_stage(cfg: UNetStageConfig, info: dist.DistInfo, parts: StageParts) -> d
     state_path = out / ckpt.STATE_FILE
     start = 0
     if cfg.resume and state_path.exists():
-        meta = ckpt.read_metadata(state_path)
+        meta = ckpt.read_state_metadata(state_path)
         if meta.get("signature") != signature:
-            raise ValueError(f"{state_path} was written by another set-up ({meta.get('signature')}), not {signature}; "
-                             "use another --out or --no-resume")  # fmt: skip
-        start = ckpt.load_state(state_path, modules, optims)
+            raise TrainingError(f"{state_path} was written by another set-up ({meta.get('signature')}), not "
+                                f"{signature}; use another --out, or --no-resume to start over")  # fmt: skip
+        start, lines = ckpt.resume(state_path, modules, optims, cfg.steps, {"opt": cfg.lr}, parts.label)
         if info.is_main:
-            print(f"[{parts.label}] resuming from {state_path} at step {start}", flush=True)
+            print("\n".join(lines), flush=True)
     meta_common = {"signature": signature, "config": json.dumps(dataclasses.asdict(cfg)),
                    **{k: str(v) for k, v in parts.metadata.items()}}  # fmt: skip
     eval_start = evaluate(parts) if info.is_main else None

@@ -44,6 +44,7 @@ from .. import vae as core_vae
 from . import checkpoint as ckpt
 from . import data as tdata
 from . import dist
+from .errors import TrainingError
 from .models import PatchDiscriminator, TinyKLVAE, TrainDecoder, TrainEncoder, Widths
 
 TINY_VAE_FILE = "tiny_vae.safetensors"
@@ -507,6 +508,8 @@ def train_vae_stage(cfg: VAEStageConfig, frozen_vae: nn.Module | None = None) ->
     if cfg.size % widths.multiple:
         raise ValueError(f"--size {cfg.size} must be a multiple of {widths.multiple} for the {cfg.widths} decoder")
     dataset = tdata.stage_dataset(cfg)
+    if info.is_main:
+        print(f"[vae] data: {tdata.describe(dataset)}", flush=True)
 
     if frozen_vae is None:
         frozen_vae = frozen_vae_for(cfg, info)
@@ -523,12 +526,14 @@ def train_vae_stage(cfg: VAEStageConfig, frozen_vae: nn.Module | None = None) ->
     state_path = out / ckpt.STATE_FILE
     start = 0
     if cfg.resume and state_path.exists():
-        meta = ckpt.read_metadata(state_path)
+        meta = ckpt.read_state_metadata(state_path)
         if meta.get("widths") and json.loads(meta["widths"]) != widths.as_dict():
-            raise ValueError(f"{state_path} was trained with widths {meta['widths']}, not {widths.as_dict()}")
-        start = ckpt.load_state(state_path, modules, optims)
+            raise TrainingError(f"{state_path} was trained with widths {meta['widths']}, not {widths.as_dict()}; "
+                                "give the same --widths, another --out, or --no-resume to start over")  # fmt: skip
+        lrs = {"g": cfg.lr, "d": cfg.disc_lr or cfg.lr}
+        start, lines = ckpt.resume(state_path, modules, optims, cfg.steps, lrs, "vae")
         if info.is_main:
-            print(f"[vae] resuming from {state_path} at step {start}", flush=True)
+            print("\n".join(lines), flush=True)
 
     if cfg.grad_checkpointing:
         enable_gradient_checkpointing(decoder)
