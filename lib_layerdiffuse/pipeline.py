@@ -18,6 +18,7 @@ and the adapter removes every reference ``p`` and the host's objects hold to it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -30,10 +31,19 @@ from . import conditioning as C
 from . import modes as M
 from .attention_sharing import AttentionSharing
 from .errors import LayerDiffuseError
+from .options import DecodeOptions
 from .rgba import flatten_on_grey, from_decoder, to_uint8
 from .session import UNetBackend, UNetSession, load_sharing
 from .settings import Settings, check_init_image
-from .vae import apply_offset, decode_rgba, encode_offset
+from .vae import (
+    MULTIPLE,
+    apply_offset,
+    available_memory,
+    compile_decoder,
+    decode_rgba,
+    default_tile_size,
+    encode_offset,
+)
 from .weights import check_finite, load_decoder, load_encoder, load_unet_file
 
 log = logging.getLogger("layerdiffuse")
@@ -105,6 +115,14 @@ class Host:
         """The host keeps models off the GPU between uses (A1111 --lowvram/--medvram, Forge's modes)."""
         return False
 
+    def decode_options(self) -> DecodeOptions:
+        """The user's LayerDiffuse settings (Settings > LayerDiffuse), checked."""
+        return DecodeOptions()
+
+    def free_memory(self, device) -> int | None:
+        """Bytes this process may still allocate on ``device`` (None: not the limit there)."""
+        return available_memory(device)
+
     # -- the generation's objects -----------------------------------------------------------
     def is_init_latent(self, p, x) -> bool:
         """Whether a sampling pass starts from ``p``'s img2img init latent."""
@@ -129,6 +147,10 @@ class Host:
     def generation(self, p) -> Generation | None:
         raise NotImplementedError
 
+    def xyz_overrides(self, p) -> dict | None:
+        """Values the host's X/Y/Z plot set for this generation (settings field -> value)."""
+        return None
+
     def rgba_image(self, p, rgba: np.ndarray, host_image):
         """The image to save for a decoded frame: ``rgba`` (HxWx4 float) as the host's image type,
         at ``host_image``'s size and with its info."""
@@ -148,6 +170,7 @@ class Host:
 # -- decoder / encoder cache ---------------------------------------------------------------
 
 _MODELS: dict = {}  # (kind, file, device, dtype) -> decoder / encoder: at most one of each kind
+_COMPILED: dict = {}  # id(decoder) -> (decoder, its compiled wrapper): compiled once per loaded decoder
 
 
 def cached_model(kind: str, path, device, dtype):
@@ -155,8 +178,19 @@ def cached_model(kind: str, path, device, dtype):
     if key not in _MODELS:
         for k in [k for k in _MODELS if k[0] == kind]:  # keep one of each kind in memory
             del _MODELS[k]
+        if kind == "decoder":
+            _COMPILED.clear()
         _MODELS[key] = (load_decoder if kind == "decoder" else load_encoder)(path, device=device, dtype=dtype)
     return _MODELS[key]
+
+
+def compiled(decoder):
+    """``decoder`` through ``torch.compile``, kept with the decoder (compiling costs once per shape)."""
+    entry = _COMPILED.get(id(decoder))
+    if entry is None or entry[0] is not decoder:
+        _COMPILED.clear()
+        entry = _COMPILED[id(decoder)] = (decoder, compile_decoder(decoder))
+    return entry[1]
 
 
 _FINITE: set = set()  # (path, size, mtime) of UNet files whose values were found finite
@@ -170,6 +204,7 @@ def _file_stamp(path) -> tuple:
 def release_models() -> None:
     """Forget the cached transparent decoder and encoder (the next decode loads them again)."""
     _MODELS.clear()
+    _COMPILED.clear()
 
 
 # -- one generation --------------------------------------------------------------------------
@@ -182,6 +217,7 @@ class Generation:
         self.settings = settings
         self.mode = settings.mode
         self.batch_size = batch_size
+        self.options = host.decode_options()  # Settings > LayerDiffuse, read once per generation
         M.check_family(self.mode, family)
         M.check_batch(self.mode, batch_size)
         C.check_inputs(self.mode, {k: settings.image(k) for k in ("fg", "bg", "blend")}, height, width)
@@ -195,6 +231,7 @@ class Generation:
         self.rgba: dict[int, np.ndarray] = {}  # decoded RGBA by global image index, until its hook takes it
         self.init_rgba: list = []  # img2img: the init images as RGBA PIL images
         self.previews: dict[int, np.ndarray] = {}  # checkerboard previews by image index
+        self.tile_used: int | None = None  # the tile side of the last tiled decode (infotext)
         self._state: dict | None = None  # the mode's UNet file, read once per generation
         self._sharing: AttentionSharing | None = None  # SD1.5 units, built once per UNet
         self._aborted: UNetBackend | None = None  # a backend that makes sampling fail (setup error)
@@ -378,14 +415,54 @@ class Generation:
             self.rgba.clear()
             self.init_rgba.clear()
             self.previews.clear()
+            if not self.options.keep_models:
+                release_models()
 
     # -- outputs ----------------------------------------------------------------------------
 
     def _model(self, p, kind: str):
-        """The mode's transparent decoder or encoder (loaded, checked and cached once)."""
+        """The mode's transparent decoder or encoder (loaded, checked and cached once). In the
+        host's low-VRAM modes it is kept on the CPU and :meth:`_on_device` moves it for its use."""
         device, dtype = self.host.device_dtype(p)
+        if self.host.low_vram():
+            device = torch.device("cpu")
         name = self.mode.decoder_file if kind == "decoder" else self.mode.encoder_file
         return cached_model(kind, self.host.weight_path(name), device, dtype)
+
+    @contextlib.contextmanager
+    def _on_device(self, p, model):
+        """``model`` on the host's device for one use; back on the CPU after it in low-VRAM modes."""
+        device, _ = self.host.device_dtype(p)
+        low = self.host.low_vram() and torch.device(device).type != "cpu"
+        if low:
+            model.to(device)
+        try:
+            yield model
+        finally:
+            if low:
+                model.to("cpu")
+
+    def _tile_size(self, device, dtype, h: int, w: int) -> int | None:
+        """The tile side for a decode of ``h x w`` by the user's tiling setting (None: whole)."""
+        o = self.options
+        side = o.tile_size
+        if o.tiling == "never":
+            return None
+        if o.tiling == "auto":
+            fits = default_tile_size(device, dtype, h + -h % MULTIPLE, w + -w % MULTIPLE,
+                                     free_memory=self.host.free_memory(device))  # fmt: skip
+            if fits is None:
+                return None
+            side = min(side, fits)
+        return side if max(h, w) > side else None  # one tile covering the image is the whole decode
+
+    def infotext(self) -> dict:
+        """The generation's infotext entries: the arguments, and the decode settings that change
+        the output (after a tiled decode, the tile size it used)."""
+        out = self.settings.infotext()
+        if self.decodes():
+            out.update(self.options.infotext(self.tile_used))
+        return out
 
     def decodes(self) -> bool:
         """Whether the mode decodes RGBA (then the adapter decodes right after sampling)."""
@@ -406,30 +483,39 @@ class Generation:
         if latents is None or latents.shape[0] != pixels.shape[0]:
             raise LayerDiffuseError("the sampler's final latents were not found, so the transparent decode cannot run")
         scale, shift = self.host.latent_format(p)
-        decoder = self._model(p, "decoder")
-        for k, i in enumerate(todo):
-            pixel = pixels[i : i + 1].float().cpu()
-            h, w = pixel.shape[-2:]
-            if h % 8 or w % 8:
-                raise LayerDiffuseError(f"image size {w}x{h} is not a multiple of 8; choose a width and height "
-                                        "that are multiples of 8")  # fmt: skip
-            latent = latents[i : i + 1].detach().to("cpu", torch.float32) / scale + shift
-            if latent.shape[-2:] != (h // 8, w // 8):
-                raise LayerDiffuseError(
-                    f"the final latent {tuple(latent.shape[-2:])} does not match the {w}x{h} image the host decoded "
-                    "from it; another extension changed one of them."
-                )
-            text = f"LayerDiffuse: transparent decode, image {k + 1} of {len(todo)}"
-            self.host.progress(text)
-            self._stop_if_interrupted()
-
-            def step(done: int, total: int, text=text) -> None:
-                self.host.progress(f"{text}, pass {done} of {total}")
+        o = self.options
+        with self._on_device(p, self._model(p, "decoder")) as decoder:
+            param = next(decoder.parameters())
+            run = compiled(decoder) if o.compile else decoder
+            for k, i in enumerate(todo):
+                pixel = pixels[i : i + 1].float().cpu()
+                h, w = pixel.shape[-2:]
+                if h % 8 or w % 8:
+                    raise LayerDiffuseError(f"image size {w}x{h} is not a multiple of 8; choose a width and height "
+                                            "that are multiples of 8")  # fmt: skip
+                latent = latents[i : i + 1].detach().to("cpu", torch.float32) / scale + shift
+                if latent.shape[-2:] != (h // 8, w // 8):
+                    raise LayerDiffuseError(
+                        f"the final latent {tuple(latent.shape[-2:])} does not match the {w}x{h} image the host "
+                        "decoded from it; another extension changed one of them."
+                    )
+                text = f"LayerDiffuse: transparent decode, image {k + 1} of {len(todo)}"
+                self.host.progress(text)
                 self._stop_if_interrupted()
 
-            rgba = from_decoder(decode_rgba(decoder, pixel, latent, callback=step)[0])
-            self.rgba[first + i] = rgba
-            self.previews[first + i] = rgba
+                def step(done: int, total: int, text=text) -> None:
+                    self.host.progress(f"{text}, pass {done} of {total}")
+                    self._stop_if_interrupted()
+
+                tile = self._tile_size(param.device, param.dtype, h, w)
+                out = decode_rgba(run, pixel, latent, passes=o.passes, tile_size=tile, callback=step,
+                                  extra_memory_gb=o.extra_memory_gb)  # fmt: skip
+                if tile is not None:
+                    self.tile_used = tile
+                rgba = from_decoder(out[0])
+                self.rgba[first + i] = rgba
+                if o.previews:
+                    self.previews[first + i] = rgba
 
     def _stop_if_interrupted(self) -> None:
         if self.host.interrupted():
@@ -459,10 +545,10 @@ class Generation:
 
     def encode_init(self, p, rgba_images: list[np.ndarray]) -> torch.Tensor:
         """The adjusted raw init latent ``mean + std * offset`` of float RGBA images (Eq. 2)."""
-        encoder = self._model(p, "encoder")
         flat = np.stack([flatten_on_grey(x) for x in rgba_images])
         mean, std = self.host.vae_moments(p, torch.from_numpy(flat).permute(0, 3, 1, 2).float())
-        offset = encode_offset(encoder, rgba_images)
+        with self._on_device(p, self._model(p, "encoder")) as encoder:
+            offset = encode_offset(encoder, rgba_images)
         return apply_offset(mean, std, offset.to(mean.device))
 
     def offset_init_latent(self, p) -> None:

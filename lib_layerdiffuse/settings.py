@@ -42,6 +42,11 @@ INFOTEXT_KEYS = {  # field -> official infotext key
     "blend_additional_prompt": "layerdiffusion_blend_additional_prompt",
 }
 ALIASES = {"ending_step": "stop_at", "method_label": "method"}
+XYZ_AXES = (  # (field, axis label, value type): the X/Y/Z plot axes; values are checked like any argument
+    ("method", "Method", str),
+    ("weight", "Weight", float),
+    ("stop_at", "Stop At", float),
+)
 
 
 @dataclass
@@ -71,17 +76,23 @@ class Settings:
         return getattr(self, f"{which}_additional_prompt")
 
     @classmethod
-    def from_args(cls, args) -> Settings:
-        """From the script's positional args, or a single dict (the named API form)."""
+    def from_args(cls, args, overrides: dict | None = None) -> Settings:
+        """From the script's positional args, or a single dict (the named API form); ``overrides``
+        (field -> value, from X/Y/Z plot axes) replace values of an enabled request."""
         args = list(args)
         if args and isinstance(args[0], dict):
             # the named form; A1111's API fills the remaining positions with UI defaults
-            return cls.from_dict(args[0])
-        if len(args) > len(ARG_ORDER):
+            values = dict(args[0])
+        elif len(args) > len(ARG_ORDER):
             raise SettingsError(
                 f"LayerDiffuse takes at most {len(ARG_ORDER)} arguments ({', '.join(ARG_ORDER)}), got {len(args)}"
             )
-        return cls.from_dict(dict(zip(ARG_ORDER, args, strict=False)))
+        else:
+            values = dict(zip(ARG_ORDER, args, strict=False))
+        if overrides:
+            values = {ALIASES.get(k, k): v for k, v in values.items()}
+            values.update({k: v for k, v in overrides.items() if k != "enabled"})
+        return cls.from_dict(values)
 
     @classmethod
     def from_dict(cls, values: dict, *, lenient_enabled: bool = False) -> Settings:

@@ -279,13 +279,26 @@ EXTRA_VIEW_ELEMENTS = 400
 DEFAULT_EXTRA_MEMORY_GB = 2.0
 
 
-def _free_cuda_memory(device: torch.device) -> int | None:
-    try:
-        free, _ = torch.cuda.mem_get_info(device)
-    except (RuntimeError, AssertionError, ValueError):
+def available_memory(device) -> int | None:
+    """Bytes this process may still allocate on a CUDA ``device``; None elsewhere.
+
+    The device's free memory plus what torch has cached but not handed out, and no more than
+    ``torch.cuda.set_per_process_memory_fraction`` leaves this process (where one is set).
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
         return None
-    # memory torch has cached but not handed out is free for our tensors too
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        free, total = torch.cuda.mem_get_info(device)
+        allocated = torch.cuda.memory_allocated(device)
+        # memory torch has cached but not handed out is free for our tensors too
+        free += torch.cuda.memory_reserved(device) - allocated
+        fraction = torch.cuda.get_per_process_memory_fraction(device)
+    except (RuntimeError, AssertionError, ValueError, AttributeError):
+        return None
+    if fraction < 1.0:
+        free = min(free, int(total * fraction) - allocated)
+    return max(free, 0)
 
 
 def default_views_per_batch(
@@ -295,38 +308,40 @@ def default_views_per_batch(
     width: int,
     *,
     extra_memory_gb: float | None = None,
+    free_memory: int | None = None,
 ) -> int:
     """How many views one decoder forward takes by default.
 
     CPU: 1 (the decode is compute-bound there and batching is slower, docs/performance.md).
     CUDA: as many as fit in ``extra_memory_gb`` (default 2 GB) of activations above a
     batch-1 pass (measured ~0.77 KB per pixel per extra view at fp16), and never more
-    than 90% of the free memory allows.
+    than 90% of the memory this process may use allows (:func:`available_memory`, or
+    ``free_memory`` bytes when given).
     """
     device = torch.device(device)
-    if device.type != "cuda":
+    if device.type != "cuda" and free_memory is None:
         return 1
     itemsize = torch.empty((), dtype=dtype).element_size()
     first = FIRST_VIEW_ELEMENTS * itemsize * height * width
     per_view = EXTRA_VIEW_ELEMENTS * itemsize * height * width
     gb = DEFAULT_EXTRA_MEMORY_GB if extra_memory_gb is None else extra_memory_gb
     budget = int(gb * 1024**3)
-    free = _free_cuda_memory(device)
+    free = free_memory if free_memory is not None else available_memory(device)
     if free is not None:
         budget = min(budget, int(free * 0.9) - first)
     return max(1, 1 + budget // max(per_view, 1))
 
 
-def default_tile_size(device: torch.device, dtype: torch.dtype, height: int, width: int) -> int | None:
+def default_tile_size(
+    device: torch.device, dtype: torch.dtype, height: int, width: int, free_memory: int | None = None
+) -> int | None:
     """Tile side for ``tile_size="auto"``: None (no tiling) while a batch-1 pass fits.
 
-    CUDA: the largest multiple of 64 whose batch-1 pass fits in 90% of the free memory;
-    elsewhere None (host memory is not the limit on CPUs).
+    The largest multiple of 64 whose batch-1 pass fits in 90% of the memory this process may
+    use on a CUDA device (:func:`available_memory`), or of ``free_memory`` bytes when given
+    (any device); otherwise None (host memory is not the limit on CPUs).
     """
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    free = _free_cuda_memory(device)
+    free = free_memory if free_memory is not None else available_memory(device)
     if free is None:
         return None
     itemsize = torch.empty((), dtype=dtype).element_size()

@@ -13,6 +13,7 @@ from modules import scripts
 from lib_layerdiffuse import hosts
 from lib_layerdiffuse import modes as M
 from lib_layerdiffuse.errors import LayerDiffuseError
+from lib_layerdiffuse.hosts.extras import LayerDiffuseExtrasAlpha  # noqa: F401 - the Extras step the WebUI registers
 from lib_layerdiffuse.pipeline import Generation
 from lib_layerdiffuse.rgba import checkerboard_preview
 from lib_layerdiffuse.settings import ARG_ORDER, INFOTEXT_KEYS, Settings
@@ -124,7 +125,7 @@ class LayerDiffuseScript(scripts.Script):
 
     def process(self, p, *args):
         try:
-            settings = Settings.from_args(args)
+            settings = Settings.from_args(args, host.xyz_overrides(p) if host is not None else None)
         except LayerDiffuseError as e:  # a bad key or enabled, or a bad value while enabled
             hosts.refuse(p, str(e))
             return
@@ -141,7 +142,7 @@ class LayerDiffuseScript(scripts.Script):
         except LayerDiffuseError as e:
             hosts.refuse(p, str(e))
             return
-        p.extra_generation_params.update(settings.infotext())
+        p.extra_generation_params.update(gen.infotext())
         p.all_prompts = prompts
         if hr_prompts is not None:
             p.all_hr_prompts = hr_prompts

@@ -23,6 +23,7 @@ import re
 import sys
 import types
 import zlib
+from collections import namedtuple
 from types import SimpleNamespace
 
 import numpy as np
@@ -138,6 +139,10 @@ def _script_callbacks() -> types.ModuleType:
     sc.callbacks_image_saved = []
     sc.callbacks_before_image_saved = []
     sc.callbacks_app_started = []
+    sc.callbacks_ui_settings = []
+    sc.on_ui_settings = sc.callbacks_ui_settings.append
+    sc.callbacks_before_ui = []
+    sc.on_before_ui = sc.callbacks_before_ui.append
     sc.on_image_saved = sc.callbacks_image_saved.append
     sc.on_before_image_saved = sc.callbacks_before_image_saved.append
     sc.on_app_started = sc.callbacks_app_started.append
@@ -154,10 +159,69 @@ def _script_callbacks() -> types.ModuleType:
         for cb in sc.callbacks_app_started:
             cb(demo, app)
 
+    def ui_settings_callback():
+        for cb in sc.callbacks_ui_settings:
+            cb()
+
+    def before_ui_callback():
+        for cb in sc.callbacks_before_ui:
+            cb()
+
+    sc.ui_settings_callback = ui_settings_callback
+    sc.before_ui_callback = before_ui_callback
     sc.image_saved_callback = image_saved_callback
     sc.before_image_saved_callback = before_image_saved_callback
     sc.app_started_callback = app_started_callback
     return sc
+
+
+ScriptClassData = namedtuple("ScriptClassData", ["script_class", "path", "basedir", "module"])
+
+
+def xyz_grid_module() -> types.ModuleType:
+    """``scripts/xyz_grid.py`` as the host loads it (module name "xyz_grid.py"): its axis list and
+    ``AxisOption`` (A1111 1.10's signature); ``run_cell`` does what the plot does per cell."""
+    xyz = types.ModuleType("xyz_grid.py")
+
+    class AxisOption:
+        def __init__(self, label, type, apply, format_value=None, confirm=None, cost=0.0, choices=None,
+                     prepare=None):  # fmt: skip
+            self.label, self.type, self.apply, self.choices = label, type, apply, choices
+
+    class XYZScript(Script):
+        pass
+
+    XYZScript.__module__ = "xyz_grid.py"
+    xyz.AxisOption, xyz.Script = AxisOption, XYZScript
+    xyz.axis_options = [AxisOption("Nothing", str, lambda p, x, xs: None), AxisOption("Seed", int, None)]
+    return xyz
+
+
+class OptionInfo:
+    """``modules.options.OptionInfo`` (A1111 1.10's signature)."""
+
+    def __init__(self, default=None, label="", component=None, component_args=None, onchange=None, section=None,
+                 refresh=None, comment_before="", comment_after="", infotext=None, restrict_api=False,
+                 category_id=None):  # fmt: skip
+        self.default, self.label, self.component, self.component_args = default, label, component, component_args
+        self.section, self.infotext, self.comment_after = section, infotext, comment_after
+
+    def info(self, info):
+        self.comment_after += f"<span class='info'>({info})</span>"
+        return self
+
+
+class Options(SimpleNamespace):
+    """``shared.opts``: values as attributes; ``add_option`` registers a setting with its default."""
+
+    def __init__(self, **values):
+        super().__init__(**values)
+        self.data_labels = {}
+
+    def add_option(self, key, info):
+        self.data_labels[key] = info
+        if not hasattr(self, key):
+            setattr(self, key, info.default)
 
 
 def _images(shared, paths, script_callbacks) -> types.ModuleType:
@@ -255,7 +319,8 @@ def _api(shared) -> tuple[types.ModuleType, types.ModuleType]:
 
 NAMES = ("modules", "modules.scripts", "modules.script_callbacks", "modules.shared", "modules.paths",
          "modules.devices", "modules.images", "modules.modelloader", "modules.ui_components",
-         "modules.processing", "modules.api", "modules.api.api", "gradio")  # fmt: skip
+         "modules.processing", "modules.api", "modules.api.api", "modules.scripts_postprocessing",
+         "gradio")  # fmt: skip
 
 
 def install(models_dir, data_path) -> SimpleNamespace:
@@ -267,12 +332,15 @@ def install(models_dir, data_path) -> SimpleNamespace:
     scripts.AlwaysVisible = object()
     scripts.PostSampleArgs = PostSampleArgs
     scripts.PostprocessImageArgs = PostprocessImageArgs
+    scripts.ScriptClassData = ScriptClassData
+    scripts.scripts_data = []  # what the host loaded: the X/Y/Z plot is found there
     script_callbacks = _script_callbacks()
     shared = _module("modules.shared")
     shared.cmd_opts = SimpleNamespace(layerdiffuse_models_dir=str(models_dir))
     shared.state = SimpleNamespace(textinfo=None, interrupted=False)  # the progress shown in the UI
-    shared.opts = SimpleNamespace(samples_format="png", enable_pnginfo=True, samples_save=True,
-                                  img2img_background_color="#ffffff", jpeg_quality=95)  # fmt: skip
+    shared.OptionInfo = OptionInfo
+    shared.opts = Options(samples_format="png", enable_pnginfo=True, samples_save=True,
+                          img2img_background_color="#ffffff", jpeg_quality=95)  # fmt: skip
     paths = _module("modules.paths")
     paths.models_path = os.path.join(str(data_path), "models")
     paths.data_path = str(data_path)
@@ -308,9 +376,11 @@ def install(models_dir, data_path) -> SimpleNamespace:
     processing.decode_latent_batch = decode_latent_batch
     processing.create_infotext = create_infotext
     api_pkg, api = _api(shared)
+    spp = _module("modules.scripts_postprocessing")  # the Extras steps' base class (tests/test_upscale_alpha.py
+    spp.ScriptPostprocessing = type("ScriptPostprocessing", (), {"order": 1000})  # drives Extras itself)
     gradio = _gradio()
     new = dict(zip(NAMES, (root, scripts, script_callbacks, shared, paths, devices, images, modelloader,
-                           ui_components, processing, api_pkg, api, gradio), strict=True))  # fmt: skip
+                           ui_components, processing, api_pkg, api, spp, gradio), strict=True))  # fmt: skip
     for name, mod in new.items():
         if "." in name:
             parent, _, attr = name.rpartition(".")

@@ -10,6 +10,7 @@ what reaches disk.
 """
 
 import base64
+import copy
 import gc
 import importlib.util
 import io
@@ -77,10 +78,12 @@ def env(tmp_path_factory):
         sys.modules[SCRIPT] = mod
         spec.loader.exec_module(mod)
         assert mod.HOST_ID == "a1111" and mod.host is not None
+        fake.script_callbacks.ui_settings_callback()  # the host builds its settings page at start-up
         yield SimpleNamespace(fake=fake, mod=mod, host=mod.host, root=root, models=models)
     finally:
-        fa.uninstall(fake, extra=(SCRIPT, "lib_layerdiffuse.hosts.a1111"))
+        fa.uninstall(fake, extra=(SCRIPT, "lib_layerdiffuse.hosts.a1111", "lib_layerdiffuse.hosts.extras"))
         lib_layerdiffuse.hosts.__dict__.pop("a1111", None)
+        lib_layerdiffuse.hosts.__dict__.pop("extras", None)
         torch.set_num_threads(threads)
 
 
@@ -846,3 +849,219 @@ def test_inpaint_only_masked_pastes_the_region(ctx):
     outside[8:40, 16:48] = False
     assert np.array_equal(arr[outside], np.asarray(init)[outside])  # the original elsewhere
     assert np.array_equal(getattr(out, TAG), arr[..., 3])
+
+
+# ---------------------------------------------------------------------------------------
+# Settings > LayerDiffuse
+
+
+@pytest.fixture
+def opts(ctx, monkeypatch):
+    """Set LayerDiffuse options for one test (as Settings or the API's override_settings do)."""
+    from lib_layerdiffuse.options import OPTIONS
+
+    o = ctx.env.fake.shared.opts
+    for option in OPTIONS:
+        monkeypatch.setattr(o, option.key, option.default)
+    return lambda **values: [monkeypatch.setattr(o, f"layerdiffuse_{k}", v) for k, v in values.items()]
+
+
+def test_settings_section_is_registered(ctx):
+    from lib_layerdiffuse.options import OPTIONS
+
+    labels = ctx.env.fake.shared.opts.data_labels
+    assert [k for k in labels if k.startswith("layerdiffuse_")] == [o.key for o in OPTIONS]
+    assert {info.section for k, info in labels.items() if k.startswith("layerdiffuse_")} == {
+        ("layerdiffuse", "LayerDiffuse")
+    }
+    assert labels["layerdiffuse_decode_passes"].component.__name__ == "Radio"
+    assert labels["layerdiffuse_decode_passes"].component_args == {"choices": [8, 4, 2, 1]}
+    assert labels["layerdiffuse_decode_passes"].infotext == "layerdiffusion_passes"
+    assert labels["layerdiffuse_tiling"].component_args == {"choices": ["auto", "always", "never"]}
+    assert ctx.env.fake.shared.opts.layerdiffuse_tiling == "auto"  # defaults in place
+
+
+def test_pass_count_reaches_the_decode_and_the_infotext(ctx, opts, monkeypatch):
+    from lib_layerdiffuse import vae
+
+    seen = []
+
+    def spy(decoder, pixel, latent, **kwargs):
+        seen.append(kwargs)
+        return vae.decode_rgba(decoder, pixel, latent, **kwargs)
+
+    monkeypatch.setattr(pipeline, "decode_rgba", spy)  # the real decoder, its arguments recorded
+    opts(decode_passes=2)
+    p, processed = generate(ctx, positional(TRANSPARENT), batch_size=1)
+    assert p.scripts.errors == []
+    assert seen[0]["passes"] == 2 and seen[0]["tile_size"] is None and seen[0]["extra_memory_gb"] == 2.0
+    text = read([f for f in saved_files(ctx) if "-checkerboard" not in f.name][0])[2]
+    assert "layerdiffusion_passes: 2" in text and "layerdiffusion_tile_size" not in text
+
+
+def test_official_decode_writes_no_decode_keys(ctx, opts):
+    p, processed = generate(ctx, positional(TRANSPARENT), batch_size=1)
+    text = processed.infotexts[0]
+    assert "layerdiffusion_passes" not in text and "layerdiffusion_tiling" not in text
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        (dict(decode_passes=3), r"layerdiffuse_decode_passes must be one of 8, 4, 2, 1, got 3"),
+        (dict(tiling="sometimes"), r"layerdiffuse_tiling must be one of auto, always, never"),
+        (dict(tile_size=500), r"layerdiffuse_tile_size must be a multiple of 64"),
+        (dict(tile_size="big"), r"layerdiffuse_tile_size must be a number"),
+        (dict(extra_memory_gb=-1), r"layerdiffuse_extra_memory_gb must be between 0 and 64"),
+        (dict(compile="yes"), r"layerdiffuse_compile must be true or false"),
+    ],
+)
+def test_bad_override_settings_are_refused_before_sampling(ctx, opts, values, message):
+    opts(**values)
+    before = unet_state(ctx.unet)
+    p = fa.Txt2Img(ctx.model, ctx.outpath, batch_size=1)
+    with pytest.raises(RuntimeError, match=r"^LayerDiffuse: " + message):
+        fa.process_images(p, ctx.env.mod.LayerDiffuseScript(), positional(TRANSPARENT))
+    assert p.unet_rows == [] and ctx.env.fake.images.saved == []
+    assert_unet_as_before(ctx.unet, before)
+
+
+def test_auto_tiling_with_little_free_memory(ctx, opts, monkeypatch):
+    """A CPU decode told it may use little memory tiles, and the infotext records the tiles."""
+    seen = []
+
+    def spy(decoder, pixel, latent, **kwargs):
+        seen.append(kwargs["tile_size"])
+        return ctx.spy(decoder, pixel, latent)
+
+    monkeypatch.setattr(pipeline, "decode_rgba", spy)
+    opts(tile_size=256)
+    item = torch.empty((), dtype=torch.float32).element_size()
+    monkeypatch.setattr(ctx.env.host, "free_memory", lambda device: None)  # CPU: memory is not the limit
+    p, processed = generate(ctx, positional(TRANSPARENT), batch_size=1, width=512, height=512)
+    assert seen == [None] and "layerdiffusion_tile_size" not in processed.infotexts[0]
+    from lib_layerdiffuse.vae import FIRST_VIEW_ELEMENTS
+
+    room = int(FIRST_VIEW_ELEMENTS * item * 200 * 200 / 0.9)  # a one-view pass of ~200x200 pixels fits
+    monkeypatch.setattr(ctx.env.host, "free_memory", lambda device: room)
+    ctx.env.fake.images.saved.clear()
+    seen.clear()
+    p, processed = generate(ctx, positional(TRANSPARENT), batch_size=1, width=512, height=512)
+    assert seen == [192]  # the largest multiple of 64 that fits, below the 256 setting
+    text = processed.infotexts[0]
+    assert "layerdiffusion_tiling: always" in text and "layerdiffusion_tile_size: 192" in text
+
+
+def test_auto_tiling_decodes_a_large_image_in_tiles(ctx, opts, monkeypatch):
+    """The real decoder: with an injected small memory figure a 512x512 decode runs in tiles
+    whose passes the progress counts, and gives an RGBA image."""
+    from lib_layerdiffuse import vae
+
+    monkeypatch.setattr(pipeline, "decode_rgba", vae.decode_rgba)
+    shown = []
+    monkeypatch.setattr(ctx.env.fake.shared, "state", RecordingState(shown))
+    item = torch.empty((), dtype=torch.float32).element_size()
+    monkeypatch.setattr(ctx.env.host, "free_memory", lambda device: int(vae.FIRST_VIEW_ELEMENTS * item * 300**2))
+    opts(decode_passes=1)
+    p, processed = generate(ctx, positional(TRANSPARENT), batch_size=1, width=512, height=512)
+    assert p.scripts.errors == []
+    assert "layerdiffusion_tile_size: 256" in processed.infotexts[0]
+    assert shown[-1] == "LayerDiffuse: transparent decode, image 1 of 1, pass 9 of 9"  # 3x3 tiles, 1 pass
+    assert processed.images[0].mode == "RGBA" and processed.images[0].size == (512, 512)
+
+
+def test_previews_off_and_models_released(ctx, opts, monkeypatch):
+    opts(previews=False, keep_models=False)
+    p, processed = generate(ctx, positional(TRANSPARENT), batch_size=2)
+    assert len(processed.images) == 2 and all(im.mode == "RGBA" for im in processed.images)
+    assert not [f for f in saved_files(ctx) if "-checkerboard" in f.name]
+    assert pipeline._MODELS == {}  # released with the generation
+    opts(keep_models=True)
+    generate(ctx, positional(TRANSPARENT), batch_size=1)
+    assert [k[0] for k in pipeline._MODELS] == ["decoder"]
+
+
+def test_low_vram_keeps_the_decoder_on_the_cpu(ctx, opts, monkeypatch):
+    """In the host's low-VRAM modes the decoder is cached on the CPU and is on the GPU only to decode."""
+    moves = []
+    host = ctx.env.host
+    monkeypatch.setattr(host, "low_vram", lambda: True)
+    monkeypatch.setattr(host, "device_dtype", lambda p: (torch.device("meta"), torch.float32))
+    monkeypatch.setattr(pipeline, "cached_model", lambda kind, path, device, dtype: Mover(moves, device))
+    monkeypatch.setattr(pipeline, "decode_rgba", lambda decoder, pixel, latent, **kw: (
+        moves.append(("decode", decoder.device)), torch.zeros(1, 4, *pixel.shape[-2:]))[1])  # fmt: skip
+    settings = pipeline.Settings.from_dict({"enabled": True, "method": TRANSPARENT})
+    gen = pipeline.Generation(host, settings, "sd15", 1, 64, 64, ["p"])
+    p = SimpleNamespace(sd_model=ctx.model)
+    gen.decode_batch(p, 0, torch.zeros(1, 4, 8, 8), torch.zeros(1, 3, 64, 64))
+    assert moves == [("loaded", "cpu"), ("to", "meta"), ("decode", "meta"), ("to", "cpu")]
+    monkeypatch.setattr(host, "low_vram", lambda: False)
+    moves.clear()
+    gen.decode_batch(p, 0, torch.zeros(1, 4, 8, 8), torch.zeros(1, 3, 64, 64))
+    assert moves == [("loaded", "meta"), ("decode", "meta")]  # otherwise it stays where it runs
+
+
+class Mover(torch.nn.Module):
+    def __init__(self, moves, device):
+        super().__init__()
+        self.moves, self.device = moves, str(device)
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        moves.append(("loaded", self.device))
+
+    def to(self, device):
+        self.device = str(torch.device(device))
+        self.moves.append(("to", self.device))
+        return self
+
+
+# ---------------------------------------------------------------------------------------
+# X/Y/Z plot axes
+
+
+@pytest.fixture
+def xyz(ctx, monkeypatch):
+    xyz = fa.xyz_grid_module()
+    data = fa.ScriptClassData(xyz.Script, "scripts/xyz_grid.py", "", xyz)
+    monkeypatch.setattr(ctx.env.fake.scripts, "scripts_data", [data])
+    ctx.env.fake.script_callbacks.before_ui_callback()
+    ctx.env.fake.script_callbacks.app_started_callback(None, None)  # both register: once only
+    return {o.label: o for o in xyz.axis_options}
+
+
+def test_xyz_axes_are_listed_once(xyz):
+    ours = [label for label in xyz if label.startswith("[LayerDiffuse]")]
+    assert ours == ["[LayerDiffuse] Method", "[LayerDiffuse] Weight", "[LayerDiffuse] Stop At"]
+    assert xyz["[LayerDiffuse] Method"].choices() == M.LABELS
+    assert xyz["[LayerDiffuse] Weight"].type is float and xyz["[LayerDiffuse] Stop At"].type is float
+
+
+def test_xyz_cells_generate_with_their_values(ctx, xyz):
+    seen = []
+    base = fa.Txt2Img(ctx.model, ctx.outpath, batch_size=1)
+    for weight, stop_at in ((0.5, 1.0), (1.5, 0.5)):
+        p = copy.copy(base)  # as the plot makes each cell
+        xyz["[LayerDiffuse] Weight"].apply(p, weight, [0.5, 1.5])
+        xyz["[LayerDiffuse] Stop At"].apply(p, stop_at, [1.0, 0.5])
+        processed = fa.process_images(p, ctx.env.mod.LayerDiffuseScript(), positional(TRANSPARENT))
+        seen.append(processed.infotexts[0])
+        assert "_layerdiffuse_xyz" not in vars(p)  # taken off p with the generation
+    assert "layerdiffusion_weight: 0.5" in seen[0] and "layerdiffusion_ending_step: 1.0" in seen[0]
+    assert "layerdiffusion_weight: 1.5" in seen[1] and "layerdiffusion_ending_step: 0.5" in seen[1]
+    assert "_layerdiffuse_xyz" not in vars(base)  # cells do not share their values
+
+
+def test_xyz_bad_value_is_refused(ctx, xyz):
+    p = fa.Txt2Img(ctx.model, ctx.outpath, batch_size=1)
+    xyz["[LayerDiffuse] Method"].apply(p, "Make It Transparent", [])
+    with pytest.raises(RuntimeError, match=r"^LayerDiffuse: Unknown LayerDiffuse method"):
+        fa.process_images(p, ctx.env.mod.LayerDiffuseScript(), positional(TRANSPARENT))
+    assert ctx.env.fake.images.saved == []
+
+
+def test_xyz_values_do_not_enable_a_disabled_script(ctx, xyz):
+    p = fa.Txt2Img(ctx.model, ctx.outpath, batch_size=1)
+    xyz["[LayerDiffuse] Method"].apply(p, TRANSPARENT, [])
+    args = positional(TRANSPARENT)
+    args[0] = False
+    processed = fa.process_images(p, ctx.env.mod.LayerDiffuseScript(), args)
+    assert processed.images[0].mode == "RGB" and "layerdiffusion" not in processed.infotexts[0]

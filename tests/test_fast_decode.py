@@ -144,19 +144,19 @@ def test_views_per_batch_from_memory(monkeypatch):
     cpu = torch.device("cpu")
     assert default_views_per_batch(cpu, torch.float32, 1024, 1024, extra_memory_gb=100) == 1
     cuda = torch.device("cuda")
-    monkeypatch.setattr(V, "_free_cuda_memory", lambda d: 80 * 1024**3)
+    monkeypatch.setattr(V, "available_memory", lambda d: 80 * 1024**3)
     # 1024^2 fp16: ~0.8 GB per extra view, so 2 GB allow 2 more
     assert default_views_per_batch(cuda, torch.float16, 1024, 1024) == 3
     assert default_views_per_batch(cuda, torch.float16, 1024, 1024, extra_memory_gb=6) == 8
     assert default_views_per_batch(cuda, torch.float16, 1024, 1024, extra_memory_gb=0) == 1
     assert default_views_per_batch(cuda, torch.float32, 1024, 1024) == 2
     assert default_views_per_batch(cuda, torch.float16, 512, 512) == 11
-    monkeypatch.setattr(V, "_free_cuda_memory", lambda d: 2 * 1024**3)  # small card: free memory rules
+    monkeypatch.setattr(V, "available_memory", lambda d: 2 * 1024**3)  # small card: free memory rules
     assert default_views_per_batch(cuda, torch.float16, 1024, 1024) == 2  # 1 GB + 0.8 GB < 0.9 * 2 GB
     assert default_views_per_batch(cuda, torch.float16, 512, 512) == 8
-    monkeypatch.setattr(V, "_free_cuda_memory", lambda d: 1536 * 1024**2)
+    monkeypatch.setattr(V, "available_memory", lambda d: 1536 * 1024**2)
     assert default_views_per_batch(cuda, torch.float16, 1024, 1024) == 1
-    monkeypatch.setattr(V, "_free_cuda_memory", lambda d: None)
+    monkeypatch.setattr(V, "available_memory", lambda d: None)
     assert default_views_per_batch(cuda, torch.float16, 1024, 1024) == 3
 
 
@@ -292,9 +292,9 @@ def test_tiles_of_odd_sizes_and_batches():
 def test_auto_tile_size(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert default_tile_size(cpu, torch.float32, 4096, 4096) is None
-    monkeypatch.setattr(V, "_free_cuda_memory", lambda d: 24 * 1024**3)
+    monkeypatch.setattr(V, "available_memory", lambda d: 24 * 1024**3)
     assert default_tile_size(cuda, torch.float16, 2048, 2048) is None  # fits: exact decode
-    monkeypatch.setattr(V, "_free_cuda_memory", lambda d: 3 * 1024**3)
+    monkeypatch.setattr(V, "available_memory", lambda d: 3 * 1024**3)
     t = default_tile_size(cuda, torch.float16, 2048, 2048)
     assert t is not None and t % 64 == 0 and 500 * 2 * t * t <= 0.9 * 3 * 1024**3
 
@@ -305,3 +305,22 @@ def test_decoder_keys_unchanged():
     sd = m.state_dict()
     assert len(sd) == 538
     assert all(not k.endswith("mode") for k in sd)
+
+
+def test_available_memory_respects_the_per_process_fraction(monkeypatch):
+    """``auto`` reads what this process may use: free memory, capped by a per-process fraction."""
+    gb = 1024**3
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (60 * gb, 80 * gb))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 2 * gb)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 3 * gb)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)
+    assert V.available_memory("cuda:0") == 61 * gb  # free + cached-but-unused
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 0.1)  # 8 GB for this process
+    assert V.available_memory("cuda:0") == 6 * gb
+    assert V.available_memory("cpu") is None
+    # a 2048x2048 fp16 one-view pass needs ~4 GB: it fits in 6 GB, not in 2 GB, so auto tiles there
+    assert V.default_tile_size("cuda:0", torch.float16, 2048, 2048) is None
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 0.05)
+    assert V.default_tile_size("cuda:0", torch.float16, 2048, 2048) == 1344
+    # injected on CPU: 0.9 GB / (500 elements x 4 bytes per pixel) = 483k pixels, 695 px square, 640 by 64s
+    assert V.default_tile_size("cpu", torch.float32, 2048, 2048, free_memory=gb) == 640

@@ -28,6 +28,7 @@ from lib_layerdiffuse import modes as M
 from lib_layerdiffuse.attention_sharing import MODULE_MAP_SD15, AttentionSharing, AttentionSharingUnit
 from lib_layerdiffuse.errors import LayerDiffuseError
 from lib_layerdiffuse.hosts import common, forge
+from lib_layerdiffuse.options import DecodeOptions
 from lib_layerdiffuse.patches import compute_patched_tensors, parse_patch_state
 from lib_layerdiffuse.pipeline import Generation
 from lib_layerdiffuse.settings import Settings
@@ -257,6 +258,9 @@ class StandInHost(forge.ForgeHost):
     def progress(self, text):
         pass
 
+    def decode_options(self):
+        return DecodeOptions()
+
     def interrupted(self):
         return False
 
@@ -268,7 +272,8 @@ class StandInHost(forge.ForgeHost):
 def files_in_memory(monkeypatch):
     loads = []
     monkeypatch.setattr(pipeline, "load_unet_file", lambda path: (loads.append(path.name), path.state)[1])
-    monkeypatch.setattr(pipeline, "cached_model", lambda kind, path, device, dtype: (loads.append(path.name), kind)[1])
+    model = torch.nn.Linear(1, 1)  # the decoder / encoder stand-in (decode_rgba is replaced too)
+    monkeypatch.setattr(pipeline, "cached_model", lambda kind, path, device, dtype: (loads.append(path.name), model)[1])
     monkeypatch.setattr(pipeline, "_file_stamp", lambda path: (path.name, id(path.state)))
     monkeypatch.setattr(
         pipeline, "decode_rgba", lambda decoder, pixel, latent, **kw: torch.zeros(1, 4, *pixel.shape[-2:])
@@ -590,7 +595,7 @@ def test_nothing_outlives_a_generation(monkeypatch, neo_adapter):
     patcher_cls, _ = use_host(monkeypatch, "neo")
     dm = sd15_tiny()
     p = make_p(patcher_cls, dm, batch=3)
-    p.closed, p.iteration = 0, 0
+    p.closed, p.iteration, p.extra_generation_params = 0, 0, {}
     original = p.sd_model.forge_objects.unet
     states = {1: sharing_state(dm, 1), 3: sharing_state(dm, 3)}
     gc.collect()

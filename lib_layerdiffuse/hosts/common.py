@@ -19,6 +19,7 @@ import torch
 
 from .. import conditioning as C
 from ..errors import LayerDiffuseError, Refusal, WeightFileError
+from ..options import OPTIONS, SECTION, DecodeOptions
 from ..pipeline import Generation, Host
 from ..rgba import has_alpha, pil_to_rgba, to_pil, write_png
 from ..weights import FILES, sha256_of, verify_file
@@ -143,15 +144,18 @@ class WebUIHost(Host):
     def models_dir(self) -> Path:
         from modules import paths, shared  # type: ignore
 
-        folder = getattr(shared.cmd_opts, "layerdiffuse_models_dir", None) or os.path.join(
-            paths.models_path, "layer_model"
+        folder = (
+            getattr(shared.cmd_opts, "layerdiffuse_models_dir", None)
+            or str(getattr(shared.opts, "layerdiffuse_models_dir", "") or "").strip()
+            or os.path.join(paths.models_path, "layer_model")
         )
         try:
             Path(folder).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise WeightFileError(
                 f"{folder} cannot be used as the LayerDiffuse models folder ({e.strerror or e}); remove what is "
-                "there or start the WebUI with --layerdiffuse-models-dir DIR."
+                "there, or choose another folder in Settings > LayerDiffuse (or start the WebUI with "
+                "--layerdiffuse-models-dir DIR)."
             ) from None
         return Path(folder)
 
@@ -205,6 +209,33 @@ class WebUIHost(Host):
         fsync_dir(folder)
         return path
 
+    # -- settings ---------------------------------------------------------------------------
+
+    def decode_options(self) -> DecodeOptions:
+        from modules import shared  # type: ignore
+
+        return DecodeOptions.read(lambda key, default: getattr(shared.opts, key, default))
+
+    def add_settings(self) -> None:
+        """Settings > LayerDiffuse (the same API on A1111, Forge2 and Neo): one option per row of
+        ``options.OPTIONS``; those with an infotext key paste back as override settings."""
+        import gradio as gr
+        from modules import shared  # type: ignore
+
+        for o in OPTIONS:
+            if o.kind == "radio":
+                component, args = gr.Radio, {"choices": list(o.choices)}
+            elif o.kind == "slider":
+                component, args = gr.Slider, {"minimum": o.minimum, "maximum": o.maximum, "step": o.step}
+            elif o.kind == "checkbox":
+                component, args = gr.Checkbox, {}
+            else:
+                component, args = gr.Textbox, {}
+            info = shared.OptionInfo(o.default, o.label, component, args, section=SECTION, infotext=o.infotext)
+            if o.help and hasattr(info, "info"):
+                info = info.info(o.help)
+            shared.opts.add_option(o.key, info)
+
     # -- progress ---------------------------------------------------------------------------
 
     def progress(self, text: str) -> None:
@@ -224,6 +255,10 @@ class WebUIHost(Host):
 
     def generation(self, p) -> Generation | None:
         return p.__dict__.get(_GEN)
+
+    def xyz_overrides(self, p) -> dict | None:
+        """Values the X/Y/Z plot set for this cell (field -> value), if any."""
+        return xyz_overrides(p)
 
     def attach(self, p, gen: Generation) -> None:
         """``p.sample`` (called by the host itself, so its exceptions reach the user) ends the
@@ -248,7 +283,8 @@ class WebUIHost(Host):
                 log.exception("LayerDiffuse: transparent decode failed")
                 raise Refusal(
                     f"the transparent decode failed ({type(e).__name__}: {e}); no transparent image is returned. "
-                    "Lower the decode's memory use in Settings > LayerDiffuse or the image size, and try again."
+                    "If memory ran out: in Settings > LayerDiffuse set 'Tiled transparent decode' to always (a "
+                    "smaller tile size uses less) and lower the batching memory, or make the image smaller."
                 ) from None
             return samples
 
@@ -256,7 +292,7 @@ class WebUIHost(Host):
             try:
                 gen.close()
             finally:
-                for name in ("sample", "close", _GEN):
+                for name in ("sample", "close", _GEN, XYZ):
                     p.__dict__.pop(name, None)
                 p.__dict__.update(own)
             return original_close(*args, **kwargs)
@@ -274,6 +310,7 @@ class WebUIHost(Host):
         # as the host makes its 8-bit images: clamp((x + 1) / 2), then 255 * x truncated
         pixels = ((pixels + 1.0) / 2.0).clamp(0.0, 1.0).mul(255.0).floor().div(255.0)
         gen.decode_batch(p, p.iteration * p.batch_size, latents, pixels)
+        p.extra_generation_params.update(gen.infotext())  # the tile size a decode used
         return decoded
 
     def decode_samples(self, p, samples):
@@ -406,6 +443,9 @@ class WebUIHost(Host):
     def register_callbacks(self) -> None:
         from modules import script_callbacks  # type: ignore
 
+        script_callbacks.on_ui_settings(self.add_settings)
+        script_callbacks.on_before_ui(add_xyz_axes)  # the UI builds the X/Y/Z plot's axis list after this
+        script_callbacks.on_app_started(lambda *a, **k: add_xyz_axes())  # API-only servers have no UI
         script_callbacks.on_before_image_saved(before_image_saved)
         script_callbacks.on_image_saved(check_saved)
         script_callbacks.on_app_started(lambda *a, **k: self._started())
@@ -418,6 +458,38 @@ class WebUIHost(Host):
             clean_partial_downloads(self.models_dir())
         except WeightFileError as e:
             log.warning("LayerDiffuse: %s", e)
+
+
+XYZ = "_layerdiffuse_xyz"  # the attribute of p that carries X/Y/Z plot values for the script
+
+
+def xyz_overrides(p) -> dict | None:
+    return p.__dict__.get(XYZ)
+
+
+def add_xyz_axes() -> None:
+    """Method, Weight and Stop At as axes of the host's X/Y/Z plot script (found among the loaded
+    scripts, as other extensions do); they apply when LayerDiffuse is enabled. Idempotent."""
+    from modules import scripts  # type: ignore
+
+    from .. import modes as M
+    from ..settings import XYZ_AXES
+
+    xyz = next((d.module for d in scripts.scripts_data if d.script_class.__module__ == "xyz_grid.py"), None)
+    if xyz is None:
+        return
+    have = {getattr(o, "label", None) for o in xyz.axis_options}
+    for field, label, kind in XYZ_AXES:
+        label = f"[LayerDiffuse] {label}"
+        if label in have:
+            continue
+
+        def apply(p, x, xs, field=field):
+            # a new dict per cell: the plot makes each cell's p as a shallow copy of one p
+            p.__dict__[XYZ] = {**p.__dict__.get(XYZ, {}), field: x}
+
+        choices = (lambda: list(M.LABELS)) if field == "method" else None
+        xyz.axis_options.append(xyz.AxisOption(label, kind, apply, choices=choices))
 
 
 def _ensure_temp_dir() -> None:
