@@ -21,3 +21,58 @@ def one_thread():
 def read_trace(folder: Path, rank: int = 0) -> list[dict]:
     """The step records rank ``rank`` wrote under ``--trace-dir folder``."""
     return [json.loads(line) for line in (Path(folder) / f"rank{rank}.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------
+# Tiny single-file checkpoints with the real ldm/sgm key names (widths scaled down)
+
+TINY_CLIP = dict(width=32, layers=2, heads=1, mlp=64)
+TINY_BIGG = dict(width=32, layers=3, heads=1, mlp=64, projection=16)
+TINY_VAE = dict(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1)
+TINY_UNET_SD15 = dict(in_channels=4, model_channels=32, out_channels=4, num_res_blocks=2, channel_mult=(1, 1, 1, 1),
+                      transformer_depth=(1, 1, 1, 0), transformer_depth_middle=1, num_heads=8, context_dim=32,
+                      use_linear_in_transformer=False)  # fmt: skip
+TINY_UNET_SDXL = dict(in_channels=4, model_channels=32, out_channels=4, num_res_blocks=(1, 1), channel_mult=(1, 2),
+                      transformer_depth=(0, 2), transformer_depth_middle=1, num_head_channels=32, context_dim=64,
+                      use_linear_in_transformer=True, adm_in_channels=16 + 6 * 256)  # fmt: skip
+
+
+def tiny_checkpoint_state(family: str = "sd15", seed: int = 0, extras: bool = True) -> dict:
+    """A tiny SD1.5- or SDXL-shaped single-file state (fp32): every part with its real prefix
+    and names, random weights (norms at 1), plus the extras real files carry."""
+    from lib_layerdiffuse import ldm_unet
+    from lib_layerdiffuse.training import sd_models as m
+
+    torch.manual_seed(seed)
+    parts = {"model.diffusion_model.": ldm_unet.UNetModel(**(TINY_UNET_SD15 if family == "sd15" else TINY_UNET_SDXL)),
+             "first_stage_model.": m.LDMAutoencoderKL(m.VAEConfig(**TINY_VAE))}  # fmt: skip
+    if family == "sd15":
+        parts["cond_stage_model.transformer."] = m.CLIPTextModel(m.TextConfig(**TINY_CLIP))
+    else:
+        parts["conditioner.embedders.0.transformer."] = m.CLIPTextModel(m.TextConfig(**TINY_CLIP))
+        parts["conditioner.embedders.1.model."] = m.OpenCLIPTextModel(m.TextConfig(**TINY_BIGG))
+    state = {}
+    for prefix, module in parts.items():
+        for k, v in module.state_dict().items():
+            parent = k.split(".")[-2] if "." in k else ""
+            if "norm" in parent or parent in ("ln_1", "ln_2", "ln_final"):
+                v = torch.ones_like(v) if k.endswith("weight") else torch.zeros_like(v)
+            else:
+                v = torch.randn(v.shape) * (0.2 if v.dim() > 1 else 0.02)
+            state[prefix + k] = v.contiguous()
+    if extras:
+        clip = "cond_stage_model.transformer." if family == "sd15" else "conditioner.embedders.0.transformer."
+        state[clip + "text_model.embeddings.position_ids"] = torch.arange(77)[None]
+        state["alphas_cumprod"] = torch.linspace(1, 0.01, 1000)
+        state["model_ema.decay"] = torch.tensor(0.9999)
+        if family == "sdxl":
+            state["conditioner.embedders.1.model.logit_scale"] = torch.tensor(4.6)
+    return state
+
+
+def write_tiny_checkpoint(path: Path, family: str = "sd15", dtype=torch.float16, seed: int = 0, **kw) -> Path:
+    from safetensors.torch import save_file
+
+    state = tiny_checkpoint_state(family, seed, **kw)
+    save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, str(path))
+    return Path(path)

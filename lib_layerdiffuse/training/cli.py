@@ -87,7 +87,12 @@ positive_float = _float_in(0.0, None, low_open=True)
 
 
 def _frozen_vae_options(p) -> None:
-    """The frozen VAE: a user callable, or the stand-in tiny VAE (all stages)."""
+    """The frozen models: a single-file checkpoint, user callables, or stand-ins (all stages)."""
+    p.add_argument("--checkpoint", metavar="FILE",
+                   help="single-file SD1.5 or SDXL .safetensors (ldm/sgm keys): the frozen VAE, and for the "
+                        "diffusion and layers stages the UNet and text encoders")  # fmt: skip
+    p.add_argument("--frozen-dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="dtype of the checkpoint's frozen UNet and text encoders (the VAE stays fp32 unless bf16)")  # fmt: skip
     p.add_argument("--frozen-vae", metavar="MODULE:FUNC",
                    help="callable returning the frozen VAE (encode -> (mean, std), decode); e.g. an SDVAEAdapter")  # fmt: skip
     p.add_argument("--vae-path", help="stand-in tiny VAE file (default <out>/tiny_vae.safetensors, trained if absent)")
@@ -164,11 +169,14 @@ def _unet_common(p):
     p.add_argument("--rank", type=positive_int, default=256, help="LoRA rank (paper and official files: 256)")
     p.add_argument("--encoder", help="latent-transparency encoder file (a vae-stage transparent_encoder.safetensors)")
     p.add_argument("--latent-scale", default=None,
-                   help="VAE scaling factor, or 'auto' (1/std of the training latents); default: auto for the "
-                        "stand-in VAE, 0.18215 (SD1.5) with --frozen-vae (SDXL: 0.13025)")  # fmt: skip
+                   help="VAE scaling factor, or 'auto' (1/std of the training latents); default: the "
+                        "--checkpoint family's (SD1.5 0.18215, SDXL 0.13025), 0.18215 with --frozen-vae, auto for "
+                        "the stand-in VAE")  # fmt: skip
     p.add_argument("--unet", metavar="MODULE:FUNC", help="callable returning the base UNet (ldm parameter names)")
     p.add_argument("--unet-preset", default="tiny-sd15", help="tiny UNet used without --unet: tiny-sd15 | tiny-sdxl")
     p.add_argument("--context-tokens", type=positive_int, default=77, help="tokens of the stand-in prompt embeddings")
+    p.add_argument("--caption-dropout", type=share, default=0.0,
+                   help="share of captions replaced by the empty prompt, in [0, 1) (0.1: for classifier-free guidance)")  # fmt: skip
     _frozen_vae_options(p)
     _runtime_options(p)
     return src
@@ -177,10 +185,14 @@ def _unet_common(p):
 def _diffusion_parser(sub) -> None:
     p = sub.add_parser("diffusion", help="fine-tune the UNet on adjusted latents (paper §3.2), SDXL patch export")
     src = _unet_common(p)
-    src.add_argument("--data", help="folder of RGBA images (PNG/WebP with alpha, any size)")
+    src.add_argument("--data", help="folder of RGBA images (PNG/WebP with alpha, any size); with --layer-mode "
+                                    "fg/, bg/ and blend/ of matching names")  # fmt: skip
     p.add_argument(
         "--mode", choices=["lora", "diff"], default="lora", help="LoRA (::lora::) or full offsets (::diff::)"
     )
+    p.add_argument("--layer-mode", choices=["fg2ble", "fgble2bg", "bg2ble", "bgble2fg"], default=None,
+                   help="train an SDXL layer model (widened conv_in + --mode) on triplets; exports "
+                        "layer_xl_<mode>.safetensors")  # fmt: skip
     p.add_argument("--targets", choices=["attn", "all"], default="attn",
                    help="attn: to_q/to_k/to_v/to_out.0 of every attention; all: every Linear (lora) or tensor (diff)")  # fmt: skip
 

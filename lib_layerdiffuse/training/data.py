@@ -18,6 +18,7 @@ resumed run continues with exactly the batches an uninterrupted one would have s
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 import warnings
@@ -149,6 +150,43 @@ def _found_and_rejected(found: str, rejected: dict[str, int]) -> str:
     return found
 
 
+# ---------------------------------------------------------------------------------------
+# Captions: ``NAME.txt`` beside ``NAME.png``, or ``metadata.jsonl`` lines
+# ``{"file_name": "NAME.png", "text": "..."}`` (the Hugging Face image-folder convention;
+# ``file_name`` relative to the jsonl's folder). A ``.txt`` wins over the jsonl.
+
+METADATA_FILE = "metadata.jsonl"
+
+
+def read_metadata_captions(folder: Path) -> dict[Path, str]:
+    """``{image path: caption}`` from every ``metadata.jsonl`` under ``folder``; a bad line is
+    a :class:`NoUsableImagesError` naming the file and line (a typo should not silently drop captions)."""
+    out: dict[Path, str] = {}
+    for meta in sorted(folder.rglob(METADATA_FILE)):
+        with open(meta, encoding="utf-8", errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    name, text = rec["file_name"], rec.get("text", "")
+                    if not isinstance(name, str) or not isinstance(text, str):
+                        raise TypeError("file_name and text must be strings")
+                except (ValueError, KeyError, TypeError, AttributeError) as e:
+                    raise NoUsableImagesError(f"{meta} line {n}: expected {{\"file_name\": ..., \"text\": ...}} "
+                                              f"({type(e).__name__}: {e})") from None  # fmt: skip
+                out[(meta.parent / name).resolve()] = text.strip()
+    return out
+
+
+def caption_for(image: Path, metadata: dict[Path, str]) -> str | None:
+    """The image's caption: ``image.txt`` beside it, else its ``metadata.jsonl`` entry, else None."""
+    txt = image.with_suffix(".txt")
+    if txt.is_file():
+        return txt.read_text(encoding="utf-8", errors="replace").strip() or None
+    return metadata.get(image.resolve()) or None
+
+
 class RGBAFolder(Dataset):
     """RGBA images (PNG or WebP with alpha, any size) under ``folder``, recursively.
 
@@ -179,11 +217,18 @@ class RGBAFolder(Dataset):
                 "channel that have at least one transparent and one visible pixel."
             )
 
+        metadata = read_metadata_captions(self.folder)
+        self.captions = [caption_for(p, metadata) for p in self.paths]
+
     def __len__(self) -> int:
         return len(self.paths)
 
+    @property
+    def uncaptioned(self) -> int:
+        return sum(c is None for c in self.captions)
+
     def __getitem__(self, i: int) -> dict:
-        return prepare(_load_rgba(self.paths[i], self.size), i)
+        return {**prepare(_load_rgba(self.paths[i], self.size), i), "caption": self.captions[i] or ""}
 
 
 # ---------------------------------------------------------------------------------------
@@ -284,7 +329,7 @@ class SyntheticRGBA(_SyntheticSet):
     """``n`` synthetic samples; item i is ``synthetic_rgba(offset + i, size, seed)``."""
 
     def __getitem__(self, i: int) -> dict:
-        return prepare(synthetic_rgba(self.offset + i, self.size, self.seed), i)
+        return {**prepare(synthetic_rgba(self.offset + i, self.size, self.seed), i), "caption": ""}
 
 
 # ---------------------------------------------------------------------------------------
@@ -378,7 +423,7 @@ class SyntheticTriplets(_SyntheticSet):
     def __getitem__(self, i: int) -> dict:
         fg = synthetic_rgba(self.offset + i, self.size, self.seed)
         bg = synthetic_background(self.offset + i, self.size, self.seed)
-        return prepare_triplet(fg, bg, blend_over(fg, bg), i)
+        return {**prepare_triplet(fg, bg, blend_over(fg, bg), i), **{f"caption_{f}": "" for f in FRAME_NAMES}}
 
 
 def _read_rgb(path: Path, size: int) -> np.ndarray:
@@ -448,23 +493,58 @@ class TripletFolder(Dataset):
                 "and a visible pixel), bg/NAME.* and blend/NAME.* (RGB)."
             )
 
+        self.captions = self._captions()
+
     def __len__(self) -> int:
         return len(self.names)
+
+    def _captions(self) -> list[dict[str, str | None]]:
+        """Per name and frame: ``<frame>/NAME.txt`` (or that folder's metadata.jsonl), else the
+        triplet's shared caption ``NAME.txt`` in the root (or the root's metadata.jsonl,
+        ``file_name`` NAME with or without a suffix), else the blend's caption."""
+        metadata = read_metadata_captions(self.root)
+        shared_meta = {p.parent / p.stem: t for p, t in metadata.items() if p.parent == self.root.resolve()}
+        out = []
+        for stem in self.names:
+            shared_txt = self.root / f"{stem}.txt"
+            shared = (shared_txt.read_text(encoding="utf-8", errors="replace").strip() if shared_txt.is_file() else
+                      shared_meta.get(self.root.resolve() / stem)) or None  # fmt: skip
+            own = dict(zip(FRAME_NAMES, (caption_for(p, metadata) for p in self.paths[stem]), strict=True))
+            out.append({f: own[f] or shared or own["blend"] for f in FRAME_NAMES})
+        return out
+
+    @property
+    def uncaptioned(self) -> int:
+        return sum(all(c is None for c in caps.values()) for caps in self.captions)
 
     def __getitem__(self, i: int) -> dict:
         fg_path, bg_path, blend_path = self.paths[self.names[i]]
         fg = _load_rgba(fg_path, self.size)
-        return prepare_triplet(fg, _read_rgb(bg_path, self.size), _read_rgb(blend_path, self.size), i)
+        item = prepare_triplet(fg, _read_rgb(bg_path, self.size), _read_rgb(blend_path, self.size), i)
+        return {**item, **{f"caption_{f}": c or "" for f, c in self.captions[i].items()}}
 
 
 # ---------------------------------------------------------------------------------------
 # A stage's training set
 
 
-def stage_dataset(cfg, triplets: bool = False) -> Dataset:
+class ForegroundFolder(RGBAFolder):
+    """An RGBA folder as foreground-only triplet items (``fg_*`` keys, ``caption_fg``): the
+    layers stage with ``--frames fg`` (the SD1.5 transparent-attention model) on plain RGBA data."""
+
+    def __getitem__(self, i: int) -> dict:
+        item = super().__getitem__(i)
+        out = {f"fg_{k}": v for k, v in item.items() if k not in ("index", "caption")}
+        return {**out, "index": item["index"], "caption_fg": item["caption"]}
+
+
+def stage_dataset(cfg, triplets: bool = False, fg_only: bool = False) -> Dataset:
     """A stage's training set: the folder ``cfg.data`` or ``cfg.synthetic`` generated samples
-    (exactly one of them), of RGBA samples or, with ``triplets``, of fg/bg/blend triplets."""
+    (exactly one of them), of RGBA samples or, with ``triplets``, of fg/bg/blend triplets
+    (``fg_only``: a folder without ``fg/`` is read as foregrounds, :class:`ForegroundFolder`)."""
     folder_cls, synthetic_cls = (TripletFolder, SyntheticTriplets) if triplets else (RGBAFolder, SyntheticRGBA)
+    if triplets and fg_only and cfg.data is not None and not (Path(cfg.data) / "fg").is_dir():
+        folder_cls = ForegroundFolder
     if (cfg.data is None) == (cfg.synthetic <= 0):
         data_arg = "--data DIR (fg/, bg/, blend/)" if triplets else "--data DIR"
         raise ValueError(f"give exactly one of {data_arg} or --synthetic N")
@@ -483,5 +563,5 @@ def describe(dataset) -> str:
         skipped = sum(dataset.rejected.values())
         if skipped:
             line += f"; skipped {skipped}: " + ", ".join(f"{c} {why}" for why, c in sorted(dataset.rejected.items()))
-        return line
+        return line + f"; {dataset.uncaptioned} without a caption (trained on the empty prompt)"
     return f"{n} synthetic samples"

@@ -33,23 +33,23 @@ from torch.func import functional_call
 from .. import patches as core_patches
 from . import checkpoint as ckpt
 from . import data as tdata
+from .errors import TrainingError
 from .unet_training import (
+    Conditioning,
     LatentSource,
     StageParts,
     UNetStageConfig,
     draw_noise_and_timesteps,
-    frozen_latent_source,
+    frozen_parts,
     held_out_batch,
     q_sample,
     run_stage,
-    sample_context,
-    sample_y,
     scaled_linear_alphas_cumprod,
-    unet_context_dim,
 )
 from .vae_stage import start_run
 
 PATCH_FILE = "unet_patch.safetensors"
+CONV_IN = "input_blocks.0.0.weight"
 ATTN_PROJECTIONS = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")
 
 
@@ -79,14 +79,20 @@ class UNetDelta(nn.Module):
     keyed by the ldm name with dots as ``__``.
     """
 
-    def __init__(self, unet: nn.Module, mode: str = "lora", rank: int = 256, targets: str = "attn"):
+    def __init__(self, unet: nn.Module, mode: str = "lora", rank: int = 256, targets: str = "attn",
+                 conv_in_channels: int | None = None):  # fmt: skip
         super().__init__()
         if mode not in ("lora", "diff"):
             raise ValueError(f"mode must be 'lora' or 'diff', got {mode!r}")
         self._unet = (unet,)  # not a submodule: never in DDP, never in the state
         self.mode, self.rank = mode, rank
-        self.names = target_names(unet, mode, targets)
+        self.names = [n for n in target_names(unet, mode, targets) if not (conv_in_channels and n == CONV_IN)]
         params = dict(unet.named_parameters())
+        if conv_in_channels:
+            # an SDXL layer model's widened conv_in: a full diff over [out, 4 + 4k, 3, 3], zero at
+            # the start (the condition channels begin ignored, the model at the base's output)
+            w = params[CONV_IN]
+            self.conv_in = nn.Parameter(torch.zeros(w.shape[0], conv_in_channels, *w.shape[2:], device=w.device))
         if mode == "lora":
             self.up, self.down = nn.ParameterDict(), nn.ParameterDict()
             for n in self.names:
@@ -119,6 +125,11 @@ class UNetDelta(nn.Module):
                 else:
                     d = self.delta[k].float()
                 out[n] = (w.float() + d).to(w.dtype)
+            if hasattr(self, "conv_in"):
+                # core patches.patched_tensor for a larger diff: the base in the leading slice, plus the diff
+                w = base[CONV_IN]
+                pad = w.new_zeros(w.shape[0], self.conv_in.shape[1] - w.shape[1], *w.shape[2:], dtype=torch.float32)
+                out[CONV_IN] = (torch.cat([w.float(), pad], dim=1) + self.conv_in.float()).to(w.dtype)
         return out
 
     def forward(self, x, t, context=None, y=None):
@@ -135,6 +146,8 @@ class UNetDelta(nn.Module):
                 state[f"{key}::lora::1"] = self.down[k].detach().to(dtype)
             else:
                 state[f"{key}::diff::0"] = self.delta[k].detach().to(dtype)
+        if hasattr(self, "conv_in"):
+            state[f"{core_patches.PREFIX}{CONV_IN}::diff::0"] = self.conv_in.detach().to(dtype)
         return state
 
 
@@ -142,6 +155,33 @@ class UNetDelta(nn.Module):
 class DiffusionStageConfig(UNetStageConfig):
     mode: str = "lora"  # lora | diff
     targets: str = "attn"  # attn | all
+    layer_mode: str | None = None  # fg2ble | fgble2bg | bg2ble | bgble2fg (SDXL layer models)
+
+
+@dataclass(frozen=True)
+class LayerMode:
+    """An SDXL layer model: the frames VAE-encoded and concatenated after the noisy latent
+    (the extension's ``modes.Mode.concat`` order), and the frame it generates."""
+
+    concat: tuple[str, ...]
+    target: str
+
+
+LAYER_MODES = {
+    "fg2ble": LayerMode(("fg",), "blend"),
+    "fgble2bg": LayerMode(("fg", "blend"), "bg"),
+    "bg2ble": LayerMode(("bg",), "blend"),
+    "bgble2fg": LayerMode(("bg", "blend"), "fg"),
+}
+
+
+def _frame_latent(source: LatentSource, batch: dict, frame: str, device, transparent: bool) -> torch.Tensor:
+    """A triplet frame's scaled latent: the fg's adjusted latent where it is generated
+    (``transparent``), else the deterministic posterior mean of the RGB the extension encodes
+    (the fg flattened on 50 % grey, bg and blend as they are)."""
+    if frame == "fg" and transparent:
+        return source.transparent(*(batch[k].to(device) for k in ("fg_alpha", "fg_padded", "fg_premult")))
+    return source.plain(batch["fg_premult" if frame == "fg" else frame].to(device))
 
 
 def _transparent_latents(source: LatentSource, batch: dict, device) -> torch.Tensor:
@@ -155,32 +195,48 @@ def train_diffusion_stage(cfg: DiffusionStageConfig, frozen_vae: nn.Module | Non
     if not cfg.encoder:
         raise ValueError("the diffusion stage trains on adjusted latents: give --encoder, the "
                          "transparent_encoder.safetensors of a vae-stage run (or a published encoder file)")  # fmt: skip
+    layer = LAYER_MODES[cfg.layer_mode] if cfg.layer_mode else None
     info, _ = start_run(cfg)
-    dataset = tdata.stage_dataset(cfg)
+    dataset = tdata.stage_dataset(cfg, triplets=layer is not None)
     if info.is_main:
         print(f"[diffusion] data: {tdata.describe(dataset)}", flush=True)
-    source, base = frozen_latent_source(cfg, info, dataset, frozen_vae, unet, _transparent_latents)
-    ctx_dim = unet_context_dim(base)
-    adm = getattr(base, "adm_in_channels", None)
+
+    def target_latents(src: LatentSource, batch: dict, device) -> torch.Tensor:
+        if layer is None:
+            return _transparent_latents(src, batch, device)
+        return _frame_latent(src, batch, layer.target, device, transparent=True)
+
+    frozen = frozen_parts(cfg, info, dataset, frozen_vae, unet, target_latents, "diffusion")
+    source, base = frozen.source, frozen.unet
+    if layer is not None and (frozen.family == "sd15" or getattr(base, "adm_in_channels", None) is None):
+        raise TrainingError(f"--layer-mode {cfg.layer_mode} trains an SDXL layer model: give an SDXL --checkpoint "
+                            "(or, for experiments, --unet-preset tiny-sdxl)")  # fmt: skip
+    cond = Conditioning(cfg, frozen, info.device)
     acp = scaled_linear_alphas_cumprod().to(info.device)
 
     torch.manual_seed(cfg.seed)  # the same initial delta on every rank
-    delta = UNetDelta(base, cfg.mode, cfg.rank, cfg.targets).to(info.device)
+    conv_in = base.input_blocks[0][0].in_channels + 4 * len(layer.concat) if layer else None
+    delta = UNetDelta(base, cfg.mode, cfg.rank, cfg.targets, conv_in).to(info.device)
 
     def loss_fn(model, batch, step):
         dev = info.device
-        x0 = _transparent_latents(source, batch, dev)
+        x0 = target_latents(source, batch, dev)
         indices = [int(i) for i in batch["index"]]
         noise, t = draw_noise_and_timesteps(indices, step, cfg.seed, tuple(x0.shape[1:]))
         noise, t = noise.to(dev), t.to(dev)
-        ctx = sample_context(indices, 0, cfg.context_tokens, ctx_dim, cfg.seed).to(dev)
-        y = sample_y(indices, adm, cfg.seed).to(dev) if adm else None
-        eps = model(q_sample(x0, t, noise, acp), t, ctx, y)
+        ctx, y = cond(batch, step, layer.target if layer else None)
+        x_t = q_sample(x0, t, noise, acp)
+        if layer is not None:  # the concat condition, as the extension feeds it at inference
+            x_t = torch.cat([x_t, *(_frame_latent(source, batch, f, dev, False) for f in layer.concat)], dim=1)
+        eps = model(x_t, t, ctx, y)
         return F.mse_loss(eps.float(), noise), {}
 
+    export_file = f"layer_xl_{cfg.layer_mode}.safetensors" if layer else PATCH_FILE
+
     def export(out_dir: Path, step: int, meta: dict) -> Path:
-        meta = {**meta, "format": "sdxl-patch", "mode": cfg.mode, "rank": str(cfg.rank), "targets": cfg.targets}
-        return ckpt.atomic_save(delta.export_state(ckpt.DTYPES[cfg.export_dtype]), out_dir / PATCH_FILE, meta)
+        meta = {**meta, "format": "sdxl-patch", "mode": cfg.mode, "rank": str(cfg.rank), "targets": cfg.targets,
+                "layer_mode": cfg.layer_mode or ""}  # fmt: skip
+        return ckpt.atomic_save(delta.export_state(ckpt.DTYPES[cfg.export_dtype]), out_dir / export_file, meta)
 
     parts = StageParts(
         label="diffusion",
@@ -188,14 +244,19 @@ def train_diffusion_stage(cfg: DiffusionStageConfig, frozen_vae: nn.Module | Non
         dataset=dataset,
         loss=loss_fn,
         export=export,
-        eval_batch=held_out_batch(cfg, dataset, tdata.SyntheticRGBA),
+        eval_batch=held_out_batch(cfg, dataset, tdata.SyntheticTriplets if layer else tdata.SyntheticRGBA),
         signature={
             "stage": "diffusion",
             "mode": cfg.mode,
             "rank": cfg.rank,
             "targets": cfg.targets,
             "names": len(delta.names),
+            **({"layer_mode": cfg.layer_mode} if layer else {}),
         },  # fmt: skip
-        metadata={"latent_scale": repr(source.scale)},
+        metadata={
+            "latent_scale": repr(source.scale),
+            "base_family": frozen.family or "stand-in",
+            **({"layer_mode": cfg.layer_mode} if layer else {}),
+        },  # fmt: skip
     )
     return run_stage(cfg, info, parts)

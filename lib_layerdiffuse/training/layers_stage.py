@@ -29,6 +29,7 @@ into :class:`~lib_layerdiffuse.attention_sharing.AttentionSharing` with ``strict
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,17 +40,16 @@ from .. import attention_sharing as sharing
 from . import checkpoint as ckpt
 from . import data as tdata
 from .unet_training import (
+    Conditioning,
     LatentSource,
     StageParts,
     UNetStageConfig,
     draw_noise_and_timesteps,
-    frozen_latent_source,
+    frozen_parts,
     held_out_batch,
     q_sample,
     run_stage,
-    sample_context,
     scaled_linear_alphas_cumprod,
-    unet_context_dim,
 )
 from .vae_stage import start_run
 
@@ -144,8 +144,12 @@ class LayerSharingModel(nn.Module):
             signals = self.kwargs_encoder(control * 2.0 - 1.0)
             for u in self.hookers.layers:
                 u.set_control_signals(signals)
+        dtype = self.unet.time_embed[0].weight.dtype
+        # a fp16/bf16 frozen base (--frozen-dtype): the fp32 trained layers run in its dtype
+        amp = torch.autocast(x.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
         try:
-            return self.unet(x, t, context)
+            with amp:
+                return self.unet(x, t, context)
         finally:
             for u in self.hookers.layers:
                 u.set_control_signals(None)
@@ -196,15 +200,16 @@ def train_layers_stage(cfg: LayersStageConfig, frozen_vae: nn.Module | None = No
     """Run stage 3 (single process or one torchrun rank); returns the summary."""
     frames, eps_zero, control = frame_layout(cfg)
     info, _ = start_run(cfg)
-    dataset = tdata.stage_dataset(cfg, triplets=True)
+    dataset = tdata.stage_dataset(cfg, triplets=True, fg_only=frames == ["fg"] and control is None)
     if info.is_main:
         print(f"[layers] data: {tdata.describe(dataset)}", flush=True)
 
     def latents(src: LatentSource, batch: dict, device) -> torch.Tensor:
         return _frame_latents(src, batch, frames, device)
 
-    source, base = frozen_latent_source(cfg, info, dataset, frozen_vae, unet, latents)
-    ctx_dim = unet_context_dim(base)
+    frozen = frozen_parts(cfg, info, dataset, frozen_vae, unet, latents, "layers")
+    source, base = frozen.source, frozen.unet
+    cond = Conditioning(cfg, frozen, info.device)
     acp = scaled_linear_alphas_cumprod().to(info.device)
     nf = len(frames)
     zero_at = frames.index(eps_zero) if eps_zero else None
@@ -221,8 +226,7 @@ def train_layers_stage(cfg: LayersStageConfig, frozen_vae: nn.Module | None = No
         if zero_at is not None:
             noise[:, zero_at] = 0.0  # the condition frame: eps = 0, a clean (scaled) latent
         noise, t = noise.to(dev).flatten(0, 1), t.to(dev).repeat_interleave(nf)
-        ctx = torch.stack([sample_context(indices, FRAME_IDS[f], cfg.context_tokens, ctx_dim, cfg.seed)
-                           for f in frames], dim=1).flatten(0, 1).to(dev)  # fmt: skip
+        ctx = torch.stack([cond(batch, step, f)[0] for f in frames], dim=1).flatten(0, 1)
         cimg = None
         if control is not None:
             cimg = (batch["fg_premult"] if control == "fg" else batch["bg"]).to(dev)
@@ -247,7 +251,7 @@ def train_layers_stage(cfg: LayersStageConfig, frozen_vae: nn.Module | None = No
         export=export,
         eval_batch=held_out_batch(cfg, dataset, tdata.SyntheticTriplets),
         signature={"stage": "layers", "frames": frames, "control": control, "eps_zero": eps_zero, "rank": cfg.rank},
-        metadata={"latent_scale": repr(source.scale), **layout_meta},
+        metadata={"latent_scale": repr(source.scale), "base_family": frozen.family or "stand-in", **layout_meta},
     )
     try:
         return run_stage(cfg, info, parts)

@@ -35,6 +35,7 @@ from .. import ldm_unet
 from . import checkpoint as ckpt
 from . import data as tdata
 from . import dist
+from .base_checkpoint import FAMILY_NAMES, TextConditioner, load_base
 from .errors import TrainingError
 from .models import TrainEncoder
 from .vae_stage import (
@@ -172,9 +173,15 @@ def resolve_latent_scale(value: str | float | None, have_user_vae: bool, latents
 
 
 def stack_items(dataset, indices) -> dict:
+    """Items as a batch, as the DataLoader collates them (tensors stacked, captions a list)."""
     items = [dataset[i] for i in indices]
-    return {k: torch.stack([it[k] for it in items]) if isinstance(items[0][k], torch.Tensor) else
-            torch.tensor([it[k] for it in items]) for k in items[0]}  # fmt: skip
+
+    def collate(values):
+        if isinstance(values[0], torch.Tensor):
+            return torch.stack(values)
+        return list(values) if isinstance(values[0], str) else torch.tensor(values)
+
+    return {k: collate([it[k] for it in items]) for k in items[0]}
 
 
 def held_out_batch(cfg: UNetStageConfig, train_set, synthetic_cls) -> dict | None:
@@ -226,6 +233,9 @@ class UNetStageConfig:
     trace_dir: str | None = None
     grad_accum: int = 1
     precision: str = "fp32"
+    checkpoint: str | None = None  # single-file SD1.5/SDXL: frozen VAE, UNet, text encoders
+    frozen_dtype: str = "fp32"  # of the checkpoint's UNet and text encoders
+    caption_dropout: float = 0.0  # share of captions replaced by the empty prompt (CFG)
 
 
 def split_batch(batch: dict, k: int) -> list[dict]:
@@ -236,34 +246,91 @@ def split_batch(batch: dict, k: int) -> list[dict]:
     return [{key: v[j * m : (j + 1) * m] for key, v in batch.items()} for j in range(k)]
 
 
-def prepare_frozen(cfg: UNetStageConfig, info: dist.DistInfo, frozen_vae: nn.Module | None,
-                   unet: nn.Module | None) -> tuple[nn.Module, nn.Module | None, nn.Module]:  # fmt: skip
-    """The frozen VAE (user's, or the stand-in tiny VAE trained/loaded like stage 1), the
-    frozen transparency encoder (or None) and the frozen base UNet, all on the device."""
+@dataclass
+class Frozen:
+    """What a UNet stage holds frozen: latent source, base UNet, text conditioning (or None)."""
+
+    source: LatentSource
+    unet: nn.Module
+    text: TextConditioner | None = None
+    family: str | None = None  # sd15 | sdxl with --checkpoint
+
+
+def frozen_parts(cfg: UNetStageConfig, info: dist.DistInfo, dataset, frozen_vae: nn.Module | None,
+                 unet: nn.Module | None, latents: Callable[[LatentSource, dict, torch.device], torch.Tensor],
+                 label: str) -> Frozen:  # fmt: skip
+    """The frozen VAE, transparency encoder, base UNet and text encoders, on the device.
+
+    From ``--checkpoint`` (the ``--frozen-vae``/``--unet`` hooks win where given), else the
+    hooks, else the stand-ins (tiny VAE trained/loaded like stage 1, a tiny UNet preset,
+    random prompt embeddings). The latent scale: ``--latent-scale``, else the checkpoint
+    family's, else :func:`resolve_latent_scale` (``auto`` measures ``latents(source, batch,
+    device)`` on the first 32 samples)."""
+    text, family, have_vae = None, None, frozen_vae is not None
+    if cfg.checkpoint:
+        parts = ["text"] + (["vae"] if frozen_vae is None else []) + (["unet"] if unet is None else [])
+        base = load_base(cfg.checkpoint, cfg.frozen_dtype, parts, info.device)
+        frozen_vae = base.vae if frozen_vae is None else frozen_vae
+        unet = base.unet if unet is None else unet
+        text, family = base.text, base.family
+        if info.is_main:
+            print(f"[{label}] {FAMILY_NAMES[family]} checkpoint {cfg.checkpoint} (frozen {cfg.frozen_dtype})"
+                  + (f"; ignored {len(base.ignored)} other tensors" if base.ignored else ""), flush=True)  # fmt: skip
+        if cfg.latent_scale is None:
+            cfg = dataclasses.replace(cfg, latent_scale=str(base.latent_scale))
     vae = frozen_vae if frozen_vae is not None else frozen_vae_for(cfg, info)
     vae = dist.freeze(vae.to(info.device))
     encoder = load_transparent_encoder(cfg.encoder, info.device) if cfg.encoder else None
     if unet is None:
         unet = build_unet(cfg.unet_preset, cfg.seed)
-    return vae, encoder, dist.freeze(unet.to(info.device))
-
-
-def frozen_latent_source(cfg: UNetStageConfig, info: dist.DistInfo, dataset, frozen_vae: nn.Module | None,
-                         unet: nn.Module | None,
-                         latents: Callable[[LatentSource, dict, torch.device], torch.Tensor],
-                         ) -> tuple[LatentSource, nn.Module]:  # fmt: skip
-    """:func:`prepare_frozen`, then the :class:`LatentSource` with its scale resolved
-    (:func:`resolve_latent_scale`; ``auto`` measures ``latents(source, batch, device)`` on
-    the first 32 samples). Returns (source, frozen base UNet)."""
-    vae, encoder, base = prepare_frozen(cfg, info, frozen_vae, unet)
     source = LatentSource(vae, encoder)
 
     def first_latents():
         b = stack_items(dataset, range(min(32, len(dataset))))
         return latents(source, b, info.device)
 
-    source.scale = resolve_latent_scale(cfg.latent_scale, frozen_vae is not None, first_latents, info)
-    return source, base
+    source.scale = resolve_latent_scale(cfg.latent_scale, have_vae or cfg.checkpoint is not None, first_latents, info)
+    return Frozen(source, dist.freeze(unet.to(info.device)), text, family)
+
+
+def _dropped(seed: int, step: int, index: int, frame: int, p: float) -> bool:
+    """Caption dropout draw: a function of (seed, step, sample, frame) only, like the noise."""
+    return p > 0 and step >= 0 and float(torch.rand(1, generator=_generator(seed, 17, step + 1, index, frame))) < p
+
+
+class Conditioning:
+    """A batch's UNet conditioning ``(context, y)``, on the device in the UNet's dtype.
+
+    With a text encoder (``--checkpoint``): the captions (``caption`` or ``caption_<frame>``;
+    ``--caption-dropout`` replaces a share with the empty prompt). Without: the fixed random
+    stand-in embeddings (:func:`sample_context`, :func:`sample_y`)."""
+
+    def __init__(self, cfg: UNetStageConfig, frozen: Frozen, device):
+        self.cfg, self.text, self.device = cfg, frozen.text, device
+        self.dtype = next(frozen.unet.parameters()).dtype
+        self.ctx_dim = unet_context_dim(frozen.unet)
+        self.adm = getattr(frozen.unet, "adm_in_channels", None)
+
+    def captions(self, batch: dict, frame: str | None, step: int) -> list[str]:
+        caps = batch["caption" if frame is None else f"caption_{frame}"]
+        fid = 0 if frame is None else tdata.FRAME_NAMES.index(frame)
+        indices = [int(i) for i in batch["index"]]
+        p, seed = self.cfg.caption_dropout, self.cfg.seed
+        return ["" if _dropped(seed, step, i, fid, p) else c for c, i in zip(caps, indices, strict=True)]
+
+    def __call__(self, batch: dict, step: int, frame: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.text is not None:
+            ctx, y = self.text(self.captions(batch, frame, step), self.cfg.size)
+        else:
+            indices = [int(i) for i in batch["index"]]
+            fid = 0 if frame is None else tdata.FRAME_NAMES.index(frame)
+            ctx = sample_context(indices, fid, self.cfg.context_tokens, self.ctx_dim, self.cfg.seed)
+            y = sample_y(indices, self.adm, self.cfg.seed) if self.adm else None
+        if ctx.shape[-1] != self.ctx_dim or (y is not None and y.shape[-1] != self.adm):
+            raise TrainingError(f"the text encoders give context {ctx.shape[-1]} / y {None if y is None else y.shape[-1]}"
+                                f", the UNet takes {self.ctx_dim} / {self.adm}: they come from different models")  # fmt: skip
+        ctx = ctx.to(self.device, self.dtype)
+        return ctx, None if y is None else y.to(self.device, self.dtype)
 
 
 # ---------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from .. import vae as core_vae
 from . import checkpoint as ckpt
 from . import data as tdata
 from . import dist
+from .base_checkpoint import FAMILY_NAMES, load_base
 from .errors import TrainingError
 from .models import PatchDiscriminator, TinyKLVAE, TrainDecoder, TrainEncoder, Widths
 
@@ -186,6 +187,8 @@ class VAEStageConfig:
     grad_accum: int = 1  # split each per-process batch into this many micro-batches
     precision: str = "fp32"  # fp32 | bf16 (autocast; fp16 would need loss scaling)
     grad_checkpointing: bool = False  # recompute D's resnet/attention blocks in backward
+    checkpoint: str | None = None  # single-file SD1.5/SDXL: its VAE is the frozen VAE
+    frozen_dtype: str = "fp32"  # only bf16 changes the VAE (fp16 overflows in SD VAEs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -511,6 +514,11 @@ def train_vae_stage(cfg: VAEStageConfig, frozen_vae: nn.Module | None = None) ->
     if info.is_main:
         print(f"[vae] data: {tdata.describe(dataset)}", flush=True)
 
+    if frozen_vae is None and cfg.checkpoint:
+        base = load_base(cfg.checkpoint, cfg.frozen_dtype, ("vae",), info.device)
+        frozen_vae = base.vae
+        if info.is_main:
+            print(f"[vae] frozen VAE of the {FAMILY_NAMES[base.family]} checkpoint {cfg.checkpoint}", flush=True)
     if frozen_vae is None:
         frozen_vae = frozen_vae_for(cfg, info)
     frozen_vae = dist.freeze(frozen_vae.to(info.device))
