@@ -34,6 +34,7 @@ from .. import patches as core_patches
 from . import checkpoint as ckpt
 from . import data as tdata
 from .errors import TrainingError
+from .runner import start_run
 from .unet_training import (
     Conditioning,
     LatentSource,
@@ -46,7 +47,6 @@ from .unet_training import (
     run_stage,
     scaled_linear_alphas_cumprod,
 )
-from .vae_stage import start_run
 
 PATCH_FILE = "unet_patch.safetensors"
 CONV_IN = "input_blocks.0.0.weight"

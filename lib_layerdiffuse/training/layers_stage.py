@@ -39,6 +39,7 @@ from torch import nn
 from .. import attention_sharing as sharing
 from . import checkpoint as ckpt
 from . import data as tdata
+from .runner import start_run
 from .unet_training import (
     Conditioning,
     LatentSource,
@@ -51,7 +52,6 @@ from .unet_training import (
     run_stage,
     scaled_linear_alphas_cumprod,
 )
-from .vae_stage import start_run
 
 SHARING_FILE = "attention_sharing.safetensors"
 FRAME_IDS = {name: i for i, name in enumerate(tdata.FRAME_NAMES)}

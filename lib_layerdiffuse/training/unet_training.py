@@ -1,15 +1,17 @@
 """What the two UNet stages share (paper §3.2 and §3.3): the noise schedule, per-sample
-draws, stand-in text conditioning, the adjusted-latent source and one training loop.
+draws, the text conditioning, the frozen parts and the adjusted-latent source; the loop
+itself is :func:`.runner.run`, shared with the VAE stage.
 
 * Noise schedule: SD's DDPM "scaled linear" betas (``linspace(sqrt(8.5e-4), sqrt(1.2e-2),
   1000) ** 2``), ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``, epsilon target (Eq. 7).
 * Every random draw of a step (timestep, noise) is a function of (seed, step, sample index)
   only, as stage 1's offset dropout: a DDP step on N ranks sees the draws one process sees
   on the combined batch, and a resumed run the draws of an uninterrupted one.
-* Conditioning: there is no text encoder here. Each sample (and each frame of a triplet)
+* Conditioning (:class:`Conditioning`): with ``--checkpoint``, the frozen text encoders'
+  embeddings of each sample's caption (and each triplet frame's; ``--caption-dropout``
+  draws from (seed, step, index, frame)). Without a text encoder each sample (and frame)
   gets a fixed random "prompt embedding" ``[tokens, context_dim]`` drawn from (seed, index,
-  frame); SDXL-style UNets (``adm_in_channels``) also get a fixed random ``y``. This stands
-  in for captions on the synthetic set; real captions need a text encoder (left for later).
+  frame), and SDXL-style UNets (``adm_in_channels``) a fixed random ``y``.
 * Latents: ``LatentSource`` encodes with the frozen VAE (posterior mean and std, unscaled)
   and applies a latent-transparency encoder exported by stage 1 as the extension does,
   ``x_a = mean + std * offset`` (λ_offset is folded into that file), then multiplies by the
@@ -20,8 +22,6 @@ draws, stand-in text conditioning, the adjusted-latent source and one training l
 from __future__ import annotations
 
 import dataclasses
-import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,22 +32,13 @@ from safetensors import safe_open
 from torch import nn
 
 from .. import ldm_unet
-from . import checkpoint as ckpt
 from . import data as tdata
 from . import dist
 from .base_checkpoint import FAMILY_NAMES, TextConditioner, load_base
 from .errors import TrainingError
 from .models import TrainEncoder
-from .vae_stage import (
-    StepRecords,
-    _loader,
-    _no_sync,
-    _param_digest,
-    autocast_factory,
-    frozen_vae_for,
-    run_summary,
-    write_summary,
-)
+from .runner import Stage, autocast_factory, no_sync, run
+from .vae_stage import frozen_vae_for
 
 NUM_TIMESTEPS = 1000
 SD15_LATENT_SCALE = 0.18215
@@ -361,69 +352,35 @@ def evaluate(parts: StageParts) -> float | None:
 
 
 def run_stage(cfg: UNetStageConfig, info: dist.DistInfo, parts: StageParts) -> dict:
-    """Optimise ``parts.model`` with AdamW for ``cfg.steps`` steps (resuming from
-    ``<out>/train_state.safetensors``); DDP when distributed; rank 0 writes the export, the
-    state, ``metrics.jsonl`` and ``summary.json``. Returns the summary."""
-    out = Path(cfg.out)
+    """Optimise ``parts.model`` with AdamW in :func:`.runner.run` (the one training loop):
+    micro-batches of ``cfg.grad_accum``, the held-out loss at start and end. Returns the summary."""
     model = parts.model
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
-    modules, optims = {"model": model}, {"opt": opt}
-    signature = json.dumps(parts.signature, sort_keys=True)
-    state_path = out / ckpt.STATE_FILE
-    start = 0
-    if cfg.resume and state_path.exists():
-        meta = ckpt.read_state_metadata(state_path)
-        if meta.get("signature") != signature:
-            raise TrainingError(f"{state_path} was written by another set-up ({meta.get('signature')}), not "
-                                f"{signature}; use another --out, or --no-resume to start over")  # fmt: skip
-        start, lines = ckpt.resume(state_path, modules, optims, cfg.steps, {"opt": cfg.lr}, parts.label)
-        if info.is_main:
-            print("\n".join(lines), flush=True)
-    meta_common = {"signature": signature, "config": json.dumps(dataclasses.asdict(cfg)),
-                   **{k: str(v) for k, v in parts.metadata.items()}}  # fmt: skip
-    eval_start = evaluate(parts) if info.is_main else None
-    model_t = dist.wrap(model, info)
     amp = autocast_factory(cfg.precision, info.device)
-    batches = tdata.StepBatches(len(parts.dataset), cfg.batch_size, info.rank, info.world_size, cfg.seed, start,
-                                cfg.steps)  # fmt: skip
-    records = StepRecords(cfg, info, out, start, parts.label)
+    wrapped: dict[str, nn.Module] = {}
 
-    def save(done: int) -> None:
-        if info.is_main:
-            parts.export(out, done, {**meta_common, "step": str(done)})
-            ckpt.save_state(state_path, modules, optims, done, meta_common)
+    def prepare() -> dict:  # after the resume state is loaded
+        start = {"eval_loss_start": evaluate(parts) if info.is_main else None}
+        wrapped["model"] = dist.wrap(model, info)
+        return start
 
-    step = start - 1
-    t0 = time.perf_counter()
-    try:
-        for step, batch in zip(range(start, cfg.steps), _loader(parts.dataset, batches, cfg.num_workers), strict=True):
-            micro = split_batch(batch, cfg.grad_accum)
-            logs: dict[str, float] = {}
-            opt.zero_grad(set_to_none=True)
-            for j, mb in enumerate(micro):
-                with _no_sync(model_t, j == len(micro) - 1):
-                    with amp():
-                        loss, mlogs = parts.loss(model_t, mb, step)
-                    (loss.float() / len(micro)).backward()
-                for k, v in {"loss": float(loss.detach()), **mlogs}.items():
-                    logs[k] = logs.get(k, 0.0) + v / len(micro)
-            opt.step()
-            if records.trace is not None:
-                records.write_trace({"step": step, "rank": info.rank, "indices": [int(i) for i in batch["index"]],
-                                     **logs, "params": _param_digest(model)})  # fmt: skip
-            records.log(step, logs)
-            done = step + 1
-            if done % cfg.save_every == 0 or done == cfg.steps:
-                save(done)
-    finally:
-        records.close()
-    summary = {
-        **run_summary(step, start, t0, info, records.last_logs),
-        **{k: str(v) for k, v in parts.metadata.items()},
-    }
-    if info.is_main:
-        summary["eval_loss_start"] = eval_start
-        summary["eval_loss_end"] = evaluate(parts)
-        write_summary(out, parts.label, summary)
-    dist.barrier()
-    return summary
+    def step(batch: dict, step: int):
+        model_t = wrapped["model"]
+        micro = split_batch(batch, cfg.grad_accum)
+        logs: dict[str, float] = {}
+        opt.zero_grad(set_to_none=True)
+        for j, mb in enumerate(micro):
+            with no_sync(model_t, j == len(micro) - 1):
+                with amp():
+                    loss, mlogs = parts.loss(model_t, mb, step)
+                (loss.float() / len(micro)).backward()
+            for k, v in {"loss": float(loss.detach()), **mlogs}.items():
+                logs[k] = logs.get(k, 0.0) + v / len(micro)
+        opt.step()
+        return logs, None
+
+    stage = Stage(label=parts.label, dataset=parts.dataset, modules={"model": model}, optimizers={"opt": opt},
+                  lrs={"opt": cfg.lr}, step=step, export=parts.export, signature=parts.signature,
+                  metadata=parts.metadata, prepare=prepare, finish=lambda: {"eval_loss_end": evaluate(parts)},
+                  digest=model)  # fmt: skip
+    return run(cfg, info, stage)

@@ -21,12 +21,9 @@ samples and logs.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import functools
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +33,6 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 from torch.func import functional_call
-from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
 
 from .. import rgba as core_rgba
 from .. import vae as core_vae
@@ -45,8 +40,8 @@ from . import checkpoint as ckpt
 from . import data as tdata
 from . import dist
 from .base_checkpoint import FAMILY_NAMES, load_base
-from .errors import TrainingError
 from .models import PatchDiscriminator, TinyKLVAE, TrainDecoder, TrainEncoder, Widths
+from .runner import Progress, Stage, autocast_factory, loader, no_sync, run, start_run
 
 TINY_VAE_FILE = "tiny_vae.safetensors"
 
@@ -192,108 +187,6 @@ class VAEStageConfig:
 
 
 # ---------------------------------------------------------------------------------------
-# Run set-up, progress and records (shared with the UNet stages' loop)
-
-
-def start_run(cfg) -> tuple[dist.DistInfo, Path]:
-    """Initialise this process (``dist.init``); rank 0 creates ``cfg.out`` while the others wait."""
-    info = dist.init(cfg.device)
-    out = Path(cfg.out)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    return info, out
-
-
-class Progress:
-    """tqdm on rank 0 when installed, else a log line every ``log_every`` steps; silent elsewhere."""
-
-    def __init__(self, total: int, start: int, enabled: bool, log_every: int, label: str):
-        self.enabled, self.log_every, self.label, self.total = enabled, max(1, log_every), label, total
-        self.t0, self.s0 = time.perf_counter(), start
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=total, initial=start, desc=label, dynamic_ncols=True)
-            except ImportError:
-                pass
-
-    def update(self, step: int, logs: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        text = " ".join(f"{k}={v:.4g}" for k, v in logs.items())
-        if self.bar is not None:
-            self.bar.update(1)
-            if logs:
-                self.bar.set_postfix_str(text)
-            return
-        done = step + 1
-        if logs and (done % self.log_every == 0 or done == self.total):
-            rate = (done - self.s0) / max(time.perf_counter() - self.t0, 1e-9)
-            print(f"[{self.label}] step {done}/{self.total} {text} ({rate:.2f} steps/s)", flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _write_line(f, record: dict) -> None:
-    f.write(json.dumps(record) + "\n")
-    f.flush()
-
-
-class StepRecords:
-    """What a training loop records per step: the per-rank trace (``cfg.trace_dir``), the
-    progress bar and, on rank 0, ``<out>/metrics.jsonl`` (logs averaged over the ranks every
-    ``cfg.log_every`` steps and at the last one)."""
-
-    def __init__(self, cfg, info: dist.DistInfo, out: Path, start: int, label: str):
-        self.cfg, self.info = cfg, info
-        self.trace = None
-        if cfg.trace_dir:
-            Path(cfg.trace_dir).mkdir(parents=True, exist_ok=True)
-            self.trace = open(Path(cfg.trace_dir) / f"rank{info.rank}.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-        self.bar = Progress(cfg.steps, start, info.is_main, cfg.log_every, label)
-        self.metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if info.is_main else None  # noqa: SIM115
-        self.last_logs: dict[str, float] = {}
-
-    def write_trace(self, record: dict) -> None:
-        _write_line(self.trace, record)
-
-    def log(self, step: int, logs: dict[str, float]) -> None:
-        done = step + 1
-        want_log = done % self.cfg.log_every == 0 or done == self.cfg.steps
-        if want_log:  # a collective: every rank takes part
-            self.last_logs = dist.mean_across_ranks(logs, self.info)
-            if self.metrics is not None:
-                _write_line(self.metrics, {"step": done, **self.last_logs})
-        self.bar.update(step, self.last_logs if want_log else {})
-
-    def close(self) -> None:
-        self.bar.close()
-        if self.trace is not None:
-            self.trace.close()
-        if self.metrics is not None:
-            self.metrics.close()
-
-
-def run_summary(step: int, start: int, t0: float, info: dist.DistInfo, last_logs: dict[str, float]) -> dict:
-    """The summary entries every stage reports; ``step`` is the last step run (``start - 1``: none)."""
-    return {"step": max(step + 1, start), "steps_run": max(step + 1 - start, 0), "seconds": time.perf_counter() - t0,
-            "world_size": info.world_size, "peak_mem_mb": _peak_memory_mb(info.device),
-            **{f"last_{k}": v for k, v in last_logs.items()}}  # fmt: skip
-
-
-def write_summary(out: Path, label: str, summary: dict) -> None:
-    """Rank 0: ``<out>/summary.json`` and the summary line on stdout."""
-    with open(out / "summary.json", "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
-    print(f"[{label}] " + json.dumps(summary), flush=True)
-
-
-# ---------------------------------------------------------------------------------------
 # Helpers
 
 
@@ -302,10 +195,6 @@ def held_out(cfg: VAEStageConfig, train_set) -> torch.utils.data.Dataset:
     if isinstance(train_set, tdata.SyntheticRGBA):
         return tdata.SyntheticRGBA(cfg.eval_count, cfg.size, seed=cfg.seed, offset=tdata.HELD_OUT_OFFSET)
     return torch.utils.data.Subset(train_set, range(min(cfg.eval_count, len(train_set))))
-
-
-def _loader(dataset, batches: tdata.StepBatches, num_workers: int):
-    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, persistent_workers=False)
 
 
 def pretrain_tiny_vae(cfg: VAEStageConfig, info: dist.DistInfo, path: Path) -> TinyKLVAE:
@@ -319,7 +208,7 @@ def pretrain_tiny_vae(cfg: VAEStageConfig, info: dist.DistInfo, path: Path) -> T
     ds = tdata.SyntheticRGBA(n, cfg.size, seed=cfg.seed + 1)
     batches = tdata.StepBatches(len(ds), cfg.batch_size, info.rank, info.world_size, cfg.seed + 1, 0, cfg.vae_steps)
     bar = Progress(cfg.vae_steps, 0, info.is_main, cfg.log_every, "tiny-vae")
-    for step, batch in enumerate(_loader(ds, batches, cfg.num_workers)):
+    for step, batch in enumerate(loader(ds, batches, cfg.num_workers)):
         x = torch.cat([batch["premult"], batch["padded"]]).to(info.device)
         g = torch.Generator().manual_seed(cfg.seed * 7919 + step * 1000 + info.rank)
         noise = torch.randn((x.shape[0], 4, x.shape[2] // 8, x.shape[3] // 8), generator=g).to(info.device)
@@ -350,24 +239,6 @@ def frozen_vae_for(cfg: VAEStageConfig, info: dist.DistInfo) -> nn.Module:
         return load_tiny_vae(path, info.device)
     pretrain_tiny_vae(cfg, info, path)
     return load_tiny_vae(path, info.device)  # every rank reads rank 0's file: identical weights
-
-
-def _param_digest(module: nn.Module) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for p in module.parameters():
-        h.update(p.detach().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    """Peak CUDA memory allocated, or this process's peak resident set on a CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def save_sample_grid(path: Path, batch: dict, raw: torch.Tensor, decoded: torch.Tensor, n: int = 4) -> Path:
@@ -418,15 +289,6 @@ def evaluate(pair: LatentTransparencyPair, dataset, device, batch_size: int = 8)
 # One optimisation step
 
 
-def autocast_factory(precision: str, device: torch.device):
-    """A context-manager factory for the forward passes: fp32 (none) or bf16 autocast."""
-    if precision == "fp32":
-        return contextlib.nullcontext
-    if precision == "bf16":
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    raise ValueError(f"precision must be fp32 or bf16, got {precision!r} (fp16 would need a loss scaler)")
-
-
 def _checkpointed(forward, *args):
     return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False)
 
@@ -443,11 +305,6 @@ def enable_gradient_checkpointing(module: nn.Module) -> int:
     return n
 
 
-def _no_sync(module: nn.Module, sync: bool):
-    """DDP's no_sync for all but the last micro-batch: gradients are all-reduced once per step."""
-    return module.no_sync() if not sync and isinstance(module, DDP) else contextlib.nullcontext()
-
-
 def _step(cfg, info, pair_t, disc, disc_t, opt_g, opt_d, alpha, padded, premult, keep, use_disc, amp):
     """E+D step then discriminator step over ``cfg.grad_accum`` micro-batches.
 
@@ -462,7 +319,7 @@ def _step(cfg, info, pair_t, disc, disc_t, opt_g, opt_d, alpha, padded, premult,
     fakes, first = [], None
     opt_g.zero_grad(set_to_none=True)
     for j, ((a, p, m), kp) in enumerate(zip(parts, keeps, strict=True)):
-        with _no_sync(pair_t, j == k - 1):
+        with no_sync(pair_t, j == k - 1):
             with amp():
                 raw, decoded, _ = pair_t(a, p, m, kp)
             raw, decoded = raw.float(), decoded.float()  # losses in fp32
@@ -489,7 +346,7 @@ def _step(cfg, info, pair_t, disc, disc_t, opt_g, opt_d, alpha, padded, premult,
         opt_d.zero_grad(set_to_none=True)
         logs["disc"] = 0.0
         for j, ((a, p, _), f) in enumerate(zip(parts, fakes, strict=True)):
-            with _no_sync(disc_t, j == k - 1):
+            with no_sync(disc_t, j == k - 1):
                 real = to_paper_units(a, p)
                 with amp():
                     logits = disc_t(torch.cat([real, f])).float()  # one forward per backward (DDP)
@@ -529,61 +386,40 @@ def train_vae_stage(cfg: VAEStageConfig, frozen_vae: nn.Module | None = None) ->
     disc = PatchDiscriminator(4, cfg.disc_width).to(info.device)
     opt_g = torch.optim.AdamW(pair.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr or cfg.lr, eps=cfg.adam_eps)
-    modules, optims = {"pair": pair, "disc": disc}, {"g": opt_g, "d": opt_d}
-
-    state_path = out / ckpt.STATE_FILE
-    start = 0
-    if cfg.resume and state_path.exists():
-        meta = ckpt.read_state_metadata(state_path)
-        if meta.get("widths") and json.loads(meta["widths"]) != widths.as_dict():
-            raise TrainingError(f"{state_path} was trained with widths {meta['widths']}, not {widths.as_dict()}; "
-                                "give the same --widths, another --out, or --no-resume to start over")  # fmt: skip
-        lrs = {"g": cfg.lr, "d": cfg.disc_lr or cfg.lr}
-        start, lines = ckpt.resume(state_path, modules, optims, cfg.steps, lrs, "vae")
-        if info.is_main:
-            print("\n".join(lines), flush=True)
-
-    if cfg.grad_checkpointing:
-        enable_gradient_checkpointing(decoder)
     amp = autocast_factory(cfg.precision, info.device)
-    pair_t, disc_t = dist.wrap(pair, info), dist.wrap(disc, info)
-    batches = tdata.StepBatches(len(dataset), cfg.batch_size, info.rank, info.world_size, cfg.seed, start, cfg.steps)
+    wrapped: dict[str, nn.Module] = {}
     eval_set = held_out(cfg, dataset) if cfg.eval_count > 0 else None
-    meta_common = {"widths": json.dumps(widths.as_dict()), "config": json.dumps(dataclasses.asdict(cfg))}
-    records = StepRecords(cfg, info, out, start, "vae")
 
-    def save(step_done: int) -> None:
-        if not info.is_main:
-            return
-        meta = {**meta_common, "step": str(step_done)}
-        ckpt.export(encoder, decoder, out, cfg.lambda_offset, cfg.export_dtype, meta)
-        ckpt.save_state(state_path, modules, optims, step_done, meta_common)
+    def prepare() -> dict:  # after the resume state is loaded
+        if cfg.grad_checkpointing:
+            enable_gradient_checkpointing(decoder)
+        wrapped["pair"], wrapped["disc"] = dist.wrap(pair, info), dist.wrap(disc, info)
+        return {}
 
-    step = start - 1
-    t0 = time.perf_counter()
-    try:
-        for step, batch in zip(range(start, cfg.steps), _loader(dataset, batches, cfg.num_workers), strict=True):
-            alpha, padded, premult = (batch[k].to(info.device) for k in ("alpha", "padded", "premult"))
-            indices = [int(i) for i in batch["index"]]
-            keep = keep_mask(indices, step, cfg.offset_dropout, cfg.seed)
-            use_disc = cfg.w_disc > 0 and step >= cfg.disc_start
-            logs, raw, decoded = _step(cfg, info, pair_t, disc, disc_t, opt_g, opt_d, alpha, padded, premult, keep,
-                                       use_disc, amp)  # fmt: skip
-            if records.trace is not None:
-                records.write_trace({"step": step, "rank": info.rank, "indices": indices, **logs,
-                                     "params": _param_digest(pair)})  # fmt: skip
-            records.log(step, logs)
-            done = step + 1
-            if done % cfg.save_every == 0 or done == cfg.steps:
-                save(done)
-            if info.is_main and cfg.sample_every > 0 and (done % cfg.sample_every == 0 or done == cfg.steps):
-                save_sample_grid(out / "samples" / f"step_{done:07d}.png", batch, raw, decoded)
-    finally:
-        records.close()
-    summary = run_summary(step, start, t0, info, records.last_logs)
-    if info.is_main:
-        if eval_set is not None:
-            summary.update(evaluate(pair, eval_set, info.device))
-        write_summary(out, "vae", summary)
-    dist.barrier()
-    return summary
+    def step(batch: dict, step: int):
+        alpha, padded, premult = (batch[k].to(info.device) for k in ("alpha", "padded", "premult"))
+        keep = keep_mask([int(i) for i in batch["index"]], step, cfg.offset_dropout, cfg.seed)
+        use_disc = cfg.w_disc > 0 and step >= cfg.disc_start
+        logs, raw, decoded = _step(cfg, info, wrapped["pair"], disc, wrapped["disc"], opt_g, opt_d, alpha, padded,
+                                   premult, keep, use_disc, amp)  # fmt: skip
+        return logs, (raw, decoded)
+
+    def export(out_dir: Path, done: int, meta: dict) -> None:
+        ckpt.export(encoder, decoder, out_dir, cfg.lambda_offset, cfg.export_dtype, meta)
+
+    stage = Stage(
+        label="vae",
+        dataset=dataset,
+        modules={"pair": pair, "disc": disc},
+        optimizers={"g": opt_g, "d": opt_d},
+        lrs={"g": cfg.lr, "d": cfg.disc_lr or cfg.lr},
+        step=step,
+        export=export,
+        signature={"stage": "vae", "widths": widths.as_dict()},
+        metadata={"widths": json.dumps(widths.as_dict())},
+        prepare=prepare,
+        sample=lambda path, done, batch, payload: save_sample_grid(path, batch, *payload),
+        finish=lambda: evaluate(pair, eval_set, info.device) if eval_set is not None else {},
+        digest=pair,
+    )
+    return run(cfg, info, stage)

@@ -1,0 +1,256 @@
+"""The one training loop every stage runs (#16 item 4): set-up, resume, DDP wrapping,
+precision, the step loop, checkpoints, logging, samples and the summary.
+
+A stage builds a :class:`Stage` (its modules, optimizers, one optimisation step, export,
+samples and evaluation) and calls :func:`run`; everything else lives here once. Rank 0
+alone writes files; collectives (log averaging, barriers) run on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+from . import checkpoint as ckpt
+from . import data as tdata
+from . import dist
+from .errors import TrainingError
+
+# ---------------------------------------------------------------------------------------
+# Set-up and small helpers
+
+
+def start_run(cfg) -> tuple[dist.DistInfo, Path]:
+    """Initialise this process (``dist.init``); rank 0 creates ``cfg.out`` while the others wait."""
+    info = dist.init(cfg.device)
+    out = Path(cfg.out)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    return info, out
+
+
+def loader(dataset, batches: tdata.StepBatches, num_workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, persistent_workers=False)
+
+
+def no_sync(module: nn.Module, sync: bool):
+    """DDP's no_sync for all but the last micro-batch: gradients are all-reduced once per step."""
+    return module.no_sync() if not sync and isinstance(module, DDP) else contextlib.nullcontext()
+
+
+def autocast_factory(precision: str, device: torch.device):
+    """A context-manager factory for the forward passes: fp32 (none) or bf16 autocast."""
+    if precision == "fp32":
+        return contextlib.nullcontext
+    if precision == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    raise ValueError(f"precision must be fp32 or bf16, got {precision!r} (fp16 would need a loss scaler)")
+
+
+def param_digest(module: nn.Module) -> str:
+    h = hashlib.sha256()
+    for p in module.parameters():
+        h.update(p.detach().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated, or this process's peak resident set on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# ---------------------------------------------------------------------------------------
+# Progress and records
+
+
+class Progress:
+    """tqdm on rank 0 when installed, else a log line every ``log_every`` steps; silent elsewhere."""
+
+    def __init__(self, total: int, start: int, enabled: bool, log_every: int, label: str):
+        self.enabled, self.log_every, self.label, self.total = enabled, max(1, log_every), label, total
+        self.t0, self.s0 = time.perf_counter(), start
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, initial=start, desc=label, dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def update(self, step: int, logs: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        text = " ".join(f"{k}={v:.4g}" for k, v in logs.items())
+        if self.bar is not None:
+            self.bar.update(1)
+            if logs:
+                self.bar.set_postfix_str(text)
+            return
+        done = step + 1
+        if logs and (done % self.log_every == 0 or done == self.total):
+            rate = (done - self.s0) / max(time.perf_counter() - self.t0, 1e-9)
+            eta = (self.total - done) / max(rate, 1e-9)
+            print(f"[{self.label}] step {done}/{self.total} {text} ({rate:.2f} steps/s, ETA {eta:.0f} s)", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _write_line(f, record: dict) -> None:
+    f.write(json.dumps(record) + "\n")
+    f.flush()
+
+
+class StepRecords:
+    """What the loop records per step: the per-rank trace (``cfg.trace_dir``), the progress
+    bar and, on rank 0, ``<out>/metrics.jsonl`` (logs averaged over the ranks every
+    ``cfg.log_every`` steps and at the last one)."""
+
+    def __init__(self, cfg, info: dist.DistInfo, out: Path, start: int, label: str):
+        self.cfg, self.info = cfg, info
+        self.trace = None
+        if cfg.trace_dir:
+            Path(cfg.trace_dir).mkdir(parents=True, exist_ok=True)
+            self.trace = open(Path(cfg.trace_dir) / f"rank{info.rank}.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        self.bar = Progress(cfg.steps, start, info.is_main, cfg.log_every, label)
+        self.metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if info.is_main else None  # noqa: SIM115
+        self.last_logs: dict[str, float] = {}
+
+    def write_trace(self, record: dict) -> None:
+        _write_line(self.trace, record)
+
+    def log(self, step: int, logs: dict[str, float]) -> None:
+        done = step + 1
+        want_log = done % self.cfg.log_every == 0 or done == self.cfg.steps
+        if want_log:  # a collective: every rank takes part
+            self.last_logs = dist.mean_across_ranks(logs, self.info)
+            if self.metrics is not None:
+                _write_line(self.metrics, {"step": done, **self.last_logs})
+        self.bar.update(step, self.last_logs if want_log else {})
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.trace is not None:
+            self.trace.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def run_summary(step: int, start: int, t0: float, info: dist.DistInfo, last_logs: dict[str, float]) -> dict:
+    """The summary entries every stage reports; ``step`` is the last step run (``start - 1``: none)."""
+    return {"step": max(step + 1, start), "steps_run": max(step + 1 - start, 0), "seconds": time.perf_counter() - t0,
+            "world_size": info.world_size, "peak_mem_mb": peak_memory_mb(info.device),
+            **{f"last_{k}": v for k, v in last_logs.items()}}  # fmt: skip
+
+
+def write_summary(out: Path, label: str, summary: dict) -> None:
+    """Rank 0: ``<out>/summary.json`` and the summary line on stdout."""
+    with open(out / "summary.json", "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1)
+    print(f"[{label}] " + json.dumps(summary), flush=True)
+
+
+# ---------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class Stage:
+    """What a stage gives the loop.
+
+    ``step(batch, step) -> (logs, payload)`` runs one optimisation step (forward, backward,
+    optimizer steps) on the CPU batch; ``payload`` goes to ``sample``. ``prepare()`` runs
+    after the resume state is loaded (DDP wrapping, gradient checkpointing, the start
+    evaluation) and returns summary entries. ``finish()`` runs on rank 0 after the last
+    step and returns summary entries (the end evaluation).
+    """
+
+    label: str
+    dataset: torch.utils.data.Dataset
+    modules: dict[str, nn.Module]  # unwrapped; saved in the resume state
+    optimizers: dict[str, torch.optim.Optimizer]
+    lrs: dict[str, float]  # this run's learning rate per optimizer (replaces a resumed one)
+    step: Callable[[dict, int], tuple[dict[str, float], Any]]
+    export: Callable[[Path, int, dict], Any]  # (out dir, steps done, metadata); rank 0
+    signature: dict = dataclasses.field(default_factory=dict)  # must match to resume
+    metadata: dict = dataclasses.field(default_factory=dict)  # written into every file and the summary
+    prepare: Callable[[], dict] | None = None
+    sample: Callable[[Path, int, dict, Any], Any] | None = None  # (path, steps done, batch, payload); rank 0
+    finish: Callable[[], dict] | None = None
+    digest: nn.Module | None = None  # the module whose parameters the trace fingerprints
+
+
+def run(cfg, info: dist.DistInfo, stage: Stage) -> dict:
+    """Optimise ``stage`` for ``cfg.steps`` steps, resuming from ``<out>/train_state.safetensors``
+    (``cfg.resume``); rank 0 writes the export and state every ``cfg.save_every`` steps and at
+    the last one, samples every ``cfg.sample_every`` steps (where the config has it) and at the
+    last one, ``metrics.jsonl`` and ``summary.json``. Returns the summary."""
+    out = Path(cfg.out)
+    signature = json.dumps(stage.signature, sort_keys=True)
+    state_path = out / ckpt.STATE_FILE
+    start = 0
+    if cfg.resume and state_path.exists():
+        meta = ckpt.read_state_metadata(state_path)
+        if meta.get("signature") != signature:
+            raise TrainingError(f"{state_path} was written by another set-up ({meta.get('signature')}), not "
+                                f"{signature}; use another --out, or --no-resume to start over")  # fmt: skip
+        start, lines = ckpt.resume(state_path, stage.modules, stage.optimizers, cfg.steps, stage.lrs, stage.label)
+        if info.is_main:
+            print("\n".join(lines), flush=True)
+    meta_common = {"signature": signature, "config": json.dumps(dataclasses.asdict(cfg)),
+                   **{k: str(v) for k, v in stage.metadata.items()}}  # fmt: skip
+    summary_start = stage.prepare() if stage.prepare is not None else {}
+    batches = tdata.StepBatches(len(stage.dataset), cfg.batch_size, info.rank, info.world_size, cfg.seed, start,
+                                cfg.steps)  # fmt: skip
+    records = StepRecords(cfg, info, out, start, stage.label)
+    sample_every = getattr(cfg, "sample_every", 0)
+
+    def save(done: int) -> None:
+        if info.is_main:
+            stage.export(out, done, {**meta_common, "step": str(done)})
+            ckpt.save_state(state_path, stage.modules, stage.optimizers, done, meta_common)
+
+    step = start - 1
+    t0 = time.perf_counter()
+    try:
+        for step, batch in zip(range(start, cfg.steps), loader(stage.dataset, batches, cfg.num_workers), strict=True):
+            logs, payload = stage.step(batch, step)
+            if records.trace is not None:
+                records.write_trace({"step": step, "rank": info.rank, "indices": [int(i) for i in batch["index"]],
+                                     **logs, "params": param_digest(stage.digest or next(iter(stage.modules.values())))})  # fmt: skip
+            records.log(step, logs)
+            done = step + 1
+            if done % cfg.save_every == 0 or done == cfg.steps:
+                save(done)
+            want_sample = sample_every > 0 and (done % sample_every == 0 or done == cfg.steps)  # 0: never
+            if info.is_main and stage.sample is not None and want_sample:
+                stage.sample(out / "samples" / f"step_{done:07d}.png", done, batch, payload)
+    finally:
+        records.close()
+    summary = {**run_summary(step, start, t0, info, records.last_logs),
+               **{k: str(v) for k, v in stage.metadata.items()}, **summary_start}  # fmt: skip
+    if info.is_main:
+        if stage.finish is not None:
+            summary.update(stage.finish())
+        write_summary(out, stage.label, summary)
+    dist.barrier()
+    return summary
