@@ -829,26 +829,32 @@ def test_the_host_decodes_each_batch_once(ctx, monkeypatch):
         assert torch.equal(ctx.spy.pixels[k], torch.floor(x * 255) / 255)
 
 
-def test_inpaint_only_masked_pastes_the_region(ctx):
+def test_inpaint_only_masked_blends_the_region_by_the_mask(ctx):
+    """The decoded crop goes back where the host pastes its colours, through the host's overlay
+    mask: outside the mask the original RGBA stays, and the preview shows the full image."""
     host = ctx.env.host
     init = rgba_image(3, 64)
-    gen = SimpleNamespace(init_rgba=[init])
+    settings = pipeline.Settings.from_dict({"enabled": True, "method": TRANSPARENT})
+    gen = pipeline.Generation(host, settings, "sd15", 1, 32, 32, ["p"])
+    gen.init_rgba = [init]
     p = type("P", (), {})()
-    p.paste_to, p.batch_index = (16, 8, 32, 32), 0
+    p.paste_to, p.batch_index, p.iteration, p.batch_size = (16, 8, 32, 32), 0, 0, 1
+    mask = np.zeros((64, 64), np.uint8)
+    mask[12:36, 20:44] = 255  # the mask lies inside the pasted rectangle
+    p.mask_for_overlay = Image.fromarray(mask)
     p._layerdiffuse = gen
     region = np.zeros((16, 16, 4), np.float32)
-    region[..., 0] = 1.0  # opaque red (HxWx4, alpha last, as decoded)
-    region[..., 3] = 1.0
+    region[..., 0] = region[..., 3] = 1.0  # opaque red (HxWx4, alpha last, as decoded)
     host_image = Image.new("RGB", (64, 64))
     host_image.info["parameters"] = "text"
     out = host.rgba_image(p, region, host_image)
     arr = np.asarray(out)
     assert out.size == (64, 64) and out.mode == "RGBA" and out.info["parameters"] == "text"
-    assert (arr[8:40, 16:48] == (255, 0, 0, 255)).all()  # the region, at its place and size
-    outside = np.ones((64, 64), bool)
-    outside[8:40, 16:48] = False
-    assert np.array_equal(arr[outside], np.asarray(init)[outside])  # the original elsewhere
+    assert (arr[12:36, 20:44] == (255, 0, 0, 255)).all()  # the masked area is the decode's
+    outside = mask == 0
+    assert np.abs(arr[outside].astype(int) - np.asarray(init)[outside]).max() <= 1  # the original elsewhere
     assert np.array_equal(getattr(out, TAG), arr[..., 3])
+    assert gen.previews[0].shape == (64, 64, 4)  # the preview at the full size
 
 
 # ---------------------------------------------------------------------------------------

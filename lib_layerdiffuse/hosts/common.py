@@ -328,9 +328,11 @@ class WebUIHost(Host):
     def rgba_image(self, p, rgba: np.ndarray, host_image):
         """The saved image of a decoded frame: RGBA at the host image's size and with its info.
 
-        Inpaint "only masked" decodes the masked region only (the host pastes it back at
-        ``p.paste_to``): the region's RGBA is pasted the same way over the original init image.
-        Another size (an extension resized the image) gets the RGBA resized to it.
+        Inpaint "only masked" decodes the crop region only; the host pastes it back at
+        ``p.paste_to`` and blends it into the original through ``p.mask_for_overlay`` (the
+        blurred mask). The RGBA goes back the same way, over the original RGBA init image, and
+        the preview shows that full image. Another size (an extension resized the image) gets
+        the RGBA resized to it.
         """
         from PIL import Image
 
@@ -338,15 +340,13 @@ class WebUIHost(Host):
         size = host_image.size
         if image.size != size:
             paste_to = getattr(p, "paste_to", None)
+            gen = self.generation(p)
             if paste_to is not None:
-                x, y, w, h = (int(v) for v in paste_to)
-                gen = self.generation(p)
-                canvas = Image.new("RGBA", size, (0, 0, 0, 0))
-                if gen is not None and gen.init_rgba:
-                    init = gen.init_rgba[min(p.batch_index, len(gen.init_rgba) - 1)]
-                    canvas = init.resize(size, Image.LANCZOS) if init.size != size else init.copy()
-                canvas.paste(image.resize((w, h), Image.LANCZOS), (x, y))
-                image = canvas
+                full = _paste_masked(image, size, paste_to, getattr(p, "mask_for_overlay", None),
+                                     _init_rgba(gen, p.batch_index, size))  # fmt: skip
+                image = to_pil(full)
+                if gen is not None and gen.options.previews:
+                    gen.previews[p.iteration * p.batch_size + p.batch_index] = full
             else:
                 log.warning("LayerDiffuse: the image is %s, the decode %s: the transparency is resized", size,
                             image.size)  # fmt: skip
@@ -458,6 +458,38 @@ class WebUIHost(Host):
             clean_partial_downloads(self.models_dir())
         except WeightFileError as e:
             log.warning("LayerDiffuse: %s", e)
+
+
+def _init_rgba(gen, index: int, size) -> np.ndarray:
+    """The original RGBA init image at ``size`` (float HxWx4), or transparent if there is none."""
+    from PIL import Image
+
+    if gen is None or not gen.init_rgba:
+        return np.zeros((size[1], size[0], 4), np.float32)
+    init = gen.init_rgba[min(index, len(gen.init_rgba) - 1)]
+    if init.size != size:
+        init = init.resize(size, Image.LANCZOS)
+    return np.asarray(init, dtype=np.float32) / 255.0
+
+
+def _paste_masked(region, size, paste_to, mask, original: np.ndarray) -> np.ndarray:
+    """The decoded crop ``region`` put back as the host puts its colours back: resized into the
+    ``paste_to`` rectangle, then blended over ``original`` by the overlay mask (straight RGBA
+    interpolation; without a mask the whole rectangle is replaced)."""
+    from PIL import Image
+
+    x, y, w, h = (int(v) for v in paste_to)
+    placed = np.zeros_like(original)
+    inside = np.zeros(original.shape[:2] + (1,), np.float32)
+    crop = np.asarray(region.resize((w, h), Image.LANCZOS), dtype=np.float32) / 255.0
+    placed[y : y + h, x : x + w] = crop[: original.shape[0] - y, : original.shape[1] - x]
+    inside[y : y + h, x : x + w] = 1.0
+    if mask is not None:
+        m = mask.convert("L")
+        if m.size != size:
+            m = m.resize(size, Image.LANCZOS)
+        inside = inside * (np.asarray(m, dtype=np.float32)[..., None] / 255.0)
+    return placed * inside + original * (1.0 - inside)
 
 
 XYZ = "_layerdiffuse_xyz"  # the attribute of p that carries X/Y/Z plot values for the script
