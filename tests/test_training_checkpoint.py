@@ -278,8 +278,8 @@ def test_cli_stages_on_tiny_checkpoints(tmp_path, tiny_files, capsys):
 
     out = tmp_path / "transparent_attn"
     rc = cli.main(["layers", "--checkpoint", str(tiny_files["sd15"]), "--data", str(data), "--frames", "fg",
-                   "--out", str(out), "--rank", "2", *common])  # fmt: skip
-    assert rc == 0
+                   "--out", str(out), "--rank", "2", "--sample-steps", "2", *common])  # fmt: skip
+    assert rc == 0 and (out / "samples" / "step_0000002.png").is_file()  # always at the last step
     printed = capsys.readouterr().out
     assert "4 images from" in printed and "2 without a caption (trained on the empty prompt)" in printed
     summary = json.loads((out / "summary.json").read_text())
@@ -288,8 +288,9 @@ def test_cli_stages_on_tiny_checkpoints(tmp_path, tiny_files, capsys):
     out = tmp_path / "xl"
     rc = cli.main(["diffusion", "--checkpoint", str(tiny_files["sdxl"]), "--data", str(data), "--encoder",
                    str(tiny_files["encoder"]), "--frozen-dtype", "fp16", "--rank", "4", "--out", str(out),
-                   "--caption-dropout", "0.1", *common])  # fmt: skip
+                   "--caption-dropout", "0.1", "--sample-every", "1", "--sample-steps", "2", *common])  # fmt: skip
     assert rc == 0 and (out / "unet_patch.safetensors").is_file()
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_0000001.png", "step_0000002.png"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["base_family"] == "sdxl" and summary["latent_scale"] == "0.13025"
     assert np.isfinite(summary["last_loss"])

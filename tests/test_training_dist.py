@@ -115,8 +115,9 @@ def test_torchrun_layers_stage_two_ranks(tmp_path):
     assert not set(r0[0]["indices"]) & set(r1[0]["indices"])  # disjoint shards
     assert r0[0]["params"] == r1[0]["params"]  # identical trained parameters after the step
     assert sorted(p.name for p in ddp_out.iterdir()) == sorted(
-        [ckpt.STATE_FILE, SHARING_FILE, "metrics.jsonl", "summary.json"]
+        [ckpt.STATE_FILE, SHARING_FILE, "metrics.jsonl", "summary.json", "samples"]
     )
+    assert [p.name for p in (ddp_out / "samples").iterdir()] == ["step_0000001.png"]  # rank 0 only, last step
     assert res.stdout.count("[layers] step 1/1") == 1
 
     # one process on the combined batch: same step

@@ -89,13 +89,16 @@ def test_layer_mode_export_loads_as_the_extension_merges_it(tmp_path, files):
         torch.testing.assert_close(eff[k[len(core_patches.PREFIX) :]], v, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("mode, channels", [("fgble2bg", 12), ("bgble2fg", 12), ("bg2ble", 8)])
+@pytest.mark.parametrize("mode, channels", [("bgble2fg", 12), ("bg2ble", 8)])
 def test_other_layer_modes_train_one_step(tmp_path, files, mode, channels):
     out = tmp_path / mode
     rc = cli.main(["diffusion", "--checkpoint", str(files["sdxl"]), "--data", str(files["triplets"]),
                    "--layer-mode", mode, "--encoder", str(files["encoder"]), "--rank", "2", "--out", str(out),
-                   "--steps", "1", "--batch-size", "2", "--size", "32", "--eval-count", "0"])  # fmt: skip
+                   "--steps", "1", "--batch-size", "2", "--size", "32", "--eval-count", "0", "--sample-steps", "2"])  # fmt: skip
     assert rc == 0
+    # rows: the condition frames, then the generated one; two samples side by side
+    with Image.open(out / "samples" / "step_0000001.png") as im:
+        assert im.size == (2 * 32, (channels // 4) * 32)
     state = load_file(str(out / f"layer_xl_{mode}.safetensors"))
     assert state["diffusion_model.input_blocks.0.0.weight::diff::0"].shape == (32, channels, 3, 3)
 

@@ -175,6 +175,10 @@ def _unet_common(p):
     p.add_argument("--unet", metavar="MODULE:FUNC", help="callable returning the base UNet (ldm parameter names)")
     p.add_argument("--unet-preset", default="tiny-sd15", help="tiny UNet used without --unet: tiny-sd15 | tiny-sdxl")
     p.add_argument("--context-tokens", type=positive_int, default=77, help="tokens of the stand-in prompt embeddings")
+    p.add_argument("--sample-every", type=count_int, default=500,
+                   help="sample grid PNG (a short DDIM run of the trained weights) every N steps and at the last "
+                        "(0: never)")  # fmt: skip
+    p.add_argument("--sample-steps", type=positive_int, default=20, help="DDIM steps of a sample")
     p.add_argument("--caption-dropout", type=share, default=0.0,
                    help="share of captions replaced by the empty prompt, in [0, 1) (0.1: for classifier-free guidance)")  # fmt: skip
     _frozen_vae_options(p)

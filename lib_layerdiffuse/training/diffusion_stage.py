@@ -33,6 +33,7 @@ from torch.func import functional_call
 from .. import patches as core_patches
 from . import checkpoint as ckpt
 from . import data as tdata
+from . import sampling
 from .errors import TrainingError
 from .runner import start_run
 from .unet_training import (
@@ -231,6 +232,20 @@ def train_diffusion_stage(cfg: DiffusionStageConfig, frozen_vae: nn.Module | Non
         eps = model(x_t, t, ctx, y)
         return F.mse_loss(eps.float(), noise), {}
 
+    def sample(path: Path, batch: dict) -> None:
+        """A few of the batch's prompts sampled with the trained delta; layer modes: rows =
+        the condition frames, then the generated frame."""
+        dev, b = info.device, sampling.first(batch)
+        ctx, y = cond(b, -1, layer.target if layer else None)
+        conds = [_frame_latent(source, b, f, dev, False) for f in layer.concat] if layer else []
+
+        def eps_fn(x, t):
+            return delta(torch.cat([x, *conds], dim=1), t, ctx, y).float()
+
+        n, h = len(b["index"]), cfg.size // 8
+        z = sampling.ddim(eps_fn, (n, 4, h, h), acp, cfg.sample_steps, cfg.seed, dev)
+        sampling.save(path, sampling.decode_grid(source.vae, torch.cat([*conds, z]), source.scale, len(conds) + 1))
+
     export_file = f"layer_xl_{cfg.layer_mode}.safetensors" if layer else PATCH_FILE
 
     def export(out_dir: Path, step: int, meta: dict) -> Path:
@@ -245,6 +260,7 @@ def train_diffusion_stage(cfg: DiffusionStageConfig, frozen_vae: nn.Module | Non
         loss=loss_fn,
         export=export,
         eval_batch=held_out_batch(cfg, dataset, tdata.SyntheticTriplets if layer else tdata.SyntheticRGBA),
+        sample=sample,
         signature={
             "stage": "diffusion",
             "mode": cfg.mode,

@@ -39,6 +39,7 @@ from torch import nn
 from .. import attention_sharing as sharing
 from . import checkpoint as ckpt
 from . import data as tdata
+from . import sampling
 from .runner import start_run
 from .unet_training import (
     Conditioning,
@@ -235,6 +236,20 @@ def train_layers_stage(cfg: LayersStageConfig, frozen_vae: nn.Module | None = No
         logs = {f"mse_{f}": float(v) for f, v in zip(frames, per_frame.detach(), strict=True)}
         return per_frame.mean(), logs
 
+    def sample(path: Path, batch: dict) -> None:
+        """A few of the batch's prompts sampled as groups of frames; rows = frames. (With an
+        eps = 0 condition frame that frame is sampled too, not held at the condition.)"""
+        dev, b = info.device, sampling.first(batch)
+        n, h = len(b["index"]), cfg.size // 8
+        ctx = torch.stack([cond(b, -1, f)[0] for f in frames], dim=1).flatten(0, 1)
+        cimg = None
+        if control is not None:
+            cimg = (b["fg_premult"] if control == "fg" else b["bg"]).to(dev)
+        z = sampling.ddim(lambda x, t: model(x, t, ctx, cimg).float(), (n * nf, 4, h, h), acp, cfg.sample_steps,
+                          cfg.seed, dev)  # fmt: skip
+        rows = z.view(n, nf, *z.shape[1:]).transpose(0, 1).flatten(0, 1)
+        sampling.save(path, sampling.decode_grid(source.vae, rows, source.scale, nf))
+
     def export(out_dir: Path, step: int, meta: dict) -> Path:
         state = {k: v.detach().to(ckpt.DTYPES[cfg.export_dtype]) for k, v in model.state_dict().items()}
         return ckpt.atomic_save(state, out_dir / SHARING_FILE, {**meta, **layout_meta})
@@ -250,6 +265,7 @@ def train_layers_stage(cfg: LayersStageConfig, frozen_vae: nn.Module | None = No
         loss=loss_fn,
         export=export,
         eval_batch=held_out_batch(cfg, dataset, tdata.SyntheticTriplets),
+        sample=sample,
         signature={"stage": "layers", "frames": frames, "control": control, "eps_zero": eps_zero, "rank": cfg.rank},
         metadata={"latent_scale": repr(source.scale), "base_family": frozen.family or "stand-in", **layout_meta},
     )

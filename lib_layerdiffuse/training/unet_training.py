@@ -227,6 +227,8 @@ class UNetStageConfig:
     checkpoint: str | None = None  # single-file SD1.5/SDXL: frozen VAE, UNet, text encoders
     frozen_dtype: str = "fp32"  # of the checkpoint's UNet and text encoders
     caption_dropout: float = 0.0  # share of captions replaced by the empty prompt (CFG)
+    sample_every: int = 500  # sample grid PNG every N steps and at the last (0: never)
+    sample_steps: int = 20  # DDIM steps of a sample
 
 
 def split_batch(batch: dict, k: int) -> list[dict]:
@@ -338,6 +340,7 @@ class StageParts:
     eval_batch: dict | None = None  # fixed held-out batch; evaluated with step -1 draws
     signature: dict = dataclasses.field(default_factory=dict)  # must match to resume
     metadata: dict = dataclasses.field(default_factory=dict)  # written into every file
+    sample: Callable | None = None  # (png path, CPU batch) -> None; rank 0, see .sampling
 
 
 def evaluate(parts: StageParts) -> float | None:
@@ -349,6 +352,19 @@ def evaluate(parts: StageParts) -> float | None:
         loss, _ = parts.loss(parts.model, parts.eval_batch, -1)
     parts.model.train(was)
     return float(loss)
+
+
+def _sampler(parts: StageParts):
+    def sample(path: Path, done: int, batch: dict, payload) -> None:
+        was = parts.model.training
+        parts.model.eval()
+        try:
+            with torch.no_grad():
+                parts.sample(path, batch)
+        finally:
+            parts.model.train(was)
+
+    return sample
 
 
 def run_stage(cfg: UNetStageConfig, info: dist.DistInfo, parts: StageParts) -> dict:
@@ -382,5 +398,5 @@ def run_stage(cfg: UNetStageConfig, info: dist.DistInfo, parts: StageParts) -> d
     stage = Stage(label=parts.label, dataset=parts.dataset, modules={"model": model}, optimizers={"opt": opt},
                   lrs={"opt": cfg.lr}, step=step, export=parts.export, signature=parts.signature,
                   metadata=parts.metadata, prepare=prepare, finish=lambda: {"eval_loss_end": evaluate(parts)},
-                  digest=model)  # fmt: skip
+                  sample=None if parts.sample is None else _sampler(parts), digest=model)  # fmt: skip
     return run(cfg, info, stage)
