@@ -171,17 +171,21 @@ class TransparentVAEDecoder(nn.Module):
     """The latent transparency decoder D of Eq. 3: ``[I_c, I_alpha] = D(I_hat, x_a)``.
 
     ``forward(pixel, latent)``: pixel is the normal VAE decode ``I_hat`` as RGB in [0, 1],
-    ``[B, 3, H, W]`` with H, W multiples of 64; latent is the *unscaled* SD latent ``x_a``,
-    ``[B, 4, H/8, W/8]``. Returns the raw ``[B, 4, H, W]`` (alpha, then straight RGB),
-    unclipped. Use :func:`decode_rgba` for any multiple of 8 and for the 8-view TTA.
+    ``[B, 3, H, W]`` with H, W multiples of 64; latent is the *unscaled* latent ``x_a``,
+    ``[B, latent_channels, H/8, W/8]``. Returns the network's raw ``[B, 4, H, W]``, unclipped
+    and in the order the weights were trained with: the channel meaning depends on the
+    weights. The SD1.5/SDXL files give alpha, then straight RGB (use :func:`decode_rgba`);
+    the Flux ``TransparentVAE.pth`` (``latent_channels=16``) gives R, G, B, then alpha, and its
+    latent is the unscaled *and unshifted* Flux latent (use :func:`lib_layerdiffuse.flux.decode_rgba`).
     """
 
-    def __init__(self):
+    def __init__(self, latent_channels: int = 4):
         super().__init__()
         c = CHANNELS
         n = len(c)
+        self.latent_channels = latent_channels
         self.conv_in = nn.Conv2d(3, c[0], 3, padding=1)
-        self.latent_conv_in = nn.Conv2d(4, c[2], 1)
+        self.latent_conv_in = nn.Conv2d(latent_channels, c[2], 1)
         self.down_blocks = nn.ModuleList(
             [DownBlock(c[max(i - 1, 0)], c[i], i >= ATTN_FROM, i < n - 1) for i in range(n)]
         )
@@ -211,13 +215,17 @@ class TransparentVAEDecoder(nn.Module):
 class TransparentVAEEncoder(nn.Module):
     """The latent transparency encoder E of Eq. 2: ``x_offset = E(I_c, I_alpha)``.
 
-    ``forward(x)``: x = ``cat([alpha, padded_rgb], 1)`` in [0, 1], ``[B, 4, H, W]``;
-    returns the latent offset ``[B, 4, H/8, W/8]``, applied as ``mean + std * offset``
-    (see :func:`apply_offset`).
+    ``forward(x)``: x is ``[B, 4, H, W]`` in [0, 1]; returns the network's raw latent offset
+    ``[B, latent_channels, H/8, W/8]``, applied as ``mean + std * offset`` (see
+    :func:`apply_offset`). The input channel order depends on the weights: the SD1.5/SDXL
+    files take ``cat([alpha, padded_rgb])`` (see :func:`encode_offset`); the Flux
+    ``TransparentVAE.pth`` (``latent_channels=16``) takes ``cat([padded_rgb, alpha])`` and its
+    offset is used x300 (see :func:`lib_layerdiffuse.flux.encode_offset`).
     """
 
-    def __init__(self):
+    def __init__(self, latent_channels: int = 4):
         super().__init__()
+        self.latent_channels = latent_channels
         widths = (32, 32, 64, 64, 128, 128, 256, 256)
         layers: list[nn.Module] = []
         cin = 4
@@ -226,7 +234,7 @@ class TransparentVAEEncoder(nn.Module):
             stride = 2 if i in (2, 4, 6) else 1
             layers += [nn.Conv2d(cin, cout, 3, padding=1, stride=stride), nn.SiLU()]
             cin = cout
-        layers.append(nn.Conv2d(cin, 4, 3, padding=1))
+        layers.append(nn.Conv2d(cin, latent_channels, 3, padding=1))
         self.blocks = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -446,8 +454,11 @@ def decode_rgba(
     b, _, h, w = pixel.shape
     if h % 8 or w % 8:
         raise ValueError(f"image size {w}x{h} is not a multiple of 8; LayerDiffuse needs multiples of 8")
-    if tuple(latent.shape) != (b, 4, h // 8, w // 8):
-        raise ValueError(f"latent must be [{b}, 4, {h // 8}, {w // 8}] for a {w}x{h} image, got {tuple(latent.shape)}")
+    lc = getattr(decoder, "latent_channels", 4)  # 16 for the Flux decoder (lib_layerdiffuse/flux.py)
+    if tuple(latent.shape) != (b, lc, h // 8, w // 8):
+        raise ValueError(
+            f"latent must be [{b}, {lc}, {h // 8}, {w // 8}] for a {w}x{h} image, got {tuple(latent.shape)}"
+        )
     n = passes if passes is not None else (8 if augment else 1)
     if n not in VIEWS:
         raise ValueError(f"passes must be one of {sorted(VIEWS)}, got {passes!r}")
@@ -512,6 +523,10 @@ class CompiledDecoder:
 
     def parameters(self, recurse: bool = True):
         return self.decoder.parameters(recurse)
+
+    @property
+    def latent_channels(self) -> int:
+        return getattr(self.decoder, "latent_channels", 4)
 
     def __call__(self, pixel: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         key = (tuple(pixel.shape), pixel.dtype, str(pixel.device))
