@@ -1,9 +1,11 @@
-"""The 14 published weight files, and loading them safely.
+"""The 14 published SD weight files and the 2 Flux ones, and loading them safely.
 
-Files are read with safetensors only (never pickle). Before any tensor is read, the
-header is parsed and checked against what the target module expects, so a wrong,
-truncated or mislabelled file gets an error that names the file, what was expected and
-what was found.
+SD files are read with safetensors only. The Flux ``TransparentVAE.pth`` is a torch pickle:
+it is read by :mod:`lib_layerdiffuse.pth`, which interprets the pickle's data opcodes itself,
+so no pickle code ever runs (a safetensors conversion of it is accepted too). Before any
+tensor is read, the header (or the pickle's tensor records) is checked against what the
+target module expects, so a wrong, truncated or mislabelled file gets an error that names
+the file, what was expected and what was found.
 """
 
 from __future__ import annotations
@@ -24,23 +26,31 @@ from .vae import TransparentVAEDecoder, TransparentVAEEncoder
 REPO = "LayerDiffusion/layerdiffusion-v1"
 # Pinned release revision: the digests below were taken at this commit.
 REVISION = "e337e9d7a0f2a6fee6c3580374327380f88d065b"
+# The Flux version of LayerDiffuse. No full commit id of it is recorded here, so the branch is
+# used: the LoRA is checked against its published SHA-256, the .pth (no digest published) by
+# its keys and shapes.
+FLUX_REPO = "RedAIGC/Flux-version-LayerDiffuse"
+FLUX_REVISION = "main"
 
 
 @dataclass(frozen=True)
 class WeightFile:
-    name: str  # file stem; the file is <name>.safetensors
-    family: str  # "sd15" or "sdxl"
-    role: str  # decoder | encoder | attention_sharing | unet_patch
+    name: str  # file stem; the file is <name>.<ext>
+    family: str  # "sd15", "sdxl" or "flux"
+    role: str  # decoder | encoder | attention_sharing | unet_patch | flux_vae | flux_lora
     description: str
     sha256: str | None = None  # None where no public pin exists
+    ext: str = "safetensors"
+    repo: str = REPO
+    revision: str = REVISION
 
     @property
     def filename(self) -> str:
-        return f"{self.name}.safetensors"
+        return f"{self.name}.{self.ext}"
 
     @property
     def url(self) -> str:
-        return f"https://huggingface.co/{REPO}/resolve/{REVISION}/{self.filename}"
+        return f"https://huggingface.co/{self.repo}/resolve/{self.revision}/{self.filename}"
 
 
 _FILES = (
@@ -70,6 +80,12 @@ _FILES = (
     WeightFile("layer_sd15_vae_transparent_decoder", "sd15", "decoder", "SD1.5 latent transparency decoder",
                "6df4712dfbb3783231b22f869a5da5cbfea782ebb05f782bd9e8744bfb0cdf03"),
     WeightFile("layer_sd15_vae_transparent_encoder", "sd15", "encoder", "SD1.5 latent transparency encoder"),
+    # the FLUX.1 pair: a torch pickle holding decoder., encoder. and a copy of the FLUX VAE (sd_vae.),
+    # and the LoRA the host's own loader applies
+    WeightFile("TransparentVAE", "flux", "flux_vae", "FLUX.1 latent transparency decoder and encoder (16-channel)",
+               ext="pth", repo=FLUX_REPO, revision=FLUX_REVISION),
+    WeightFile("layerlora", "flux", "flux_lora", "FLUX.1-dev LoRA for latent transparency",
+               "ffa34d60e92c7bcd6414dc7a8735e27d5138bcda5248b3131329b3f405aadb53", repo=FLUX_REPO, revision=FLUX_REVISION),
 )  # fmt: skip
 FILES: dict[str, WeightFile] = {f.name: f for f in _FILES}
 
@@ -78,6 +94,8 @@ ROLE_NAMES = {
     "encoder": "a transparent VAE encoder",
     "attention_sharing": "an SD1.5 attention-sharing UNet file",
     "unet_patch": "an SDXL UNet patch file",
+    "flux_vae": "the FLUX.1 transparent VAE (TransparentVAE.pth)",
+    "flux_lora": "the FLUX.1 LayerDiffuse LoRA",
 }
 
 
@@ -352,6 +370,12 @@ def verify_file(path, info: WeightFile) -> None:
     attention-sharing units, or the ``<model_key>::<lora|diff>::<index>`` patch keys (their
     shapes depend on the user's model and are checked when they are applied).
     """
+    if info.role == "flux_vae":
+        check_flux_vae(path, read_flux_vae_layout(path))
+        return
+    if info.role == "flux_lora":
+        check_flux_lora(path, read_header(path))
+        return
     found = read_header(path)
     if info.role in ("decoder", "encoder"):
         with torch.device("meta"):
@@ -382,3 +406,122 @@ def load_unet_file(path) -> dict[str, torch.Tensor]:
 
     read_header(path)  # truncated / not safetensors / pickle: refused before any tensor is read
     return load_file(str(path))
+
+
+# ---------------------------------------------------------------------------------------
+# FLUX.1: TransparentVAE.pth (or a safetensors conversion of it) and layerlora.safetensors
+
+FLUX_VAE_PARTS = ("decoder", "encoder")
+FLUX_IGNORED_PREFIX = "sd_vae."  # a copy of the FLUX.1 VAE: the hosts use their own
+
+
+def flux_vae_shapes() -> dict[str, list[int]]:
+    """key -> shape the FLUX.1 file must hold: ``decoder.*`` (538) and ``encoder.*`` (18)."""
+    with torch.device("meta"):
+        modules = {
+            "decoder": TransparentVAEDecoder(latent_channels=16),
+            "encoder": TransparentVAEEncoder(latent_channels=16),
+        }
+    return {f"{part}.{k}": v for part, m in modules.items() for k, v in expected_shapes(m).items()}
+
+
+def read_flux_vae_layout(path) -> dict[str, tuple[list[int], str]]:
+    """key -> (shape, dtype string) of a ``TransparentVAE.pth`` or its safetensors conversion,
+    told apart by content. Reads no tensor data and runs no pickle code (:mod:`.pth`)."""
+    from . import pth
+
+    path = Path(path)
+    if path.is_file() and pth.is_torch_zip(path):
+        return {k: (list(r.shape), r.dtype_name) for k, r in pth.read_layout(path).items()}
+    return read_header(path)  # safetensors; its errors name a missing file, a pickle, truncation
+
+
+def check_flux_vae(path, found: dict[str, tuple[list[int], str]]) -> None:
+    """All 538 ``decoder.`` + 18 ``encoder.`` keys with their shapes, floating-point; ``sd_vae.``
+    ignored; raise naming the keys otherwise. (The reference loads with ``strict=False``, which
+    would load nothing from a file with other prefixes and say nothing.)"""
+    path = Path(path)
+    expected = flux_vae_shapes()
+    ours = {k: list(v[0]) for k, v in found.items() if not k.startswith(FLUX_IGNORED_PREFIX)}
+    problems = _problems(ours, expected)
+    bad_dtypes = sorted({d for k, (_, d) in found.items() if k in expected and d not in _DTYPES})
+    if bad_dtypes:
+        problems.append(f"unsupported tensor dtypes {bad_dtypes} (expected floating point)")
+    if problems:
+        raise WeightFileError(
+            f"{path} does not match {ROLE_NAMES['flux_vae']} ({len(expected)} tensors expected under decoder. and "
+            f"encoder., {len(ours)} found): " + "; ".join(problems) + "." + _fix_hint(path)
+        )
+
+
+def check_flux_lora(path, found: dict[str, tuple[list[int], str]]) -> None:
+    """A LoRA file: LoRA keys (lora_A/lora_B, lora_down/lora_up, ...) in floating point. Its key
+    format is the host loader's business (it maps diffusers and kohya names)."""
+    path = Path(path)
+    if not any("lora" in k.lower() for k in found):
+        raise WeightFileError(
+            f"{path.name} should be {ROLE_NAMES['flux_lora']} but holds no LoRA keys (keys such as "
+            f"{_few(list(found), 2)}).{_fix_hint(path)}"
+        )
+    bad_dtypes = sorted({d for _, d in found.values() if d not in _DTYPES})
+    if bad_dtypes:
+        raise WeightFileError(f"{path.name}: unsupported tensor dtypes {bad_dtypes} (expected floating point).")
+
+
+def _read_flux_state(path, parts) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    from . import pth
+
+    path = Path(path)
+    layout = read_flux_vae_layout(path)
+    check_flux_vae(path, layout)
+    prefixes = tuple(f"{p}." for p in parts)
+    try:
+        if pth.is_torch_zip(path):
+            return pth.load(path, select=lambda k: k.startswith(prefixes))
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in layout if k.startswith(prefixes)}
+    except WeightFileError:
+        raise
+    except Exception as e:  # safetensors / zipfile raise their own error types for corrupt data
+        raise WeightFileError(
+            f"{path} could not be read ({type(e).__name__}: {_one_line(e)}).{_fix_hint(path)}"
+        ) from None
+
+
+def load_flux_vae(path, device="cpu", dtype=torch.float32, parts=FLUX_VAE_PARTS) -> dict[str, torch.nn.Module]:
+    """``{"decoder": TransparentVAEDecoder(16), "encoder": TransparentVAEEncoder(16)}`` (those in
+    ``parts``), ready, from ``TransparentVAE.pth`` or a safetensors conversion with the same keys.
+
+    The file is checked first (all keys and shapes, :func:`check_flux_vae`), only the wanted
+    prefixes are read, values are checked finite, and each module loads ``strict=True``.
+    """
+    state = _read_flux_state(path, parts)
+    check_finite(state, path)
+    out = {}
+    for part in parts:
+        cls = TransparentVAEDecoder if part == "decoder" else TransparentVAEEncoder
+        with torch.device("meta"):
+            module = cls(latent_channels=16)
+        prefix = f"{part}."
+        sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        try:
+            module.load_state_dict(sub, strict=True, assign=True)
+        except RuntimeError as e:
+            detail = state_mismatch(module, sub) or _one_line(e)
+            raise WeightFileError(f"{path} does not fit {ROLE_NAMES['flux_vae']} ({part}): {detail}.") from None
+        out[part] = module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return out
+
+
+def load_flux_decoder(path, device="cpu", dtype=torch.float32) -> TransparentVAEDecoder:
+    """The FLUX.1 transparent decoder (16 latent channels) from ``TransparentVAE.pth``; for
+    :func:`lib_layerdiffuse.flux.decode_rgba`."""
+    return load_flux_vae(path, device, dtype, parts=("decoder",))["decoder"]
+
+
+def load_flux_encoder(path, device="cpu", dtype=torch.float32) -> TransparentVAEEncoder:
+    """The FLUX.1 offset encoder (16 latent channels) from ``TransparentVAE.pth``; for
+    :func:`lib_layerdiffuse.flux.encode_offset`."""
+    return load_flux_vae(path, device, dtype, parts=("encoder",))["encoder"]

@@ -12,18 +12,19 @@ from lib_layerdiffuse.vae import TransparentVAEDecoder, TransparentVAEEncoder
 
 
 def test_table_has_the_14_official_files():
-    assert len(W.FILES) == 14
-    roles = [f.role for f in W.FILES.values()]
+    sd = {k: f for k, f in W.FILES.items() if f.family != "flux"}  # the Flux pair: tests/test_pth_reader.py
+    assert len(sd) == 14 and len(W.FILES) == 16
+    roles = [f.role for f in sd.values()]
     assert roles.count("decoder") == 2 and roles.count("encoder") == 2
     assert roles.count("attention_sharing") == 4 and roles.count("unet_patch") == 6
-    for f in W.FILES.values():
+    for f in sd.values():
         assert (
             f.url
             == f"https://huggingface.co/LayerDiffusion/layerdiffusion-v1/resolve/{W.REVISION}/{f.name}.safetensors"
         )
         assert f.family in ("sd15", "sdxl")
         assert f.family == ("sd15" if "sd15" in f.name else "sdxl")
-    assert sum(f.sha256 is not None for f in W.FILES.values()) == 12
+    assert sum(f.sha256 is not None for f in sd.values()) == 12
     assert [f.name for f in W.files_for("decoder", "sd15")] == ["layer_sd15_vae_transparent_decoder"]
 
 
