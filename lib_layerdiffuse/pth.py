@@ -98,6 +98,17 @@ _OPCODES_PUSH_ARG = {
 }  # fmt: skip
 
 
+def _what(x) -> str:
+    """A short name for a value from the pickle: never its full repr, which a crafted pickle can
+    make exponentially long (tuples of tuples sharing one memo entry)."""
+    if isinstance(x, _Global):
+        return x.name
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        text = repr(x)
+        return text if len(text) <= 60 else text[:57] + "..."
+    return f"a {type(x).__name__}"
+
+
 def _rebuild(args) -> TensorRecord:
     if not isinstance(args, tuple) or len(args) not in (6, 7):
         raise _Refused(f"the tensor rebuild got {type(args).__name__} arguments, not torch's 6 or 7")
@@ -141,10 +152,12 @@ def _interpret(data: bytes) -> object:
 
     def persistent(pid) -> _Storage:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise _Refused(f"the pickle refers to an outside object {str(pid)[:80]!r}, not a tensor storage")
+            raise _Refused(f"the pickle refers to an outside object ({_what(pid)}), not a tensor storage")
         _, kind, key, _location, numel = pid
         if not (isinstance(kind, _Global) and kind.dtype is not None):
-            raise _Refused(f"a storage has type {kind!r}; allowed: {', '.join('torch.' + n for n in _STORAGE_DTYPES)}")
+            raise _Refused(
+                f"a storage has type {_what(kind)}; allowed: {', '.join('torch.' + n for n in _STORAGE_DTYPES)}"
+            )
         if not (isinstance(key, str) and type(numel) is int and numel >= 0):
             raise _Refused("a storage reference is malformed")
         s = _Storage(key, kind.dtype, numel)
@@ -236,7 +249,7 @@ def _interpret(data: bytes) -> object:
             elif func is _REBUILD:
                 stack.append(_rebuild(args))
             else:
-                raise _Refused(f"the pickle calls {func!r}" + (" with arguments" if func is _ORDERED_DICT else ""))
+                raise _Refused(f"the pickle calls {_what(func)}" + (" with arguments" if func is _ORDERED_DICT else ""))
         elif name == "BUILD":
             state = stack.pop()
             # torch's state dicts carry a _metadata attribute (versions per module): ignored
@@ -308,7 +321,7 @@ def _read_layout(zf: zipfile.ZipFile, path: Path) -> dict[str, TensorRecord]:
     if type(obj) not in (dict, OrderedDict):
         raise WeightFileError(f"{path.name}: refused: it holds a {type(obj).__name__}, not a dict of tensors")
     bad = [
-        f"{k!r} ({type(v).__name__})"
+        f"{_what(k)} ({type(v).__name__})"
         for k, v in obj.items()
         if not (isinstance(k, str) and isinstance(v, TensorRecord))
     ]

@@ -127,6 +127,20 @@ def test_object_building_opcodes_are_refused(tmp_path):
         pth.read_layout(torch_zip(tmp_path / "y.pth", inst))
 
 
+def test_a_refusal_never_prints_a_crafted_value(tmp_path):
+    """60 levels of (x, x) sharing one memo entry: its repr would be 2**60 long."""
+    body = b"X\x01\x00\x00\x00aq\x000"  # "a", memo 0, popped
+    for i in range(60):
+        body += b"h" + bytes([i]) + b"h" + bytes([i]) + b"\x86q" + bytes([i + 1]) + b"0"
+    body += b"h\x3c"  # the last one, memo 60
+    path = torch_zip(tmp_path / "x.pth", b"\x80\x02" + body + b"Q.")
+    with pytest.raises(WeightFileError, match=r"outside object \(a tuple\)"):
+        pth.read_layout(path)
+    path = torch_zip(tmp_path / "y.pth", b"\x80\x02}X\x01\x00\x00\x00k" + body + b"s.")
+    with pytest.raises(WeightFileError, match=r"'k' \(tuple\)"):
+        pth.read_layout(path)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("protocol", [2, 5])
 def test_torch_save_round_trip(tmp_path, dtype, protocol):
