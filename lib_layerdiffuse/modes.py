@@ -10,16 +10,19 @@ from dataclasses import dataclass
 
 from .errors import SettingsError
 
-FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
+FLUX_VAE_FILE = "TransparentVAE"  # weights.FILES stem: decoder and encoder in one file
+
+FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "flux": "FLUX.1-dev"}
+_PREFIX = {"sd15": "(SD1.5)", "sdxl": "(SDXL)", "flux": "(FLUX)"}
 
 
 @dataclass(frozen=True)
 class Mode:
     key: str  # the official enum name
     label: str  # the official dropdown label
-    family: str  # "sd15" | "sdxl"
+    family: str  # "sd15" | "sdxl" | "flux"
     unet_file: str  # weight file stem of the UNet side
-    apply: str  # "attention_sharing" | "lora" | "diff"
+    apply: str  # "attention_sharing" | "lora" | "diff" | "host_lora" (a LoRA file through the host's own loader)
     frames: tuple[str, ...]  # what each image of a group is, in batch order
     decode: tuple[int, ...] = ()  # indices within a group that get an RGBA decode
     inputs: tuple[str, ...] = ()  # required layer images: "fg", "bg", "blend"
@@ -36,18 +39,26 @@ class Mode:
     def decoder_file(self) -> str | None:
         if not self.decode:
             return None
-        return "layer_sd15_vae_transparent_decoder" if self.family == "sd15" else "vae_transparent_decoder"
+        return {"sd15": "layer_sd15_vae_transparent_decoder", "flux": FLUX_VAE_FILE}.get(
+            self.family, "vae_transparent_decoder"
+        )
 
     @property
     def encoder_file(self) -> str | None:
         """img2img: the modes that decode RGBA also encode RGBA init images."""
         if not self.decode:
             return None
-        return "layer_sd15_vae_transparent_encoder" if self.family == "sd15" else "vae_transparent_encoder"
+        return {"sd15": "layer_sd15_vae_transparent_encoder", "flux": FLUX_VAE_FILE}.get(
+            self.family, "vae_transparent_encoder"
+        )
+
+    @property
+    def latent_channels(self) -> int:
+        return 16 if self.family == "flux" else 4
 
     @property
     def uses_weight(self) -> bool:
-        return self.apply in ("lora", "diff")
+        return self.apply in ("lora", "diff", "host_lora")
 
     @property
     def uses_resize(self) -> bool:
@@ -93,6 +104,9 @@ MODES: tuple[Mode, ...] = (
          "layer_xl_bg2ble", "diff", ("blended",), inputs=("bg",), concat=("bg",)),
     Mode("BG_BLEND_TO_FG", "(SDXL) From Background and Blending to Foreground", "sdxl",
          "layer_xl_bgble2fg", "diff", ("foreground",), decode=(0,), inputs=("bg", "blend"), concat=("bg", "blend")),
+    # the Flux version of LayerDiffuse (RedAIGC): a LoRA the host loads, a 16-channel transparent VAE
+    Mode("FG_ONLY_FLUX", "(FLUX) Only Generate Transparent Image", "flux",
+         "layerlora", "host_lora", ("foreground",), decode=(0,)),
 )  # fmt: skip
 
 DEFAULT = MODES[4]  # SDXL attention injection, as the official
@@ -131,11 +145,11 @@ def check_family(mode: Mode, model_family: str | None) -> None:
     if model_family == mode.family:
         return
     found = FAMILY_NAMES.get(model_family or "", model_family or "an unrecognised architecture")
+    article = "an" if mode.family_name[0] in "AEIOS" else "a"  # "an SD1.5", "an SDXL", "a FLUX.1-dev"
     raise SettingsError(
-        f"'{mode.label}' needs an {mode.family_name} checkpoint, but the loaded model is {found}. "
-        f"Load an {mode.family_name} checkpoint or pick a "
-        f"{'(SDXL)' if mode.family == 'sd15' else '(SD1.5)'} method that matches {found}."
+        f"'{mode.label}' needs {article} {mode.family_name} checkpoint, but the loaded model is {found}. "
+        f"Load {article} {mode.family_name} checkpoint or pick a {_PREFIX[model_family]} method that matches {found}."
         if model_family in FAMILY_NAMES
-        else f"'{mode.label}' needs an {mode.family_name} checkpoint, but the loaded model is {found}. "
-        f"LayerDiffuse supports SD1.5 and SDXL models only."
+        else f"'{mode.label}' needs {article} {mode.family_name} checkpoint, but the loaded model is {found}. "
+        f"LayerDiffuse supports SD1.5, SDXL and FLUX.1-dev models (FLUX on Forge2 and Forge Neo)."
     )

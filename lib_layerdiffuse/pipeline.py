@@ -180,8 +180,18 @@ def cached_model(kind: str, path, device, dtype):
             del _MODELS[k]
         if kind == "decoder":
             _COMPILED.clear()
-        _MODELS[key] = (load_decoder if kind == "decoder" else load_encoder)(path, device=device, dtype=dtype)
+        _MODELS[key] = _loader(kind, path)(path, device=device, dtype=dtype)
     return _MODELS[key]
+
+
+def _loader(kind: str, path):
+    """The loader of a decoder or encoder file: the SD files, or the Flux ``TransparentVAE`` file
+    that holds both (16 latent channels)."""
+    if Path(str(path)).name.startswith(M.FLUX_VAE_FILE):
+        from . import weights
+
+        return weights.load_flux_decoder if kind == "decoder" else weights.load_flux_encoder
+    return load_decoder if kind == "decoder" else load_encoder
 
 
 def compiled(decoder):
@@ -282,6 +292,16 @@ class Generation:
             self._state = state
         return self._state
 
+    def _checked_lora(self) -> Path:
+        """host_lora modes: the LoRA file the host's loader reads, its values checked finite once
+        per file version (its keys are checked against the model by the host's key map)."""
+        path = self.host.weight_path(self.mode.unet_file)
+        stamp = _file_stamp(path)
+        if stamp not in _FINITE:
+            check_finite(load_unet_file(path), path)
+            _FINITE.add(stamp)
+        return path
+
     def _units(self, backend: UNetBackend, device, dtype) -> AttentionSharing | None:
         """The SD1.5 units for ``backend``'s UNet, built once per generation (hires reuses them)."""
         if self.mode.apply != "attention_sharing":
@@ -331,9 +351,10 @@ class Generation:
             stop_at = self.settings.stop_at
             sigma_end = 0.0 if stop_at >= 1.0 else float(self.host.percent_to_sigma(p, stop_at))
             sharing = self._units(backend, device, dtype)
-            state = None if sharing is not None else self._file_state()
+            lora = self._checked_lora() if self.mode.apply == "host_lora" else None
+            state = None if sharing is not None or lora is not None else self._file_state()
             session = UNetSession(backend, self.mode, state, weight=self.settings.weight, sigma_end=sigma_end,
-                                  sharing=sharing)  # fmt: skip
+                                  sharing=sharing, lora=lora)  # fmt: skip
             if self.mode.control is not None:
                 img = C.prepare_layer_image(self.settings.image(self.mode.control), self.settings.resize_mode,
                                             h * 8, w * 8)  # fmt: skip
@@ -508,8 +529,15 @@ class Generation:
                     self._stop_if_interrupted()
 
                 tile = self._tile_size(param.device, param.dtype, h, w)
-                out = decode_rgba(run, pixel, latent, passes=o.passes, tile_size=tile, callback=step,
-                                  extra_memory_gb=o.extra_memory_gb)  # fmt: skip
+                knobs = {"passes": o.passes, "tile_size": tile, "callback": step, "extra_memory_gb": o.extra_memory_gb}
+                if self.mode.family == "flux":
+                    from . import flux
+
+                    # the reference's pixel input: the raw VAE decode mapped x * 0.5 + 0.5, not clipped
+                    pixel = self.host.vae_decode(p, latent).detach().to("cpu", torch.float32) * 0.5 + 0.5
+                    out = flux.decode_rgba(run, pixel, latent, **knobs)
+                else:
+                    out = decode_rgba(run, pixel, latent, **knobs)
                 if tile is not None:
                     self.tile_used = tile
                 rgba = from_decoder(out[0])
@@ -520,8 +548,8 @@ class Generation:
     def _stop_if_interrupted(self) -> None:
         if self.host.interrupted():
             raise LayerDiffuseError(
-                "the generation was interrupted before the transparent decode finished; no transparent image is "
-                "returned for this batch."
+                "the generation was interrupted before the transparent decode finished (during sampling or the "
+                "decode); no transparent image is returned for this batch."
             )
 
     def take(self, index: int) -> np.ndarray | None:
@@ -545,10 +573,16 @@ class Generation:
 
     def encode_init(self, p, rgba_images: list[np.ndarray]) -> torch.Tensor:
         """The adjusted raw init latent ``mean + std * offset`` of float RGBA images (Eq. 2)."""
+        # grey-flattened RGB is also Flux's VAE input: (rgb * 2 - 1) * alpha in [-1, 1] terms
         flat = np.stack([flatten_on_grey(x) for x in rgba_images])
         mean, std = self.host.vae_moments(p, torch.from_numpy(flat).permute(0, 3, 1, 2).float())
         with self._on_device(p, self._model(p, "encoder")) as encoder:
-            offset = encode_offset(encoder, rgba_images)
+            if self.mode.family == "flux":
+                from . import flux
+
+                offset = flux.encode_offset(encoder, rgba_images)  # with the reference's x300
+            else:
+                offset = encode_offset(encoder, rgba_images)
         return apply_offset(mean, std, offset.to(mean.device))
 
     def offset_init_latent(self, p) -> None:

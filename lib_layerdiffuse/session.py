@@ -30,6 +30,7 @@ class UNetBackend:
     """How a host's UNet takes a :class:`UNetSession`. Subclasses implement the three calls."""
 
     unet: nn.Module  # the ldm/sgm ``diffusion_model`` tree the units and patches are built for
+    loads_lora = False  # applies ``session.lora`` through the host's own LoRA loader
 
     def install(self, session: UNetSession) -> None:
         raise NotImplementedError
@@ -60,8 +61,10 @@ def load_sharing(unet: nn.Module, mode: Mode, state: dict, source: str) -> Atten
 class UNetSession:
     def __init__(self, backend: UNetBackend, mode: Mode, state: dict[str, torch.Tensor] | None = None,
                  weight: float = 1.0, sigma_end: float = 0.0, sharing: AttentionSharing | None = None,
-                 source: str | None = None):  # fmt: skip
-        """``sharing``: units already built for this UNet (reused across passes); else built from ``state``."""
+                 source: str | None = None, lora=None):  # fmt: skip
+        """``sharing``: units already built for this UNet (reused across passes); else built from
+        ``state``. ``lora``: the path of a LoRA file the backend applies through the host's own
+        loader (``host_lora`` modes)."""
         self.backend = backend
         self.mode = mode
         self.weight = float(weight)
@@ -69,6 +72,7 @@ class UNetSession:
         self.source = source or f"{mode.unet_file}.safetensors"
         self.sharing: AttentionSharing | None = None
         self.patches: dict[str, Patch] | None = None
+        self.lora = lora  # host_lora modes: the file the backend gives the host's loader
         self.condition: torch.Tensor | None = None  # concat modes: [1, 4*k, h, w], diffusion space
         self.result: torch.Tensor | None = None  # the latent the sampler returned (hosts that capture it)
         self.calls = 0  # UNet calls with our changes active
@@ -76,6 +80,11 @@ class UNetSession:
         self.stopped = False
         if mode.apply == "attention_sharing":
             self.sharing = sharing if sharing is not None else load_sharing(backend.unet, mode, state, self.source)
+        elif mode.apply == "host_lora":
+            if lora is None:
+                raise PatchError(f"'{mode.label}' needs its LoRA file ({self.source}).")
+            if not getattr(backend, "loads_lora", False):
+                raise PatchError(f"'{mode.label}' needs a host that loads LoRA files (Forge2 or Forge Neo).")
         else:
             self.patches = parse_patch_state(state, self.source)
             if not self.patches:  # it would sample unpatched and still claim transparency

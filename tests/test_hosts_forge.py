@@ -15,6 +15,7 @@ import copy
 import gc
 import sys
 import types
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -480,7 +481,7 @@ def test_guard_never_installed(neo_adapter):
 # -- families ---------------------------------------------------------------------------------
 
 
-class Flux:  # a Neo engine: no is_sd1 / is_sdxl set
+class Chroma:  # a Neo engine: no is_sd1 / is_sdxl set
     is_sd1 = False
     is_sdxl = False
     is_wan = False
@@ -489,9 +490,9 @@ class Flux:  # a Neo engine: no is_sd1 / is_sdxl set
 @pytest.mark.parametrize("host", ["forge2", "neo"])
 def test_family_refusals_before_weights(monkeypatch, neo_adapter, host, files_in_memory):
     patcher_cls, _ = use_host(monkeypatch, host)
-    fam = forge._family(Flux())
-    assert fam == "Flux"
-    with pytest.raises(ValueError, match="Flux.*SD1.5 and SDXL"):
+    fam = forge._family(Chroma())
+    assert fam == "Chroma"
+    with pytest.raises(ValueError, match="Chroma.*supports SD1.5, SDXL and FLUX.1-dev"):
         make_gen("FG_ONLY_ATTN_SD15", {}, family=fam)
     # SD1.5 mode on an SDXL model, caught again at install time, before any file is read
     gen = make_gen("FG_ONLY_ATTN_SD15", {"x": torch.zeros(1)})
@@ -721,3 +722,188 @@ def test_hook_twice_around_a_reset_is_one_pass(monkeypatch, neo_adapter):
     with pytest.raises(LayerDiffuseError, match="did not take part"):
         gen.check_ran()
     gen.close()
+
+
+# -- FLUX: detection, the LoRA through the host's loader, the merged check ------------------------
+
+
+class Flux(SimpleNamespace):
+    """The hosts' ``backend/diffusion_engine/flux.py`` engine class (detected by its name)."""
+
+
+@pytest.mark.parametrize("host", ["forge2", "neo"])
+def test_flux_detection(monkeypatch, host):
+    use_host(monkeypatch, host)
+    dev = Flux(
+        is_sd1=False, is_sdxl=False, model_config=SimpleNamespace(huggingface_repo="black-forest-labs/FLUX.1-dev")
+    )
+    schnell = Flux(model_config=SimpleNamespace(huggingface_repo="black-forest-labs/FLUX.1-schnell"))
+    assert forge._family(dev) == "flux"
+    assert forge._family(schnell) == "FLUX.1-schnell"
+    flux_mode = M.resolve("(FLUX) Only Generate Transparent Image")
+    M.check_family(flux_mode, "flux")
+    with pytest.raises(
+        LayerDiffuseError, match=r"needs a FLUX.1-dev checkpoint, but the loaded model is FLUX.1-schnell"
+    ):
+        M.check_family(flux_mode, forge._family(schnell))
+    with pytest.raises(
+        LayerDiffuseError, match=r"needs an SDXL checkpoint, but the loaded model is FLUX.1-dev.*\(FLUX\)"
+    ):
+        M.check_family(M.DEFAULT, "flux")
+
+
+def flux_gen(host_lora, stop_at=1.0, weight=1.0):
+    host_lora.files["layerlora.safetensors"] = {"lora_unet_diffusion_model_proj.lora_up.weight": torch.ones(1)}
+    settings = Settings.from_dict({"enabled": True, "method": "FG_ONLY_FLUX", "stop_at": stop_at, "weight": weight})
+
+    class FluxHost(StandInHost):
+        def weight_path(self, name):
+            assert name in ("layerlora", "TransparentVAE")
+            return Path(f"{name}.safetensors")
+
+    return Generation(FluxHost({}), settings, "flux", 1, 64, 64, ["p"])
+
+
+@pytest.fixture
+def lora_file_checks(monkeypatch, host_lora):
+    """The finite check reads the LoRA file once per version: the stand-in file is in memory."""
+    monkeypatch.setattr(pipeline, "load_unet_file", lambda path: host_lora.files[str(path)])
+    monkeypatch.setattr(pipeline, "_file_stamp", lambda path: (str(path), len(host_lora.files[str(path)])))
+    pipeline._FINITE.clear()
+
+
+@pytest.mark.parametrize("host", ["forge2", "neo"])
+def test_flux_lora_goes_through_the_host_and_is_checked_merged(monkeypatch, host_lora, lora_file_checks, host):
+    patcher_cls, _ = use_host(monkeypatch, host)
+    dm = sdxl_like()
+    p = make_p(patcher_cls, dm, Flux(is_sd1=False, is_sdxl=False))
+    original = p.sd_model.forge_objects.unet
+    gen = flux_gen(host_lora, weight=0.7)
+    x = torch.zeros(1, 4, 8, 8)
+    gen.begin_sampling(p, x)
+    assert gen.error is None
+    unet = p.sd_model.forge_objects.unet
+    assert unet is not original and not original.patches  # a clone carries the LoRA
+    assert (
+        list(unet.patches) == ["diffusion_model.proj.weight"]
+        and unet.patches["diffusion_model.proj.weight"][0][0] == 0.7
+    )
+    with torch.no_grad():
+        dm.proj.weight.add_(0.25)  # the host merges the LoRA when it loads the model for sampling
+        unet.run(x, sigma=5.0)
+    gen.end_sampling()
+    gen.check_ran()
+    assert p.sd_model.forge_objects.unet is original
+    gen.close()
+
+
+def test_flux_lora_not_merged_is_refused(monkeypatch, host_lora, lora_file_checks):
+    patcher_cls, _ = use_host(monkeypatch, "forge2")
+    p = make_p(patcher_cls, sdxl_like(), Flux(is_sd1=False, is_sdxl=False))
+    gen = flux_gen(host_lora)
+    gen.begin_sampling(p, torch.zeros(1, 4, 8, 8))
+    with pytest.raises(LayerDiffuseError, match=r"did not merge layerlora.safetensors into the model"):
+        p.sd_model.forge_objects.unet.run(torch.zeros(1, 4, 8, 8), sigma=5.0)  # weights unchanged
+    gen.end_sampling()
+    with pytest.raises(LayerDiffuseError, match="did not take part"):
+        gen.check_ran()
+    gen.close()
+
+
+def test_flux_lora_nan_is_refused_before_sampling(monkeypatch, host_lora, lora_file_checks):
+    patcher_cls, _ = use_host(monkeypatch, "forge2")
+    p = make_p(patcher_cls, sdxl_like(), Flux(is_sd1=False, is_sdxl=False))
+    original = p.sd_model.forge_objects.unet
+    gen = flux_gen(host_lora)
+    host_lora.files["layerlora.safetensors"]["lora_unet_diffusion_model_proj.lora_up.weight"] = torch.tensor(
+        [float("nan")]
+    )
+    gen.begin_sampling(p, torch.zeros(1, 4, 8, 8))
+    assert "layerlora.safetensors holds non-finite values: lora_unet_diffusion_model_proj" in gen.error
+    with pytest.raises(LayerDiffuseError):
+        p.sd_model.forge_objects.unet.run(torch.zeros(1, 4, 8, 8), sigma=5.0)  # sampling cannot run
+    gen.close()
+    assert p.sd_model.forge_objects.unet is original
+
+
+def test_flux_stop_at_switches_to_the_unpatched_model(monkeypatch, host_lora, lora_file_checks):
+    patcher_cls, _ = use_host(monkeypatch, "forge2")
+    dm = sdxl_like()
+    p = make_p(patcher_cls, dm, Flux(is_sd1=False, is_sdxl=False))
+    gen = flux_gen(host_lora, stop_at=0.5)  # sigma_end 5.0 on the stand-in predictor
+    gen.begin_sampling(p, torch.zeros(1, 4, 8, 8))
+    unet = p.sd_model.forge_objects.unet
+    assert unet.model_options.get("conditioning_modifiers")  # the official Stop At route
+    with torch.no_grad():
+        dm.proj.weight.add_(0.25)
+        unet.run(torch.zeros(1, 4, 8, 8), sigma=8.0)
+    assert gen.session.calls == 1
+    gen.end_sampling()
+    gen.check_ran()
+    gen.close()
+
+
+def test_flux_decode_reads_the_raw_unclipped_decode_and_the_unscaled_latent(monkeypatch, host_lora):
+    """The Flux decode's inputs as the reference makes them (docs/hosts.md §4): the host VAE's raw
+    decode x * 0.5 + 0.5 without clipping, and z / scale + shift; RGBA comes back alpha first."""
+    from lib_layerdiffuse import flux
+
+    seen = {}
+
+    def spy(decoder, pixel, latent, **knobs):
+        seen.update(pixel=pixel, latent=latent, knobs=knobs)
+        out = torch.zeros(1, 4, *pixel.shape[-2:])
+        out[:, 0] = 0.25  # alpha first
+        return out
+
+    monkeypatch.setattr(flux, "decode_rgba", spy)
+    raw = torch.linspace(-1.2, 1.2, 3 * 64 * 64).reshape(1, 3, 64, 64)  # overshoots [-1, 1]
+
+    class FluxVAEHost(StandInHost):
+        def device_dtype(self, p):
+            return torch.device("cpu"), torch.float32
+
+        def low_vram(self):
+            return False
+
+        def latent_format(self, p):
+            return 0.3611, 0.1159
+
+        def vae_decode(self, p, latent):
+            seen["decoded"] = latent.clone()
+            return raw
+
+    settings = Settings.from_dict({"enabled": True, "method": "FG_ONLY_FLUX"})
+    gen = Generation(FluxVAEHost({}), settings, "flux", 1, 64, 64, ["p"])
+    z = torch.randn(1, 16, 8, 8)
+    host_pixels = torch.rand(1, 3, 64, 64)  # the host's clamped 8-bit decode: not what Flux reads
+    gen.decode_batch(SimpleNamespace(), 0, z, host_pixels)
+    want_latent = z / 0.3611 + 0.1159
+    assert torch.allclose(seen["latent"], want_latent) and torch.allclose(seen["decoded"], want_latent)
+    assert torch.equal(seen["pixel"], raw * 0.5 + 0.5) and seen["pixel"].max() > 1.0  # not clipped
+    assert seen["knobs"]["passes"] == 8
+    rgba = gen.take(0)
+    assert rgba.shape == (64, 64, 4) and np.allclose(rgba[..., 3], 0.25)  # alpha last in the image
+
+
+def test_flux_img2img_offset_uses_the_flux_encoder(monkeypatch):
+    from lib_layerdiffuse import flux
+
+    calls = []
+    monkeypatch.setattr(flux, "encode_offset", lambda enc, rgba: (calls.append(len(rgba)), torch.ones(1, 16, 8, 8))[1])
+    monkeypatch.setattr(pipeline, "encode_offset", lambda enc, rgba: pytest.fail("the SD encoder was used"))
+
+    class FluxVAEHost(StandInHost):
+        def device_dtype(self, p):
+            return torch.device("cpu"), torch.float32
+
+        def low_vram(self):
+            return False
+
+        def vae_moments(self, p, rgb):
+            return torch.zeros(1, 16, 8, 8), torch.full((1, 16, 8, 8), 0.5)
+
+    settings = Settings.from_dict({"enabled": True, "method": "FG_ONLY_FLUX"})
+    gen = Generation(FluxVAEHost({}), settings, "flux", 1, 64, 64, ["p"])
+    adjusted = gen.encode_init(SimpleNamespace(), [np.random.default_rng(0).random((64, 64, 4), dtype=np.float32)])
+    assert calls == [1] and torch.allclose(adjusted, torch.full((1, 16, 8, 8), 0.5))  # mean + std * offset

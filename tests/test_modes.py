@@ -21,7 +21,7 @@ OFFICIAL = [
 
 
 def test_labels_and_default():
-    assert M.LABELS == OFFICIAL
+    assert M.LABELS == [*OFFICIAL, "(FLUX) Only Generate Transparent Image"]  # the official ten, then ours
     assert M.DEFAULT.label == "(SDXL) Only Generate Transparent Image (Attention Injection)"
 
 
@@ -38,7 +38,10 @@ def test_every_file_is_in_the_weight_table():
     for m in M.MODES:
         assert W.FILES[m.unet_file].family == m.family
         for f in (m.decoder_file, m.encoder_file):
-            assert f is None or (W.FILES[f].family == m.family and W.FILES[f].role in ("decoder", "encoder"))
+            # the Flux decoder and encoder are one file (role flux_vae)
+            assert f is None or (
+                W.FILES[f].family == m.family and W.FILES[f].role in ("decoder", "encoder", "flux_vae")
+            )
 
 
 @pytest.mark.parametrize(
@@ -85,8 +88,10 @@ def test_family_refusals_name_both():
         M.check_family(M.resolve("JOINT_SD15"), "sdxl")
     with pytest.raises(ValueError, match=r"needs an SDXL checkpoint, but the loaded model is SD1.5.*\(SD1.5\) method"):
         M.check_family(M.resolve("FG_ONLY_ATTN"), "sd15")
-    with pytest.raises(ValueError, match="loaded model is flux.*SD1.5 and SDXL models only"):
+    with pytest.raises(ValueError, match=r"loaded model is FLUX.1-dev. Load an SDXL checkpoint or pick a \(FLUX\)"):
         M.check_family(M.resolve("FG_ONLY_ATTN"), "flux")
+    with pytest.raises(ValueError, match=r"loaded model is Chroma.*supports SD1.5, SDXL and FLUX.1-dev"):
+        M.check_family(M.resolve("FG_ONLY_FLUX"), "Chroma")
     with pytest.raises(ValueError, match="unrecognised architecture"):
         M.check_family(M.resolve("FG_ONLY_ATTN"), None)
 

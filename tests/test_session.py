@@ -78,7 +78,7 @@ def test_random_sequences_restore_bit_exactly(trees):
     modules = {f: {n: m for n, m in t.named_modules()} for f, t in trees.items()}
     counts = {"ok": 0, "raised": 0, "refused": 0}
     for _ in range(30):
-        mode = rng.choice(M.MODES)
+        mode = rng.choice([m for m in M.MODES if m.family in trees])  # Flux: tests/test_hosts_forge.py
         family = mode.family if rng.random() < 0.85 else ("sdxl" if mode.family == "sd15" else "sd15")
         unet = trees[family]
         fail_at = rng.choice([None, None, "after_install", "mid_sampling", "after_stop"])
@@ -143,3 +143,12 @@ def test_wrong_file_for_the_mode(trees):
 def test_empty_patch_file_is_refused(trees):
     with pytest.raises(PatchError, match="layer_xl_transparent_attn.safetensors holds no patches"):
         session_for(trees["sdxl"], M.resolve("FG_ONLY_ATTN"), {})
+
+
+def test_a_module_backend_refuses_a_host_lora_mode(trees):
+    """A1111 has no Flux and no host LoRA route: the Flux mode is refused, nothing installed."""
+    from lib_layerdiffuse.session import ModuleBackend, UNetSession
+
+    unet = trees["sdxl"]
+    with pytest.raises(LayerDiffuseError, match="needs a host that loads LoRA files"):
+        UNetSession(ModuleBackend(unet, lambda t: t), M.resolve("FG_ONLY_FLUX"), lora="layerlora.safetensors")

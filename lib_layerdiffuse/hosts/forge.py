@@ -80,11 +80,23 @@ def add_patches_neo(unet, filename: str, patches: dict, strength: float):
     return unet.add_patches(patches, strength, 1.0)
 
 
+def family_flux(sd_model) -> str | None:
+    """FLUX.1-dev and its fine-tunes: the host's ``Flux`` engine without schnell's schedule (the
+    LayerDiffuse LoRA was trained on dev). None: not a Flux engine."""
+    if type(sd_model).__name__ != "Flux":
+        return None
+    repo = str(getattr(getattr(sd_model, "model_config", None), "huggingface_repo", "") or "")
+    return "FLUX.1-schnell" if "schnell" in repo.lower() else "flux"
+
+
 def family_forge2(sd_model) -> str | None:
     if getattr(sd_model, "is_sd1", False):
         return "sd15"
     if getattr(sd_model, "is_sdxl", False):
         return "sdxl"
+    flux = family_flux(sd_model)
+    if flux is not None:
+        return flux
     for flag, name in (("is_sd2", "SD2"), ("is_sd3", "SD3")):
         if getattr(sd_model, flag, False):
             return name
@@ -92,11 +104,14 @@ def family_forge2(sd_model) -> str | None:
 
 
 def family_neo(sd_model) -> str | None:
-    """Neo also loads Flux, Flux2, Chroma, Qwen-Image, Lumina, Z-Image, Anima and Wan: named by engine."""
+    """Neo also loads Flux2, Chroma, Qwen-Image, Lumina, Z-Image, Anima and Wan: named by engine."""
     if getattr(sd_model, "is_sd1", False):
         return "sd15"
     if getattr(sd_model, "is_sdxl", False):
         return "sdxl"
+    flux = family_flux(sd_model)
+    if flux is not None:
+        return flux
     return type(sd_model).__name__
 
 
@@ -124,6 +139,40 @@ def host_patches(patches: dict[str, Patch], params: dict, source: str) -> dict:
     return out
 
 
+def host_lora_patches(unet, path) -> tuple[dict, str]:
+    """A LoRA file parsed by the host's own loader for ``unet`` (a patcher clone): the host's key
+    map (diffusers/kohya names onto fused Flux weights, with slices) and its patch objects.
+    A file none of whose keys map onto the model is refused, naming a few."""
+    from backend.patcher import lora as host_lora  # type: ignore
+    from backend.utils import load_torch_file  # type: ignore
+
+    state = load_torch_file(str(path), safe_load=True)
+    key_map = host_lora.model_lora_keys_unet(unet.model, {})  # a fresh dict: the host's default is shared
+    patches, unmatched = host_lora.load_lora(state, key_map)
+    name = Path(str(path)).name
+    if not patches:
+        few = ", ".join(sorted(state)[:3])
+        raise PatchError(
+            f"{name}: none of its {len(state)} keys map onto the loaded model (e.g. {few}); it was made for "
+            "another model."
+        )
+    if unmatched:
+        log.warning("LayerDiffuse: %s: %d keys do not map onto this model", name, len(unmatched))
+    return patches, name
+
+
+def _probe_rows(model, target) -> tuple[str, slice, torch.Tensor] | None:
+    """A few rows of one patched weight as they are now: (name, rows, values)."""
+    key, offset = (target[0], target[1]) if isinstance(target, tuple) else (target, None)
+    try:
+        param = model.get_parameter(key)
+    except AttributeError:
+        return None
+    start = int(offset[1]) if offset is not None and int(offset[0]) == 0 else 0
+    rows = slice(start, start + 8)
+    return key, rows, param.detach()[rows].float().cpu().clone()
+
+
 class ForgeBackend(UNetBackend):
     """One pass on a clone of the host's ``UnetPatcher``, assigned to ``forge_objects.unet``.
 
@@ -131,6 +180,8 @@ class ForgeBackend(UNetBackend):
     per UNet call, swaps the SD1.5 units in only while the UNet runs and adds ``c_concat``.
     After :meth:`restore` it is inert (other code may still hold clones of our clone).
     """
+
+    loads_lora = True
 
     def __init__(self, forge_objects, sampler=None):
         self.objects = forge_objects  # the host's shared namespace; never p
@@ -140,6 +191,7 @@ class ForgeBackend(UNetBackend):
         self.clone = None
         self.session: UNetSession | None = None
         self.message: str | None = None  # abort(): every UNet call raises this
+        self.probes: list | None = None  # host_lora: weights as before the host merges the LoRA
 
     def __deepcopy__(self, memo):
         # UnetPatcher.clone() deep-copies model_options: a copy would copy the units and the UNet
@@ -161,8 +213,15 @@ class ForgeBackend(UNetBackend):
                 raise PatchError(
                     f"{HOST_NAME} accepted {len(accepted)} of the {len(values)} patches of {session.source}."
                 )
-            if session.sigma_end > 0:
-                clone.add_conditioning_modifier(self._unpatched_below)
+        if session.lora is not None:
+            patches, name = host_lora_patches(clone, session.lora)
+            # keywords: Forge2's signature is keyword-only, and Neo takes patches with a filename
+            # and online_mode as a LoRA; online_mode off merges them when the host loads the model
+            clone.add_patches(filename=name, patches=patches, strength_patch=session.weight, strength_model=1.0,
+                              online_mode=False)  # fmt: skip
+            self.probes = [pr for pr in (_probe_rows(clone.model, t) for t in list(patches)[:4]) if pr is not None]
+        if (session.patches is not None or session.lora is not None) and session.sigma_end > 0:
+            clone.add_conditioning_modifier(self._unpatched_below)
         self._assign(clone)
         self.capture.install(session)
 
@@ -173,6 +232,8 @@ class ForgeBackend(UNetBackend):
         session = self.session
         if session is None:  # the pass is over: behave as the host would
             return apply_model(x, t, **c)
+        if self.probes is not None:
+            self._check_merged()
         active = session.step(t)
         if session.condition is not None:
             if active:
@@ -191,6 +252,20 @@ class ForgeBackend(UNetBackend):
             return apply_model(x, t, **c)
         finally:
             sharing.restore()
+
+    def _check_merged(self) -> None:
+        """host_lora: by the first UNet call the host has merged the LoRA (at model load); if no
+        probed weight changed, sampling would run without it. Checked once per pass."""
+        probes, self.probes = self.probes, None
+        model = self.clone.model
+        for key, rows, before in probes:
+            now = model.get_parameter(key).detach()[rows].float().cpu()
+            if not torch.equal(now, before):
+                return
+        raise PatchError(
+            f"{HOST_NAME} did not merge {Path(str(self.session.lora)).name} into the model (the weights it patches "
+            "are unchanged at the first sampling step), so the image would not be transparent."
+        )
 
     def _unpatched_below(self, model, x, timestep, uncond, cond, cond_scale, model_options, seed):
         """Stop At for weight patches (the official way): below ``sigma_end`` sample with the
@@ -215,7 +290,7 @@ class ForgeBackend(UNetBackend):
             self.session.sharing.restore()  # idempotent; the wrapper already restored in finally
         if self.clone is not None and self.objects.unet is self.clone:
             self.objects.unet = self.original
-        self.clone = self.session = self.message = None
+        self.clone = self.session = self.message = self.probes = None
 
     def abort(self, message: str) -> None:
         self.message = message
@@ -262,24 +337,9 @@ class ForgeHost(WebUIHost):
 
     def load_lora(self, p, path, weight: float) -> None:
         """The host's own LoRA route on a clone of the current patcher (its key mapping onto
-        fused weights, its merge, restore and memory management), assigned for this pass.
-        A file none of whose keys map onto the model is refused, naming a few."""
-        from backend.patcher import lora as host_lora  # type: ignore
-        from backend.utils import load_torch_file  # type: ignore
-
-        state = load_torch_file(str(path), safe_load=True)
+        fused weights, its merge, restore and memory management), assigned for this pass."""
         unet = p.sd_model.forge_objects.unet.clone()
-        key_map = host_lora.model_lora_keys_unet(unet.model, {})  # a fresh dict: the host's default is shared
-        patches, unmatched = host_lora.load_lora(state, key_map)
-        name = Path(str(path)).name
-        if not patches:
-            few = ", ".join(sorted(state)[:3])
-            raise PatchError(
-                f"{name}: none of its {len(state)} keys map onto the loaded model (e.g. {few}); "
-                "it was made for another model."
-            )
-        if unmatched:
-            log.warning("LayerDiffuse: %s: %d keys do not map onto this model", name, len(unmatched))
+        patches, name = host_lora_patches(unet, path)
         unet.add_patches(filename=name, patches=patches, strength_patch=weight, strength_model=1.0, online_mode=False)
         p.sd_model.forge_objects.unet = unet
 
