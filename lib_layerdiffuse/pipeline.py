@@ -405,6 +405,7 @@ class Generation:
         self.error, self.unran, self.passes, self.ran_passes = None, [], 0, 0
         if error:
             raise LayerDiffuseError(error)
+        self._stop_if_interrupted()  # an interrupt before the first step is not another extension's doing
         if passes == 0:
             raise LayerDiffuseError(
                 "its UNet changes were never installed for this sampling (another extension may have replaced "

@@ -78,6 +78,7 @@ def env(tmp_path_factory):
         sys.modules[SCRIPT] = mod
         spec.loader.exec_module(mod)
         assert mod.HOST_ID == "a1111" and mod.host is not None
+        assert "layerdiffuse_decode_passes" in fake.shared.opts.data_labels  # at import: API-only servers
         fake.script_callbacks.ui_settings_callback()  # the host builds its settings page at start-up
         yield SimpleNamespace(fake=fake, mod=mod, host=mod.host, root=root, models=models)
     finally:
@@ -1071,3 +1072,15 @@ def test_xyz_values_do_not_enable_a_disabled_script(ctx, xyz):
     args[0] = False
     processed = fa.process_images(p, ctx.env.mod.LayerDiffuseScript(), args)
     assert processed.images[0].mode == "RGB" and "layerdiffusion" not in processed.infotexts[0]
+
+
+def test_interrupt_before_the_first_step_says_so(ctx, monkeypatch):
+    shown = []
+    state = RecordingState(shown)
+    state.interrupted = True  # Interrupt pressed as the job started: the sampler returns at once
+    monkeypatch.setattr(ctx.env.fake.shared, "state", state)
+    monkeypatch.setattr(fa.Sampler, "sample", lambda self, p, x, *a, **k: x)  # no UNet call
+    p = fa.Txt2Img(ctx.model, ctx.outpath, batch_size=1)
+    with pytest.raises(RuntimeError, match=r"^LayerDiffuse: the generation was interrupted"):
+        fa.process_images(p, ctx.env.mod.LayerDiffuseScript(), positional(TRANSPARENT))
+    assert ctx.env.fake.images.saved == []

@@ -443,9 +443,14 @@ class WebUIHost(Host):
     def register_callbacks(self) -> None:
         from modules import script_callbacks  # type: ignore
 
+        # now as well as in the callbacks: API-only servers (--nowebui) run no on_ui_settings (the
+        # options would be missing from /sdapi/v1/options), and the X/Y/Z plot builds its axis list
+        # when the scripts are set up, before app_started; the host's scripts/ load before extensions
+        self.add_settings()
+        add_xyz_axes()
         script_callbacks.on_ui_settings(self.add_settings)
-        script_callbacks.on_before_ui(add_xyz_axes)  # the UI builds the X/Y/Z plot's axis list after this
-        script_callbacks.on_app_started(lambda *a, **k: add_xyz_axes())  # API-only servers have no UI
+        script_callbacks.on_before_ui(add_xyz_axes)
+        script_callbacks.on_app_started(lambda *a, **k: add_xyz_axes())
         script_callbacks.on_before_image_saved(before_image_saved)
         script_callbacks.on_image_saved(check_saved)
         script_callbacks.on_app_started(lambda *a, **k: self._started())
