@@ -235,6 +235,7 @@ class WebUIHost(Host):
             if o.help and hasattr(info, "info"):
                 info = info.info(o.help)
             shared.opts.add_option(o.key, info)
+        _extend_api_options_model()
 
     # -- progress ---------------------------------------------------------------------------
 
@@ -459,10 +460,39 @@ class WebUIHost(Host):
         """At start-up: PNG for our API images, and leftovers of interrupted writes and downloads
         in the models folder removed (A1111's downloader would take a stale .part as complete)."""
         install_api_png()
+        self.add_settings()  # again: a settings load after import replaces opts.data (Neo API-only)
         try:
             clean_partial_downloads(self.models_dir())
         except WeightFileError as e:
             log.warning("LayerDiffuse: %s", e)
+
+
+def _extend_api_options_model() -> None:
+    """``/sdapi/v1/options`` answers through a pydantic model the host builds from the options
+    known when ``modules.api.models`` is first imported, which can be before extensions load: then
+    our options are filtered out of the answer. The model gains them here (before the API adds its
+    routes); a model built later reads them from ``opts.data_labels`` itself."""
+    import sys
+
+    models = sys.modules.get("modules.api.models")
+    model = getattr(models, "OptionsModel", None)
+    if model is None:
+        return
+    try:
+        from typing import Optional
+
+        from pydantic import Field, create_model
+
+        have = getattr(model, "model_fields", None) or getattr(model, "__fields__", {})
+        missing = {
+            o.key: (Optional[type(o.default)], Field(default=o.default, description=o.label))  # noqa: UP045
+            for o in OPTIONS
+            if o.key not in have
+        }
+        if missing:
+            models.OptionsModel = create_model("Options", __base__=model, **missing)
+    except Exception as e:  # the settings still work; only the API listing lacks them
+        log.warning("LayerDiffuse: could not add the settings to the API's options model: %s", e)
 
 
 def _init_rgba(gen, index: int, size) -> np.ndarray:
