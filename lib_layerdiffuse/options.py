@@ -79,7 +79,8 @@ class DecodeOptions:
         """From the host's options (``get(key, default)``), checked: ``override_settings`` in the
         API sets options without checking them, so a bad value is refused here, by name."""
         v = {name: get(f"layerdiffuse_{name}", BY_KEY[f"layerdiffuse_{name}"].default) for name in _NAMES}
-        v["passes"] = _choice("layerdiffuse_decode_passes", get("layerdiffuse_decode_passes", 8), int)
+        key = "layerdiffuse_decode_passes"  # the one option whose name is not layerdiffuse_<field>
+        v["passes"] = _choice(key, get(key, BY_KEY[key].default), int)
         v["tiling"] = _choice("layerdiffuse_tiling", v["tiling"], str)
         v["tile_size"] = _number("layerdiffuse_tile_size", v["tile_size"], int)
         if v["tile_size"] % MULTIPLE:

@@ -211,6 +211,15 @@ def _file_stamp(path) -> tuple:
     return str(path), st.st_size, st.st_mtime_ns
 
 
+def _check_finite_once(path, state: dict | None = None) -> None:
+    """Refuse a UNet-side file with NaN/Inf values; checked once per file version (``state``:
+    the file already read, else it is read here only when the check is due)."""
+    stamp = _file_stamp(path)
+    if stamp not in _FINITE:
+        check_finite(state if state is not None else load_unet_file(path), path)
+        _FINITE.add(stamp)
+
+
 def release_models() -> None:
     """Forget the cached transparent decoder and encoder (the next decode loads them again)."""
     _MODELS.clear()
@@ -284,22 +293,15 @@ class Generation:
     def _file_state(self) -> dict:
         if self._state is None:
             path = self.host.weight_path(self.mode.unet_file)
-            state = load_unet_file(path)
-            stamp = _file_stamp(path)
-            if stamp not in _FINITE:  # all values finite: checked once per file version
-                check_finite(state, path)
-                _FINITE.add(stamp)
-            self._state = state
+            self._state = load_unet_file(path)
+            _check_finite_once(path, self._state)
         return self._state
 
     def _checked_lora(self) -> Path:
         """host_lora modes: the LoRA file the host's loader reads, its values checked finite once
         per file version (its keys are checked against the model by the host's key map)."""
         path = self.host.weight_path(self.mode.unet_file)
-        stamp = _file_stamp(path)
-        if stamp not in _FINITE:
-            check_finite(load_unet_file(path), path)
-            _FINITE.add(stamp)
+        _check_finite_once(path)
         return path
 
     def _units(self, backend: UNetBackend, device, dtype) -> AttentionSharing | None:

@@ -161,6 +161,15 @@ def host_lora_patches(unet, path) -> tuple[dict, str]:
     return patches, name
 
 
+def add_host_lora(unet, path, weight: float) -> dict:
+    """The LoRA file on ``unet`` (a patcher clone) through the host's loader; returns its patches."""
+    patches, name = host_lora_patches(unet, path)
+    # keywords: Forge2's signature is keyword-only, and Neo takes patches with a filename and
+    # online_mode as a LoRA; online_mode off merges them when the host loads the model
+    unet.add_patches(filename=name, patches=patches, strength_patch=weight, strength_model=1.0, online_mode=False)
+    return patches
+
+
 def _probe_rows(model, target) -> tuple[str, slice, torch.Tensor] | None:
     """A few rows of one patched weight as they are now: (name, rows, values)."""
     key, offset = (target[0], target[1]) if isinstance(target, tuple) else (target, None)
@@ -214,11 +223,7 @@ class ForgeBackend(UNetBackend):
                     f"{HOST_NAME} accepted {len(accepted)} of the {len(values)} patches of {session.source}."
                 )
         if session.lora is not None:
-            patches, name = host_lora_patches(clone, session.lora)
-            # keywords: Forge2's signature is keyword-only, and Neo takes patches with a filename
-            # and online_mode as a LoRA; online_mode off merges them when the host loads the model
-            clone.add_patches(filename=name, patches=patches, strength_patch=session.weight, strength_model=1.0,
-                              online_mode=False)  # fmt: skip
+            patches = add_host_lora(clone, session.lora, session.weight)
             self.probes = [pr for pr in (_probe_rows(clone.model, t) for t in list(patches)[:4]) if pr is not None]
         if (session.patches is not None or session.lora is not None) and session.sigma_end > 0:
             clone.add_conditioning_modifier(self._unpatched_below)
@@ -339,8 +344,7 @@ class ForgeHost(WebUIHost):
         """The host's own LoRA route on a clone of the current patcher (its key mapping onto
         fused weights, its merge, restore and memory management), assigned for this pass."""
         unet = p.sd_model.forge_objects.unet.clone()
-        patches, name = host_lora_patches(unet, path)
-        unet.add_patches(filename=name, patches=patches, strength_patch=weight, strength_model=1.0, online_mode=False)
+        add_host_lora(unet, path, weight)
         p.sd_model.forge_objects.unet = unet
 
     def low_vram(self) -> bool:
