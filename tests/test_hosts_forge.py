@@ -130,11 +130,41 @@ class KModel(nn.Module):
         return x[:, :4]
 
 
+class FakeLoraLoader:
+    """The hosts' ``LoraLoader`` (one per model, shared by every clone): ``refresh`` puts the
+    base weights back from ``backup`` and merges the patches in place, and does nothing when the
+    patch list is the one merged last (``loaded_hash``). The stand-in merge adds 0.25 x strength."""
+
+    def __init__(self, model):
+        self.model, self.backup, self.loaded_hash = model, {}, str([])
+
+    @torch.no_grad()
+    def refresh(self, patches):
+        hashes = str(sorted((k, [e[0] for e in v]) for k, v in patches.items()))
+        if hashes == self.loaded_hash:
+            return
+        for k, w in self.backup.items():
+            self.model.get_parameter(k).copy_(w)
+        self.backup = {}
+        for k, entries in patches.items():
+            weight = self.model.get_parameter(k)
+            self.backup[k] = weight.detach().clone()
+            weight.add_(0.25 * sum(e[0] for e in entries))
+        self.loaded_hash = hashes
+
+
 class BasePatcher:
     def __init__(self, model):
         self.model = model
         self.model_options = {"transformer_options": {}}
         self.patches = {}
+        if not hasattr(model, "lora_loader"):
+            model.lora_loader = FakeLoraLoader(model)
+        self.lora_loader = model.lora_loader
+
+    def load(self):
+        """The host's model load for sampling: the LoRA patches are merged (or kept) here."""
+        self.lora_loader.refresh(self.patches)
 
     def clone(self):
         n = self.__class__(self.model)
@@ -795,6 +825,33 @@ def test_flux_lora_goes_through_the_host_and_is_checked_merged(monkeypatch, host
     gen.check_ran()
     assert p.sd_model.forge_objects.unet is original
     gen.close()
+
+
+@pytest.mark.parametrize("host", ["forge2", "neo"])
+def test_flux_lora_still_merged_from_the_last_generation_counts(monkeypatch, host_lora, lora_file_checks, host):
+    """The host merges a LoRA again only when the patch list changed: the second of two identical
+    generations starts with the LoRA merged and is accepted; one at another strength re-merges,
+    a generation without it restores the base (seen on a real Neo, docs/hosts.md §4)."""
+    patcher_cls, _ = use_host(monkeypatch, host)
+    dm = sdxl_like()
+    p = make_p(patcher_cls, dm, Flux(is_sd1=False, is_sdxl=False))
+    original = p.sd_model.forge_objects.unet
+    base = dm.proj.weight.detach().clone()
+    x = torch.zeros(1, 4, 8, 8)
+    for weight in (1.0, 1.0, 0.5, 0.5):
+        gen = flux_gen(host_lora, weight=weight)
+        gen.begin_sampling(p, x)
+        unet = p.sd_model.forge_objects.unet
+        unet.load()
+        with torch.no_grad():
+            unet.run(x, sigma=5.0)
+        gen.end_sampling()
+        gen.check_ran()
+        gen.close()
+        assert p.sd_model.forge_objects.unet is original
+        assert torch.allclose(dm.proj.weight, base + 0.25 * weight)
+    original.load()  # a plain generation
+    assert torch.equal(dm.proj.weight, base)
 
 
 def test_flux_lora_not_merged_is_refused(monkeypatch, host_lora, lora_file_checks):

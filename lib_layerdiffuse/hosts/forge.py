@@ -170,16 +170,23 @@ def add_host_lora(unet, path, weight: float) -> dict:
     return patches
 
 
-def _probe_rows(model, target) -> tuple[str, slice, torch.Tensor] | None:
-    """A few rows of one patched weight as they are now: (name, rows, values)."""
+def _probe_rows(patcher, target) -> tuple[str, slice, torch.Tensor] | None:
+    """A few rows of one patched weight as the base model has them: (name, rows, values).
+
+    Both hosts merge LoRAs in place and keep the weights as they were before in
+    ``lora_loader.backup``; they merge again only when the set of patches changed. A LoRA still
+    merged from the previous generation is the base plus the LoRA now, so the base is read from
+    the backup where the key has one (docs/hosts.md §4)."""
     key, offset = (target[0], target[1]) if isinstance(target, tuple) else (target, None)
     try:
-        param = model.get_parameter(key)
+        param = patcher.model.get_parameter(key)
     except AttributeError:
         return None
+    backup = getattr(getattr(patcher, "lora_loader", None), "backup", None) or {}
+    base = backup.get(key, param)
     start = int(offset[1]) if offset is not None and int(offset[0]) == 0 else 0
     rows = slice(start, start + 8)
-    return key, rows, param.detach()[rows].float().cpu().clone()
+    return key, rows, base.detach()[rows].float().cpu().clone()
 
 
 class ForgeBackend(UNetBackend):
@@ -200,7 +207,7 @@ class ForgeBackend(UNetBackend):
         self.clone = None
         self.session: UNetSession | None = None
         self.message: str | None = None  # abort(): every UNet call raises this
-        self.probes: list | None = None  # host_lora: weights as before the host merges the LoRA
+        self.probes: list | None = None  # host_lora: base weights, to see the host merged the LoRA
 
     def __deepcopy__(self, memo):
         # UnetPatcher.clone() deep-copies model_options: a copy would copy the units and the UNet
@@ -224,7 +231,7 @@ class ForgeBackend(UNetBackend):
                 )
         if session.lora is not None:
             patches = add_host_lora(clone, session.lora, session.weight)
-            self.probes = [pr for pr in (_probe_rows(clone.model, t) for t in list(patches)[:4]) if pr is not None]
+            self.probes = [pr for pr in (_probe_rows(clone, t) for t in list(patches)[:4]) if pr is not None]
         if (session.patches is not None or session.lora is not None) and session.sigma_end > 0:
             clone.add_conditioning_modifier(self._unpatched_below)
         self._assign(clone)
@@ -259,17 +266,18 @@ class ForgeBackend(UNetBackend):
             sharing.restore()
 
     def _check_merged(self) -> None:
-        """host_lora: by the first UNet call the host has merged the LoRA (at model load); if no
-        probed weight changed, sampling would run without it. Checked once per pass."""
+        """host_lora: by the first UNet call the host has merged the LoRA (at model load, or it is
+        still merged from the previous generation); if every probed weight equals the base,
+        sampling would run without it. Checked once per pass."""
         probes, self.probes = self.probes, None
         model = self.clone.model
-        for key, rows, before in probes:
+        for key, rows, base in probes:
             now = model.get_parameter(key).detach()[rows].float().cpu()
-            if not torch.equal(now, before):
+            if not torch.equal(now, base):
                 return
         raise PatchError(
             f"{HOST_NAME} did not merge {Path(str(self.session.lora)).name} into the model (the weights it patches "
-            "are unchanged at the first sampling step), so the image would not be transparent."
+            "equal the base model's at the first sampling step), so the image would not be transparent."
         )
 
     def _unpatched_below(self, model, x, timestep, uncond, cond, cond_scale, model_options, seed):
