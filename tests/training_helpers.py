@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -37,14 +38,16 @@ TINY_UNET_SDXL = dict(in_channels=4, model_channels=32, out_channels=4, num_res_
                       use_linear_in_transformer=True, adm_in_channels=16 + 6 * 256)  # fmt: skip
 
 
-def tiny_checkpoint_state(family: str = "sd15", seed: int = 0, extras: bool = True) -> dict:
+def tiny_checkpoint_state(family: str = "sd15", seed: int = 0, extras: bool = True, unet: dict | None = None) -> dict:
     """A tiny SD1.5- or SDXL-shaped single-file state (fp32): every part with its real prefix
-    and names, random weights (norms at 1), plus the extras real files carry."""
+    and names, random weights (norms at 1), plus the extras real files carry. ``unet``
+    overrides entries of the tiny UNet config."""
     from lib_layerdiffuse import ldm_unet
     from lib_layerdiffuse.training import sd_models as m
 
     torch.manual_seed(seed)
-    parts = {"model.diffusion_model.": ldm_unet.UNetModel(**(TINY_UNET_SD15 if family == "sd15" else TINY_UNET_SDXL)),
+    unet_cfg = {**(TINY_UNET_SD15 if family == "sd15" else TINY_UNET_SDXL), **(unet or {})}
+    parts = {"model.diffusion_model.": ldm_unet.UNetModel(**unet_cfg),
              "first_stage_model.": m.LDMAutoencoderKL(m.VAEConfig(**TINY_VAE))}  # fmt: skip
     if family == "sd15":
         parts["cond_stage_model.transformer."] = m.CLIPTextModel(m.TextConfig(**TINY_CLIP))
@@ -57,8 +60,10 @@ def tiny_checkpoint_state(family: str = "sd15", seed: int = 0, extras: bool = Tr
             parent = k.split(".")[-2] if "." in k else ""
             if "norm" in parent or parent in ("ln_1", "ln_2", "ln_final"):
                 v = torch.ones_like(v) if k.endswith("weight") else torch.zeros_like(v)
+            elif v.dim() > 1:  # fan-in scaled, so activations keep their size through the layers
+                v = torch.randn(v.shape) / math.prod(v.shape[1:]) ** 0.5
             else:
-                v = torch.randn(v.shape) * (0.2 if v.dim() > 1 else 0.02)
+                v = torch.randn(v.shape) * 0.02
             state[prefix + k] = v.contiguous()
     if extras:
         clip = "cond_stage_model.transformer." if family == "sd15" else "conditioner.embedders.0.transformer."
@@ -76,3 +81,39 @@ def write_tiny_checkpoint(path: Path, family: str = "sd15", dtype=torch.float16,
     state = tiny_checkpoint_state(family, seed, **kw)
     save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, str(path))
     return Path(path)
+
+
+def write_rgba_folder(d: Path, captions: dict[int, str], n: int = 4, size: int = 40) -> Path:
+    """``n`` RGBA PNGs (top rows transparent, the rest opaque noise) with ``NAME.txt`` captions."""
+    import numpy as np
+    from PIL import Image
+
+    d.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        img = np.random.default_rng(i).integers(0, 255, (size, size, 4), dtype=np.uint8)
+        img[: size // 5, :, 3], img[size // 5 :, :, 3] = 0, 255
+        Image.fromarray(img).save(d / f"img{i}.png")
+        if captions.get(i) is not None:
+            (d / f"img{i}.txt").write_text(captions[i], encoding="utf-8")
+    return d
+
+
+def write_triplet_folder(d: Path, n: int = 4, size: int = 40) -> Path:
+    """``fg/`` (RGBA), ``bg/`` and ``blend/`` (RGB) PNGs of matching names; captions: one for all
+    frames on sample 0, per frame on sample 1, none on the rest."""
+    import numpy as np
+    from PIL import Image
+
+    for f in ("fg", "bg", "blend"):
+        (d / f).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        rng = np.random.default_rng(100 + i)
+        fg = rng.integers(0, 255, (size, size, 4), dtype=np.uint8)
+        fg[: size // 5, :, 3], fg[size // 5 :, :, 3] = 0, 255
+        Image.fromarray(fg).save(d / "fg" / f"{i}.png")
+        for f in ("bg", "blend"):
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(d / f / f"{i}.png")
+    (d / "0.txt").write_text("a glass on a table", encoding="utf-8")
+    for f, text in (("fg", "a cat"), ("bg", "a sofa"), ("blend", "a cat on a sofa")):
+        (d / f / "1.txt").write_text(text, encoding="utf-8")
+    return d
