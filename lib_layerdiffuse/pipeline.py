@@ -169,12 +169,14 @@ class Host:
 
 # -- decoder / encoder cache ---------------------------------------------------------------
 
-_MODELS: dict = {}  # (kind, file, device, dtype) -> decoder / encoder: at most one of each kind
+_MODELS: dict = {}  # (kind, file version, device, dtype) -> decoder / encoder: at most one of each kind
 _COMPILED: dict = {}  # id(decoder) -> (decoder, its compiled wrapper): compiled once per loaded decoder
 
 
 def cached_model(kind: str, path, device, dtype):
-    key = (kind, str(path), str(device), dtype)
+    # the file's size and mtime are in the key: a file replaced under the same name (a new
+    # download, a trained export) is loaded and checked again, never the old one used
+    key = (kind, _file_stamp(path), str(device), dtype)
     if key not in _MODELS:
         for k in [k for k in _MODELS if k[0] == kind]:  # keep one of each kind in memory
             del _MODELS[k]

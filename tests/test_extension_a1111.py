@@ -697,6 +697,28 @@ def test_previews_in_the_gallery_are_the_saved_files(ctx):
     assert (Path(ctx.env.root) / preview.already_saved_as).is_file() or Path(preview.already_saved_as).is_file()
 
 
+def test_a_replaced_decoder_file_is_read_again(ctx, tmp_path, monkeypatch):
+    """The cached decoder belongs to one version of its file: replaced under the same name (a new
+    download, a trained export; seen with a swapped Flux file on a real Neo), it is loaded and
+    checked again instead of the old one being used."""
+    import os
+    import shutil
+
+    folder = tmp_path / "models"
+    shutil.copytree(ctx.env.models, folder)
+    monkeypatch.setattr(ctx.env.fake.shared.cmd_opts, "layerdiffuse_models_dir", str(folder))
+    p = fa.Txt2Img(ctx.model, ctx.outpath, batch_size=1)
+    fa.process_images(p, ctx.env.mod.LayerDiffuseScript(), positional(TRANSPARENT))  # the decoder is cached
+    decoder = folder / "layer_sd15_vae_transparent_decoder.safetensors"
+    st = decoder.stat()
+    decoder.write_bytes(decoder.read_bytes()[: st.st_size // 2])
+    os.utime(decoder, ns=(st.st_atime_ns, st.st_mtime_ns))  # even with the old mtime: the size differs
+    p = fa.Txt2Img(ctx.model, ctx.outpath, batch_size=1)
+    with pytest.raises(RuntimeError, match="LayerDiffuse: .*layer_sd15_vae_transparent_decoder.*truncated"):
+        fa.process_images(p, ctx.env.mod.LayerDiffuseScript(), positional(TRANSPARENT))
+    assert p.sampled == []
+
+
 def test_damaged_decoder_is_refused_before_sampling(ctx, tmp_path, monkeypatch):
     """A truncated decoder is found when sampling starts (not after it): nothing is sampled or saved."""
     import shutil
