@@ -294,3 +294,54 @@ def test_cli_stages_on_tiny_checkpoints(tmp_path, tiny_files, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["base_family"] == "sdxl" and summary["latent_scale"] == "0.13025"
     assert np.isfinite(summary["last_loss"])
+
+
+def test_decoder_rgba_samples_beside_the_rgb_ones(tmp_path, tiny_files, decoder_file, capsys, monkeypatch):
+    from lib_layerdiffuse import vae as core_vae
+
+    calls = []
+
+    def spy(decoder, pixel, latent, *a, **kw):
+        out = real(decoder, pixel, latent, *a, **kw)
+        calls.append((pixel.clone(), latent.clone(), out))
+        return out
+
+    real = core_vae.decode_rgba
+    monkeypatch.setattr(core_vae, "decode_rgba", spy)
+    data = _rgba_folder(tmp_path / "rgba", {0: "a red glass"})
+    out = tmp_path / "attn"
+    rc = cli.main(["layers", "--checkpoint", str(tiny_files["sd15"]), "--data", str(data), "--frames", "fg",
+                   "--encoder", str(tiny_files["encoder"]), "--decoder", str(decoder_file), "--out", str(out),
+                   "--steps", "1", "--batch-size", "2", "--size", "32", "--rank", "2", "--eval-count", "0",
+                   "--sample-steps", "2"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    rgb = np.asarray(Image.open(out / "samples" / "step_0000001.png"))
+    rgba = np.asarray(Image.open(out / "samples" / "step_0000001_rgba.png"))
+    assert rgb.shape == rgba.shape == (32, 64, 4) and (rgb[..., 3] == 255).all()
+    # the extension's decode (8 passes) ran on the RGB row shown and the unscaled latents
+    ((pixel, latent, got),) = calls
+    assert pixel.shape == (2, 3, 32, 32) and latent.shape == (2, 4, 4, 4)
+    shown = torch.from_numpy(rgb[..., :3].astype(np.float32) / 255).permute(2, 0, 1)
+    torch.testing.assert_close(torch.cat(list(pixel), dim=2), shown, atol=1 / 255, rtol=0)
+    want = torch.cat(list(torch.cat([got[:, 1:4], got[:, :1]], dim=1)), dim=2).permute(1, 2, 0).numpy()
+    assert np.abs(rgba / 255.0 - want).max() <= 1 / 255 + 1e-6 and 0 < rgba[..., 3].std()
+
+
+@pytest.mark.parametrize(
+    "extra, rc, words",
+    [
+        (["--layer-mode", "fg2ble"], 2, "generates the blend, an image without alpha"),
+        (["--decoder-is", "encoder"], 1, "is a transparent VAE encoder"),
+        (["--decoder-is", "missing"], 1, "not found"),
+    ],
+)
+def test_decoder_refused_at_start_up(tmp_path, tiny_files, decoder_file, capsys, extra, rc, words):
+    decoder = {"encoder": str(tiny_files["encoder"]), "missing": str(tmp_path / "none.safetensors")}
+    args = ["--decoder", str(decoder_file)]
+    if extra[0] == "--decoder-is":
+        args, extra = ["--decoder", decoder[extra[1]]], []
+    got = cli.main(["diffusion", "--checkpoint", str(tiny_files["sdxl"]), "--synthetic", "4", "--out",
+                    str(tmp_path / "o"), "--encoder", str(tiny_files["encoder"]), *args, *extra])  # fmt: skip
+    captured = capsys.readouterr()
+    assert got == rc and words in captured.err and "--decoder" in captured.err
+    assert "checkpoint" not in captured.out  # refused before the checkpoint (or the data) loads

@@ -179,6 +179,9 @@ def _unet_common(p):
                    help="sample grid PNG (a short DDIM run of the trained weights) every N steps and at the last "
                         "(0: never)")  # fmt: skip
     p.add_argument("--sample-steps", type=positive_int, default=20, help="DDIM steps of a sample")
+    p.add_argument("--decoder", metavar="FILE",
+                   help="transparent decoder file (a vae-stage transparent_decoder.safetensors at --widths full, or "
+                        "a published one): samples of the frames with alpha also as RGBA grids (<step>_rgba.png)")  # fmt: skip
     p.add_argument("--caption-dropout", type=share, default=0.0,
                    help="share of captions replaced by the empty prompt, in [0, 1) (0.1: for classifier-free guidance)")  # fmt: skip
     _frozen_vae_options(p)

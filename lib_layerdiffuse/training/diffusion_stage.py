@@ -34,7 +34,7 @@ from .. import patches as core_patches
 from . import checkpoint as ckpt
 from . import data as tdata
 from . import sampling
-from .errors import TrainingError
+from .errors import TrainingError, UsageError
 from .runner import start_run
 from .unet_training import (
     Conditioning,
@@ -197,7 +197,11 @@ def train_diffusion_stage(cfg: DiffusionStageConfig, frozen_vae: nn.Module | Non
         raise ValueError("the diffusion stage trains on adjusted latents: give --encoder, the "
                          "transparent_encoder.safetensors of a vae-stage run (or a published encoder file)")  # fmt: skip
     layer = LAYER_MODES[cfg.layer_mode] if cfg.layer_mode else None
+    if cfg.decoder and layer is not None and layer.target != "fg":
+        raise UsageError(f"--decoder: --layer-mode {cfg.layer_mode} generates the {layer.target}, an image without "
+                         "alpha; RGBA samples are for the transparent model (no --layer-mode) and bgble2fg")  # fmt: skip
     info, _ = start_run(cfg)
+    decoder = sampling.load_decoder(cfg.decoder, info) if cfg.decoder else None
     dataset = tdata.stage_dataset(cfg, triplets=layer is not None)
     if info.is_main:
         print(f"[diffusion] data: {tdata.describe(dataset)}", flush=True)
@@ -244,7 +248,11 @@ def train_diffusion_stage(cfg: DiffusionStageConfig, frozen_vae: nn.Module | Non
 
         n, h = len(b["index"]), cfg.size // 8
         z = sampling.ddim(eps_fn, (n, 4, h, h), acp, cfg.sample_steps, cfg.seed, dev)
-        sampling.save(path, sampling.decode_grid(source.vae, torch.cat([*conds, z]), source.scale, len(conds) + 1))
+        pixels = sampling.decode(source.vae, torch.cat([*conds, z]), source.scale)
+        sampling.save(path, sampling.grid(pixels, len(conds) + 1))
+        if decoder is not None:  # the generated row is an adjusted latent: its RGBA
+            rgba = sampling.decode_rgba(decoder, pixels[-n:], z, source.scale)
+            sampling.save(sampling.rgba_path(path), sampling.grid(rgba, 1))
 
     export_file = f"layer_xl_{cfg.layer_mode}.safetensors" if layer else PATCH_FILE
 

@@ -40,6 +40,7 @@ from .. import attention_sharing as sharing
 from . import checkpoint as ckpt
 from . import data as tdata
 from . import sampling
+from .errors import UsageError
 from .runner import start_run
 from .unet_training import (
     Conditioning,
@@ -200,7 +201,11 @@ def train_layers_stage(cfg: LayersStageConfig, frozen_vae: nn.Module | None = No
                        unet: nn.Module | None = None) -> dict:  # fmt: skip
     """Run stage 3 (single process or one torchrun rank); returns the summary."""
     frames, eps_zero, control = frame_layout(cfg)
+    if cfg.decoder and "fg" not in frames:
+        raise UsageError(f"--decoder: the frames sampled here ({', '.join(frames)}) have no alpha; RGBA samples "
+                         "need fg among the generated frames")  # fmt: skip
     info, _ = start_run(cfg)
+    decoder = sampling.load_decoder(cfg.decoder, info) if cfg.decoder else None
     dataset = tdata.stage_dataset(cfg, triplets=True, fg_only=frames == ["fg"] and control is None)
     if info.is_main:
         print(f"[layers] data: {tdata.describe(dataset)}", flush=True)
@@ -251,7 +256,12 @@ def train_layers_stage(cfg: LayersStageConfig, frozen_vae: nn.Module | None = No
         z = sampling.ddim(lambda x, t: model(x, t, ctx, cimg).float(), (n * nf, 4, h, h), acp, cfg.sample_steps,
                           cfg.seed, dev)  # fmt: skip
         rows = z.view(n, nf, *z.shape[1:]).transpose(0, 1).flatten(0, 1)
-        sampling.save(path, sampling.decode_grid(source.vae, rows, source.scale, nf))
+        pixels = sampling.decode(source.vae, rows, source.scale)
+        sampling.save(path, sampling.grid(pixels, nf))
+        if decoder is not None:  # the fg row: adjusted latents (with --encoder), decoded to RGBA
+            fg = slice(frames.index("fg") * n, (frames.index("fg") + 1) * n)
+            rgba = sampling.decode_rgba(decoder, pixels[fg], rows[fg], source.scale)
+            sampling.save(sampling.rgba_path(path), sampling.grid(rgba, 1))
 
     def export(out_dir: Path, step: int, meta: dict) -> Path:
         state = {k: v.detach().to(ckpt.DTYPES[cfg.export_dtype]) for k, v in model.state_dict().items()}

@@ -3,7 +3,10 @@ DDIM loop with the trained weights on a few of the batch's prompts, decoded by t
 VAE, saved as one grid PNG per sample step (rows: frames or samples).
 
 The latents are decoded as RGB (an adjusted latent decodes to the image flattened on 50 %
-grey, which shows what the model learned); the transparent decoder is the extension's job.
+grey, which shows what the model learned). With ``--decoder FILE`` (a transparent decoder:
+a ``--widths full`` vae-stage export or a published decoder file) the frames that carry
+alpha are also decoded to RGBA as the extension does (:func:`lib_layerdiffuse.vae.decode_rgba`)
+and saved beside the RGB grid as ``<name>_rgba.png``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,10 @@ import numpy as np
 import torch
 
 from .. import rgba as core_rgba
+from .. import vae as core_vae
+from .. import weights as core_weights
+from ..errors import LayerDiffuseError
+from .errors import TrainingError
 
 SAMPLES = 2  # images per grid (the batch's first samples)
 
@@ -38,19 +45,60 @@ def ddim(eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], shape: tu
 
 
 @torch.no_grad()
-def decode_grid(vae, latents: torch.Tensor, scale: float, rows: int) -> np.ndarray:
-    """``[rows * cols, 4, h, w]`` scaled latents -> one HxWx4 float grid (RGB, alpha 1)."""
-    pixels = [vae.decode(z[None] / scale)[0].float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() for z in latents]
+def decode(vae, latents: torch.Tensor, scale: float) -> torch.Tensor:
+    """``[N, 4, h, w]`` scaled latents -> ``[N, 3, H, W]`` RGB in [0, 1], one at a time (memory)."""
+    return torch.cat([vae.decode(z[None] / scale).float().clamp(0, 1) for z in latents])
+
+
+def grid(images: torch.Tensor, rows: int) -> np.ndarray:
+    """``[rows * cols, C, H, W]`` (C = 3: RGB, 4: RGBA) -> one HxWx4 float grid (RGB: alpha 1)."""
+    pixels = list(images.float().permute(0, 2, 3, 1).cpu().numpy())
     cols = len(pixels) // rows
-    grid = np.concatenate(
+    out = np.concatenate(
         [np.concatenate(pixels[r * cols : (r + 1) * cols], axis=1) for r in range(rows)], axis=0
     ).astype(np.float32)
-    return np.concatenate([grid, np.ones_like(grid[..., :1])], axis=2)
+    return out if out.shape[2] == 4 else np.concatenate([out, np.ones_like(out[..., :1])], axis=2)
+
+
+@torch.no_grad()
+def decode_grid(vae, latents: torch.Tensor, scale: float, rows: int) -> np.ndarray:
+    """``[rows * cols, 4, h, w]`` scaled latents -> one HxWx4 float grid (RGB, alpha 1)."""
+    return grid(decode(vae, latents, scale), rows)
+
+
+@torch.no_grad()
+def decode_rgba(decoder, pixels: torch.Tensor, latents: torch.Tensor, scale: float) -> torch.Tensor:
+    """The transparent decode of ``pixels`` (the frozen VAE's RGB of ``latents``) as the
+    extension runs it (8 passes): ``[N, 4, H, W]`` straight RGB then alpha, in [0, 1]."""
+    dev = next(decoder.parameters()).device
+    out = core_vae.decode_rgba(decoder, pixels.to(dev), (latents / scale).to(dev))  # alpha first
+    return torch.cat([out[:, 1:4], out[:, :1]], dim=1)
+
+
+def load_decoder(path: str, info) -> torch.nn.Module | None:
+    """``--decoder FILE`` at start-up: every rank checks the file's header (keys, shapes, dtypes:
+    no tensor read), rank 0, the only one that samples, loads it; a file that is not a
+    transparent decoder is a :class:`TrainingError` before any model loads."""
+    hint = "give a transparent decoder: a vae-stage transparent_decoder.safetensors (--widths full) or a published one"
+    try:
+        if info.is_main:
+            return core_weights.load_decoder(path, info.device)
+        with torch.device("meta"):
+            expected = core_weights.expected_shapes(core_vae.TransparentVAEDecoder())
+        core_weights.check_state(path, core_weights.read_header(path), expected, "decoder")
+        return None
+    except LayerDiffuseError as e:
+        raise TrainingError(f"--decoder {path}: {e} ({hint})") from None
 
 
 def save(path: Path, grid: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     return core_rgba.write_png(path, grid)
+
+
+def rgba_path(path: Path) -> Path:
+    """Where the RGBA grid of a sample step goes: beside the RGB one."""
+    return path.with_name(f"{path.stem}_rgba{path.suffix}")
 
 
 def first(batch: dict, n: int = SAMPLES) -> dict:

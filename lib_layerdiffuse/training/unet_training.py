@@ -229,6 +229,7 @@ class UNetStageConfig:
     caption_dropout: float = 0.0  # share of captions replaced by the empty prompt (CFG)
     sample_every: int = 500  # sample grid PNG every N steps and at the last (0: never)
     sample_steps: int = 20  # DDIM steps of a sample
+    decoder: str | None = None  # transparent decoder file: RGBA samples of the frames with alpha
 
 
 def split_batch(batch: dict, k: int) -> list[dict]:
