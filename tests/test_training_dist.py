@@ -78,7 +78,7 @@ def test_torchrun_two_ranks_match_one_process_and_resume(tmp_path):
     assert r0[0]["params"] == r1[0]["params"]  # identical parameters after the step
     # rank 0 alone wrote: one state file, the two exports, no temporaries; one log line per step
     assert sorted(p.name for p in ddp_out.iterdir()) == sorted(
-        [ckpt.STATE_FILE, ckpt.ENCODER_FILE, ckpt.DECODER_FILE, "metrics.jsonl", "summary.json"]
+        [ckpt.STATE_FILE, ckpt.ENCODER_FILE, ckpt.DECODER_FILE, "metrics.jsonl", "summary.json", "loss.png"]
     )
     assert res.stdout.count("[vae] step 1/1") == 1
 
@@ -131,7 +131,7 @@ def test_torchrun_layers_on_a_checkpoint_two_ranks(tmp_path):
     assert r0[0]["params"] != r0[1]["params"]  # and the steps changed them
     assert "SD1.5 checkpoint" in res.stdout and "2 without a caption" in res.stdout
     assert sorted(p.name for p in ddp_out.iterdir()) == sorted(
-        [ckpt.STATE_FILE, SHARING_FILE, "metrics.jsonl", "summary.json", "samples"]
+        [ckpt.STATE_FILE, SHARING_FILE, "metrics.jsonl", "summary.json", "samples", "loss.png"]
     )
     assert [p.name for p in (ddp_out / "samples").iterdir()] == ["step_0000002.png"]  # rank 0 only, last step
     assert res.stdout.count("[layers] step 2/2") == 1

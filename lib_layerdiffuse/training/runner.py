@@ -11,7 +11,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import importlib.util
 import json
+import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
 from . import data as tdata
-from . import dist
+from . import dist, plots
 from .errors import TrainingError
 
 # ---------------------------------------------------------------------------------------
@@ -80,39 +83,86 @@ def peak_memory_mb(device: torch.device) -> float:
 # Progress and records
 
 
+def format_seconds(t: float) -> str:
+    """``42 s``, ``3 min 05 s``, ``2 h 07 min``."""
+    t = max(0, int(round(t)))
+    if t < 60:
+        return f"{t} s"
+    if t < 3600:
+        return f"{t // 60} min {t % 60:02d} s"
+    return f"{t // 3600} h {t % 3600 // 60:02d} min"
+
+
 class Progress:
-    """tqdm on rank 0 when installed, else a log line every ``log_every`` steps; silent elsewhere."""
+    """Rank 0's progress: on a terminal one line redrawn in place (a bar, step, the step's
+    logs, steps/s, ETA; at most 10 redraws a second), otherwise (a log file, a pipe) a line
+    every ``log_every`` steps with the logs averaged over the ranks. Silent on other ranks."""
 
-    def __init__(self, total: int, start: int, enabled: bool, log_every: int, label: str):
+    BAR = 24  # characters
+
+    def __init__(self, total: int, start: int, enabled: bool, log_every: int, label: str, stream=None):
         self.enabled, self.log_every, self.label, self.total = enabled, max(1, log_every), label, total
+        self.stream = stream if stream is not None else sys.stdout
         self.t0, self.s0 = time.perf_counter(), start
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm import tqdm
+        isatty = getattr(self.stream, "isatty", None)
+        self.tty = bool(enabled and callable(isatty) and isatty())
+        self.drawn, self.last_draw, self.width = False, 0.0, 0
 
-                self.bar = tqdm(total=total, initial=start, desc=label, dynamic_ncols=True)
-            except ImportError:
-                pass
+    def _rate_eta(self, done: int) -> tuple[float, float]:
+        rate = (done - self.s0) / max(time.perf_counter() - self.t0, 1e-9)
+        return rate, (self.total - done) / max(rate, 1e-9)
 
     def update(self, step: int, logs: dict[str, float]) -> None:
         if not self.enabled:
             return
-        text = " ".join(f"{k}={v:.4g}" for k, v in logs.items())
-        if self.bar is not None:
-            self.bar.update(1)
-            if logs:
-                self.bar.set_postfix_str(text)
-            return
         done = step + 1
+        text = " ".join(f"{k}={v:.4g}" for k, v in logs.items())
+        if self.tty:
+            now = time.perf_counter()
+            if now - self.last_draw >= 0.1 or done == self.total:
+                self.last_draw = now
+                rate, eta = self._rate_eta(done)
+                filled = self.BAR * done // max(self.total, 1)
+                line = (f"[{self.label}] {'#' * filled}{'.' * (self.BAR - filled)} {done}/{self.total} {text} "
+                        f"{rate:.2f} steps/s ETA {format_seconds(eta)}")  # fmt: skip
+                line = line[: shutil.get_terminal_size().columns - 1]  # a wrapped line would not redraw in place
+                self.stream.write("\r" + line + " " * max(0, self.width - len(line)))
+                self.stream.flush()
+                self.drawn, self.width = True, len(line)
+            return
         if logs and (done % self.log_every == 0 or done == self.total):
-            rate = (done - self.s0) / max(time.perf_counter() - self.t0, 1e-9)
-            eta = (self.total - done) / max(rate, 1e-9)
-            print(f"[{self.label}] step {done}/{self.total} {text} ({rate:.2f} steps/s, ETA {eta:.0f} s)", flush=True)
+            rate, eta = self._rate_eta(done)
+            print(f"[{self.label}] step {done}/{self.total} {text} ({rate:.2f} steps/s, ETA {format_seconds(eta)})",
+                  file=self.stream, flush=True)  # fmt: skip
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        if self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.drawn = False
+
+
+class TensorBoard:
+    """Rank 0's TensorBoard event log under ``<out>/tensorboard`` where the ``tensorboard``
+    package is importable (it is not a dependency); nothing otherwise."""
+
+    def __init__(self, folder: Path, enabled: bool):
+        self.writer = None
+        if enabled and importlib.util.find_spec("tensorboard") is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # an incomplete install: the run goes on without event logs
+                return
+            self.writer = SummaryWriter(log_dir=str(folder))
+
+    def add(self, step: int, logs: dict[str, float]) -> None:
+        if self.writer is not None:
+            for k, v in logs.items():
+                self.writer.add_scalar(f"train/{k}", v, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def _write_line(f, record: dict) -> None:
@@ -133,6 +183,7 @@ class StepRecords:
             self.trace = open(Path(cfg.trace_dir) / f"rank{info.rank}.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         self.bar = Progress(cfg.steps, start, info.is_main, cfg.log_every, label)
         self.metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if info.is_main else None  # noqa: SIM115
+        self.tensorboard = TensorBoard(out / "tensorboard", info.is_main)
         self.last_logs: dict[str, float] = {}
 
     def write_trace(self, record: dict) -> None:
@@ -145,10 +196,13 @@ class StepRecords:
             self.last_logs = dist.mean_across_ranks(logs, self.info)
             if self.metrics is not None:
                 _write_line(self.metrics, {"step": done, **self.last_logs})
-        self.bar.update(step, self.last_logs if want_log else {})
+            self.tensorboard.add(done, self.last_logs)
+        # the bar shows every step (this rank's logs between the averaged ones); lines only the averaged
+        self.bar.update(step, self.last_logs if want_log else logs)
 
     def close(self) -> None:
         self.bar.close()
+        self.tensorboard.close()
         if self.trace is not None:
             self.trace.close()
         if self.metrics is not None:
@@ -160,6 +214,15 @@ def run_summary(step: int, start: int, t0: float, info: dist.DistInfo, last_logs
     return {"step": max(step + 1, start), "steps_run": max(step + 1 - start, 0), "seconds": time.perf_counter() - t0,
             "world_size": info.world_size, "peak_mem_mb": peak_memory_mb(info.device),
             **{f"last_{k}": v for k, v in last_logs.items()}}  # fmt: skip
+
+
+def write_curve(out: Path, label: str) -> None:
+    """Rank 0, at the end of every run (also one that failed): ``<out>/loss.png`` from
+    ``metrics.jsonl``. A curve that cannot be drawn is a warning, never the run's error."""
+    try:
+        plots.write_loss_curve(out / "metrics.jsonl", out / "loss.png", f"{label}: {out}")
+    except Exception as e:  # noqa: BLE001  (drawing must not hide the run's own result or error)
+        print(f"[{label}] warning: loss.png not written ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
 
 
 def write_summary(out: Path, label: str, summary: dict) -> None:
@@ -246,6 +309,8 @@ def run(cfg, info: dist.DistInfo, stage: Stage) -> dict:
                 stage.sample(out / "samples" / f"step_{done:07d}.png", done, batch, payload)
     finally:
         records.close()
+        if info.is_main:
+            write_curve(out, stage.label)
     summary = {**run_summary(step, start, t0, info, records.last_logs),
                **{k: str(v) for k, v in stage.metadata.items()}, **summary_start}  # fmt: skip
     if info.is_main:
