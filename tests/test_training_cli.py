@@ -171,3 +171,32 @@ def test_triplet_with_unreadable_background_is_skipped(tmp_path):
     ds = tdata.TripletFolder(tmp_path, 32)
     assert ds.names == ["0"] and ds.rejected == {"bg unreadable (UnidentifiedImageError)": 1}
     assert "skipped 1: 1 bg unreadable" in tdata.describe(ds)
+
+
+@pytest.mark.parametrize("stage", ["vae", "diffusion", "layers"])
+def test_each_option_and_its_default_are_defined_once(stage):
+    """The command line and the config dataclass (lib_layerdiffuse/training/config.py) hold the
+    same options, and a command line that gives only the required values builds the config
+    that code building the dataclass directly gets: the defaults cannot drift apart."""
+    from lib_layerdiffuse.training import config
+
+    cls = {"vae": config.VAEStageConfig, "diffusion": config.DiffusionStageConfig,
+           "layers": config.LayersStageConfig}[stage]  # fmt: skip
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "stage").choices[stage]
+    options = {a.dest for a in sub._actions if a.dest != "help"}
+    assert options - cli.CLI_ONLY == set(cls.__dataclass_fields__)
+    for source in ({"synthetic": 4}, {"data": "d"}):  # with --data, synthetic keeps its default
+        given = {"out": "runs/x", **source, **({"encoder": "enc.safetensors"} if stage == "diffusion" else {})}
+        built, _ = cli._config(parser.parse_args([stage, *(w for k, v in given.items() for w in (f"--{k}", str(v)))]))
+        assert built == cls(**given)
+
+
+def test_an_option_cannot_carry_its_own_default():
+    from lib_layerdiffuse.training import config
+
+    o = cli._Options(cli._Parser(), config.VAEStageConfig)
+    with pytest.raises(TypeError, match="the default is VAEStageConfig.steps's"):
+        o.add("--steps", type=int, default=5)
+    with pytest.raises(TypeError, match="no field 'stepz'"):
+        o.add("--stepz", type=int)

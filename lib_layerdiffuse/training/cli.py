@@ -21,6 +21,7 @@ run it refuses once started (data, checkpoint, resume state) prints one line and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import os
 import signal
@@ -83,137 +84,176 @@ positive_float = _float_in(0.0, None, low_open=True)
 
 
 # ---------------------------------------------------------------------------------------
-# The parser
+# The parser: every option of a stage is a field of its config dataclass (.config), whose
+# default the option takes; the CLI-only options below are the exceptions.
+
+CLI_ONLY = {"dist_timeout", "frozen_vae", "unet"}  # used by main(), not by the stages
 
 
-def _frozen_vae_options(p) -> None:
+class _HelpFormatter(argparse.HelpFormatter):
+    """``--help`` names each option's default (read from the config, like the value itself)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = not any(action.default is v for v in (None, argparse.SUPPRESS, False, True))  # 0 == False
+        if shown and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Options:
+    """Adds a stage's options with the defaults of its config dataclass ``cls``: an option
+    names no default of its own, so the command line and code that builds the dataclass
+    directly cannot drift apart (tests/test_training_cli.py checks both ways)."""
+
+    def __init__(self, target, cls):
+        self.target, self.cls = target, cls
+
+    def add(self, *flags: str, **kw) -> None:
+        dest = kw.get("dest") or flags[0].lstrip("-").replace("-", "_")
+        field = self.cls.__dataclass_fields__.get(dest)
+        if field is None:
+            if dest not in CLI_ONLY:
+                raise TypeError(f"{flags[0]}: {self.cls.__name__} has no field {dest!r} to hold it")
+        elif "default" in kw:
+            raise TypeError(f"{flags[0]}: the default is {self.cls.__name__}.{dest}'s, not the option's")
+        elif field.default is dataclasses.MISSING:
+            kw["required"] = True
+        else:
+            kw["default"] = field.default
+        self.target.add_argument(*flags, **kw)
+
+    def exclusive(self) -> _Options:
+        """A required group of mutually exclusive options (the data source)."""
+        return _Options(self.target.add_mutually_exclusive_group(required=True), self.cls)
+
+
+def _frozen_vae_options(o: _Options) -> None:
     """The frozen models: a single-file checkpoint, user callables, or stand-ins (all stages)."""
-    p.add_argument("--checkpoint", metavar="FILE",
-                   help="single-file SD1.5 or SDXL .safetensors (ldm/sgm keys): the frozen VAE, and for the "
-                        "diffusion and layers stages the UNet and text encoders")  # fmt: skip
-    p.add_argument("--frozen-dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
-                   help="dtype of the checkpoint's frozen UNet and text encoders (the VAE stays fp32 unless bf16)")  # fmt: skip
-    p.add_argument("--frozen-vae", metavar="MODULE:FUNC",
-                   help="callable returning the frozen VAE (encode -> (mean, std), decode); e.g. an SDVAEAdapter")  # fmt: skip
-    p.add_argument("--vae-path", help="stand-in tiny VAE file (default <out>/tiny_vae.safetensors, trained if absent)")
-    p.add_argument("--vae-width", type=_int_at_least(4), default=32)
-    p.add_argument("--vae-steps", type=positive_int, default=1000, help="pre-training steps of the tiny VAE")
-    p.add_argument("--vae-lr", type=positive_float, default=1e-3)
+    o.add("--checkpoint", metavar="FILE",
+          help="single-file SD1.5 or SDXL .safetensors (ldm/sgm keys): the frozen VAE, and for the diffusion and "
+               "layers stages the UNet and text encoders")  # fmt: skip
+    o.add("--frozen-dtype", choices=["fp32", "fp16", "bf16"],
+          help="dtype of the checkpoint's frozen UNet and text encoders (the VAE stays fp32 unless bf16)")  # fmt: skip
+    o.add("--frozen-vae", metavar="MODULE:FUNC",
+          help="callable returning the frozen VAE (encode -> (mean, std), decode); e.g. an SDVAEAdapter")  # fmt: skip
+    o.add("--vae-path", help="stand-in tiny VAE file (default <out>/tiny_vae.safetensors, trained if absent)")
+    o.add("--vae-width", type=_int_at_least(4), help="stand-in tiny VAE: base channels")
+    o.add("--vae-steps", type=positive_int, help="stand-in tiny VAE: pre-training steps")
+    o.add("--vae-lr", type=positive_float, help="stand-in tiny VAE: pre-training learning rate")
 
 
-def _runtime_options(p) -> None:
+def _runtime_options(o: _Options) -> None:
     """Data loading, export, resume, device and precision options (all stages)."""
-    p.add_argument("--num-workers", type=count_int, default=0, help="DataLoader workers per process")
-    p.add_argument("--export-dtype", choices=["fp16", "fp32", "bf16"], default="fp16")
-    p.add_argument("--no-resume", dest="resume", action="store_false",
-                   help="start over: ignore (and overwrite) <out>/train_state.safetensors")  # fmt: skip
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dist-timeout", type=positive_float, default=1800.0, help="seconds a rank waits for a dead peer")
-    p.add_argument("--grad-accum", type=positive_int, default=1,
-                   help="micro-batches per step (batch-size must divide)")  # fmt: skip
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast the forwards")
+    o.add("--num-workers", type=count_int, help="DataLoader workers per process")
+    o.add("--export-dtype", choices=["fp16", "fp32", "bf16"], help="dtype of the exported files")
+    o.add("--no-resume", dest="resume", action="store_false",
+          help="start over: ignore (and overwrite) <out>/train_state.safetensors")  # fmt: skip
+    o.add("--device", help="cpu or cuda (default: cuda when available)")
+    o.add("--dist-timeout", type=positive_float, default=1800.0, help="seconds a rank waits for a dead peer")
+    o.add("--grad-accum", type=positive_int, help="micro-batches per step (batch-size must divide)")
+    o.add("--precision", choices=["fp32", "bf16"], help="bf16: autocast the forwards")
 
 
-def _schedule_options(p, batch_size: int, eval_count: int) -> None:
+def _schedule_options(o: _Options) -> None:
     """Steps, batch, learning rate, logging and saving (all stages)."""
-    p.add_argument("--out", required=True, help="output folder: exports, train_state, samples, logs")
-    p.add_argument("--steps", type=positive_int, default=1000,
-                   help="total optimiser steps (a resumed run continues to this)")  # fmt: skip
-    p.add_argument("--batch-size", type=positive_int, default=batch_size,
-                   help="per process (layers: groups of frames)")  # fmt: skip
-    p.add_argument("--size", type=_int_at_least(8), default=64, help="training side in pixels (the latent is size/8)")
-    p.add_argument("--lr", type=positive_float, default=1e-5,
-                   help="AdamW learning rate (paper: 1e-5); on resume this value replaces the saved one")  # fmt: skip
-    p.add_argument("--adam-eps", type=positive_float, default=1e-8,
-                   help="AdamW eps (larger: gentler steps for tiny gradients)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=positive_int, default=500, help="write the export and state every N steps")
-    p.add_argument("--log-every", type=positive_int, default=10)
-    p.add_argument("--eval-count", type=count_int, default=eval_count, help="held-out samples evaluated")
-    p.add_argument("--trace-dir", default=None, help="write per-rank step traces (indices, losses, param digest)")
+    o.add("--out", help="output folder: exports, train_state, samples, logs")
+    o.add("--steps", type=positive_int, help="total optimiser steps (a resumed run continues to this)")
+    o.add("--batch-size", type=positive_int, help="per process (layers: groups of frames)")
+    o.add("--size", type=_int_at_least(8), help="training side in pixels (the latent is size/8)")
+    o.add("--lr", type=positive_float,
+          help="AdamW learning rate (paper: 1e-5); on resume this value replaces the saved one")  # fmt: skip
+    o.add("--adam-eps", type=positive_float, help="AdamW eps (larger: gentler steps for tiny gradients)")
+    o.add("--seed", type=int, help="seed of every random draw (initialisation, noise, dropout)")
+    o.add("--save-every", type=positive_int, help="write the export and state every N steps")
+    o.add("--log-every", type=positive_int, help="a metrics.jsonl record (and a log line) every N steps")
+    o.add("--eval-count", type=count_int, help="held-out samples evaluated")
+    o.add("--trace-dir", help="write per-rank step traces (indices, losses, param digest)")
 
 
 def _vae_parser(sub) -> None:
-    p = sub.add_parser("vae", help="train the latent-transparency encoder and decoder (paper §3.1)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", help="folder of RGBA images (PNG/WebP with alpha, any size)")
-    src.add_argument("--synthetic", type=positive_int, metavar="N", help="use N generated RGBA samples instead")
-    _schedule_options(p, batch_size=8, eval_count=16)
-    p.add_argument("--disc-lr", type=positive_float, default=None, help="discriminator learning rate (default: --lr)")
-    p.add_argument("--lambda-offset", type=positive_float, default=1e-2, help="offset scale (folded into the export)")
-    p.add_argument("--offset-dropout", type=share, default=0.0,
-                   help="drop this share of offsets, in [0, 1) (0.3: robust decoder)")  # fmt: skip
-    p.add_argument("--w-recon", type=float, default=1.0)
-    p.add_argument("--w-identity", type=float, default=1.0)
-    p.add_argument("--w-disc", type=float, default=0.01)
-    p.add_argument("--disc-start", type=count_int, default=0, help="first step with the adversarial loss")
-    p.add_argument(
-        "--widths",
-        choices=["full", "small", "tiny"],
-        default="full",
-        help="full = the official shapes (exportable to the extension); small/tiny: CPU experiments, tests",
-    )
-    p.add_argument("--disc-width", type=_int_at_least(4), default=64, help="PatchGAN base channels")
-    p.add_argument("--sample-every", type=count_int, default=500, help="sample grid PNG every N steps (0: never)")
-    _frozen_vae_options(p)
-    _runtime_options(p)
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute D's blocks in backward (less memory)")
+    from .config import VAEStageConfig
+
+    o = _Options(sub.add_parser("vae", help="train the latent-transparency encoder and decoder (paper §3.1)",
+                                formatter_class=_HelpFormatter), VAEStageConfig)  # fmt: skip
+    src = o.exclusive()
+    src.add("--data", help="folder of RGBA images (PNG/WebP with alpha, any size)")
+    src.add("--synthetic", type=positive_int, metavar="N", help="use N generated RGBA samples instead")
+    _schedule_options(o)
+    o.add("--disc-lr", type=positive_float, help="discriminator learning rate (default: --lr)")
+    o.add("--lambda-offset", type=positive_float, help="offset scale (folded into the export)")
+    o.add("--offset-dropout", type=share, help="drop this share of offsets, in [0, 1) (0.3: robust decoder)")
+    o.add("--w-recon", type=float, help="weight of the reconstruction loss (Eq. 6)")
+    o.add("--w-identity", type=float, help="weight of the identity loss (Eq. 6)")
+    o.add("--w-disc", type=float, help="weight of the adversarial loss (Eq. 6)")
+    o.add("--disc-start", type=count_int, help="first step with the adversarial loss")
+    o.add("--widths", choices=["full", "small", "tiny"],
+          help="full = the official shapes (exportable to the extension); small/tiny: CPU experiments, tests")  # fmt: skip
+    o.add("--disc-width", type=_int_at_least(4), help="PatchGAN base channels")
+    o.add("--sample-every", type=count_int, help="sample grid PNG every N steps (0: never)")
+    _frozen_vae_options(o)
+    _runtime_options(o)
+    o.add("--grad-checkpointing", action="store_true", help="recompute D's blocks in backward (less memory)")
 
 
-def _unet_common(p):
-    """Options shared by the diffusion and layers stages."""
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--synthetic", type=positive_int, metavar="N", help="use N generated samples")
-    _schedule_options(p, batch_size=4, eval_count=8)
-    p.add_argument("--weight-decay", type=_float_in(0.0, None), default=0.0)
-    p.add_argument("--rank", type=positive_int, default=256, help="LoRA rank (paper and official files: 256)")
-    p.add_argument("--encoder", help="latent-transparency encoder file (a vae-stage transparent_encoder.safetensors)")
-    p.add_argument("--latent-scale", default=None,
-                   help="VAE scaling factor, or 'auto' (1/std of the training latents); default: the "
-                        "--checkpoint family's (SD1.5 0.18215, SDXL 0.13025), 0.18215 with --frozen-vae, auto for "
-                        "the stand-in VAE")  # fmt: skip
-    p.add_argument("--unet", metavar="MODULE:FUNC", help="callable returning the base UNet (ldm parameter names)")
-    p.add_argument("--unet-preset", default="tiny-sd15", help="tiny UNet used without --unet: tiny-sd15 | tiny-sdxl")
-    p.add_argument("--context-tokens", type=positive_int, default=77, help="tokens of the stand-in prompt embeddings")
-    p.add_argument("--sample-every", type=count_int, default=500,
-                   help="sample grid PNG (a short DDIM run of the trained weights) every N steps and at the last "
-                        "(0: never)")  # fmt: skip
-    p.add_argument("--sample-steps", type=positive_int, default=20, help="DDIM steps of a sample")
-    p.add_argument("--decoder", metavar="FILE",
-                   help="transparent decoder file (a vae-stage transparent_decoder.safetensors at --widths full, or "
-                        "a published one): samples of the frames with alpha also as RGBA grids (<step>_rgba.png)")  # fmt: skip
-    p.add_argument("--caption-dropout", type=share, default=0.0,
-                   help="share of captions replaced by the empty prompt, in [0, 1) (0.1: for classifier-free guidance)")  # fmt: skip
-    _frozen_vae_options(p)
-    _runtime_options(p)
+def _unet_common(o: _Options) -> _Options:
+    """Options shared by the diffusion and layers stages; returns the data-source group."""
+    src = o.exclusive()
+    src.add("--synthetic", type=positive_int, metavar="N", help="use N generated samples")
+    _schedule_options(o)
+    o.add("--weight-decay", type=_float_in(0.0, None), help="AdamW weight decay")
+    o.add("--rank", type=positive_int, help="LoRA rank (paper and official files: 256)")
+    o.add("--encoder", help="latent-transparency encoder file (a vae-stage transparent_encoder.safetensors)")
+    o.add("--latent-scale",
+          help="VAE scaling factor, or 'auto' (1/std of the training latents); default: the --checkpoint family's "
+               "(SD1.5 0.18215, SDXL 0.13025), 0.18215 with --frozen-vae, auto for the stand-in VAE")  # fmt: skip
+    o.add("--unet", metavar="MODULE:FUNC", help="callable returning the base UNet (ldm parameter names)")
+    o.add("--unet-preset", help="tiny UNet used without --unet: tiny-sd15 | tiny-sdxl")
+    o.add("--context-tokens", type=positive_int, help="tokens of the stand-in prompt embeddings")
+    o.add("--sample-every", type=count_int,
+          help="sample grid PNG (a short DDIM run of the trained weights) every N steps and at the last (0: never)")  # fmt: skip
+    o.add("--sample-steps", type=positive_int, help="DDIM steps of a sample")
+    o.add("--decoder", metavar="FILE",
+          help="transparent decoder file (a vae-stage transparent_decoder.safetensors at --widths full, or a "
+               "published one): samples of the frames with alpha also as RGBA grids (<step>_rgba.png)")  # fmt: skip
+    o.add("--caption-dropout", type=share,
+          help="share of captions replaced by the empty prompt, in [0, 1) (0.1: for classifier-free guidance)")  # fmt: skip
+    _frozen_vae_options(o)
+    _runtime_options(o)
     return src
 
 
 def _diffusion_parser(sub) -> None:
-    p = sub.add_parser("diffusion", help="fine-tune the UNet on adjusted latents (paper §3.2), SDXL patch export")
-    src = _unet_common(p)
-    src.add_argument("--data", help="folder of RGBA images (PNG/WebP with alpha, any size); with --layer-mode "
-                                    "fg/, bg/ and blend/ of matching names")  # fmt: skip
-    p.add_argument(
-        "--mode", choices=["lora", "diff"], default="lora", help="LoRA (::lora::) or full offsets (::diff::)"
-    )
-    p.add_argument("--layer-mode", choices=["fg2ble", "fgble2bg", "bg2ble", "bgble2fg"], default=None,
-                   help="train an SDXL layer model (widened conv_in + --mode) on triplets; exports "
-                        "layer_xl_<mode>.safetensors")  # fmt: skip
-    p.add_argument("--targets", choices=["attn", "all"], default="attn",
-                   help="attn: to_q/to_k/to_v/to_out.0 of every attention; all: every Linear (lora) or tensor (diff)")  # fmt: skip
+    from .config import DiffusionStageConfig
+
+    o = _Options(sub.add_parser("diffusion", formatter_class=_HelpFormatter,
+                                help="fine-tune the UNet on adjusted latents (paper §3.2), SDXL patch export"),
+                 DiffusionStageConfig)  # fmt: skip
+    src = _unet_common(o)
+    src.add("--data", help="folder of RGBA images (PNG/WebP with alpha, any size); with --layer-mode fg/, bg/ and "
+                           "blend/ of matching names")  # fmt: skip
+    o.add("--mode", choices=["lora", "diff"], help="LoRA (::lora::) or full offsets (::diff::)")
+    o.add("--layer-mode", choices=["fg2ble", "fgble2bg", "bg2ble", "bgble2fg"],
+          help="train an SDXL layer model (widened conv_in + --mode) on triplets; exports "
+               "layer_xl_<mode>.safetensors")  # fmt: skip
+    o.add("--targets", choices=["attn", "all"],
+          help="attn: to_q/to_k/to_v/to_out.0 of every attention; all: every Linear (lora) or tensor (diff)")  # fmt: skip
 
 
 def _layers_parser(sub) -> None:
-    p = sub.add_parser("layers", help="per-frame LoRAs with attention sharing (paper §3.3), SD1.5 layout export")
-    src = _unet_common(p)
-    src.add_argument("--data", help="folder with fg/ (RGBA), bg/ and blend/ (RGB) images of matching names")
-    p.add_argument("--frames", default="fg,bg", help="frames of a group, in order: fg,bg or fg,bg,blend (joint)")
-    p.add_argument("--condition", choices=["none", "fg", "bg"], default="none",
-                   help="fg: a fg-conditioned bg generator (eps_f = 0); bg: the reverse")  # fmt: skip
-    p.add_argument("--condition-via", choices=["latent", "control"], default="latent",
-                   help="latent: the paper's clean condition frame in the group; control: the official "
-                        "fg2bg/bg2fg layout (condition image through kwargs_encoder, frame leaves the group)")  # fmt: skip
+    from .config import LayersStageConfig
+
+    o = _Options(sub.add_parser("layers", formatter_class=_HelpFormatter,
+                                help="per-frame LoRAs with attention sharing (paper §3.3), SD1.5 layout export"),
+                 LayersStageConfig)  # fmt: skip
+    src = _unet_common(o)
+    src.add("--data", help="folder with fg/ (RGBA), bg/ and blend/ (RGB) images of matching names")
+    o.add("--frames", help="frames of a group, in order: fg,bg or fg,bg,blend (joint)")
+    o.add("--condition", choices=["none", "fg", "bg"],
+          help="fg: a fg-conditioned bg generator (eps_f = 0); bg: the reverse")  # fmt: skip
+    o.add("--condition-via", choices=["latent", "control"],
+          help="latent: the paper's clean condition frame in the group; control: the official fg2bg/bg2fg layout "
+               "(condition image through kwargs_encoder, frame leaves the group)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,19 +310,22 @@ def _on_sigterm(signum, frame):
 
 
 def _config(args):
-    """The stage's config dataclass and its train function."""
+    """The stage's config dataclass (every option but the CLI-only ones) and its train function."""
+    from . import config
+
     if args.stage == "vae":
-        from .vae_stage import VAEStageConfig as cls
         from .vae_stage import train_vae_stage as fn
+
+        cls = config.VAEStageConfig
     elif args.stage == "diffusion":
-        from .diffusion_stage import DiffusionStageConfig as cls
         from .diffusion_stage import train_diffusion_stage as fn
+
+        cls = config.DiffusionStageConfig
     else:
-        from .layers_stage import LayersStageConfig as cls
         from .layers_stage import train_layers_stage as fn
-    kwargs = {k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__}
-    kwargs["synthetic"] = args.synthetic or 0  # None when --data was given
-    return cls(**kwargs), fn
+
+        cls = config.LayersStageConfig
+    return cls(**{k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__}), fn
 
 
 def _error(message: str) -> None:

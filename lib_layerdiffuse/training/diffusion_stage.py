@@ -34,13 +34,13 @@ from .. import patches as core_patches
 from . import checkpoint as ckpt
 from . import data as tdata
 from . import sampling
+from .config import DiffusionStageConfig
 from .errors import TrainingError, UsageError
 from .runner import start_run
 from .unet_training import (
     Conditioning,
     LatentSource,
     StageParts,
-    UNetStageConfig,
     draw_noise_and_timesteps,
     frozen_parts,
     held_out_batch,
@@ -150,13 +150,6 @@ class UNetDelta(nn.Module):
         if hasattr(self, "conv_in"):
             state[f"{core_patches.PREFIX}{CONV_IN}::diff::0"] = self.conv_in.detach().to(dtype)
         return state
-
-
-@dataclass
-class DiffusionStageConfig(UNetStageConfig):
-    mode: str = "lora"  # lora | diff
-    targets: str = "attn"  # attn | all
-    layer_mode: str | None = None  # fg2ble | fgble2bg | bg2ble | bgble2fg (SDXL layer models)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,6 @@ into :class:`~lib_layerdiffuse.attention_sharing.AttentionSharing` with ``strict
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,13 +39,13 @@ from .. import attention_sharing as sharing
 from . import checkpoint as ckpt
 from . import data as tdata
 from . import sampling
+from .config import LayersStageConfig
 from .errors import UsageError
 from .runner import start_run
 from .unet_training import (
     Conditioning,
     LatentSource,
     StageParts,
-    UNetStageConfig,
     draw_noise_and_timesteps,
     frozen_parts,
     held_out_batch,
@@ -155,13 +154,6 @@ class LayerSharingModel(nn.Module):
         finally:
             for u in self.hookers.layers:
                 u.set_control_signals(None)
-
-
-@dataclass
-class LayersStageConfig(UNetStageConfig):
-    frames: str = "fg,bg"  # the frames of a group, in order (fg, bg, blend)
-    condition: str = "none"  # none | fg | bg
-    condition_via: str = "latent"  # latent (paper: eps = 0) | control (official fg2bg / bg2fg layout)
 
 
 def frame_layout(cfg: LayersStageConfig) -> tuple[list[str], str | None, str | None]:

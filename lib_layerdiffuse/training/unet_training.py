@@ -35,6 +35,7 @@ from .. import ldm_unet
 from . import data as tdata
 from . import dist
 from .base_checkpoint import FAMILY_NAMES, TextConditioner, load_base
+from .config import UNetStageConfig
 from .errors import TrainingError
 from .models import TrainEncoder
 from .runner import Stage, autocast_factory, no_sync, run
@@ -191,45 +192,6 @@ def held_out_batch(cfg: UNetStageConfig, train_set, synthetic_cls) -> dict | Non
 
 # ---------------------------------------------------------------------------------------
 # Configuration shared by both stages
-
-
-@dataclass
-class UNetStageConfig:
-    out: str
-    data: str | None = None
-    synthetic: int = 0
-    steps: int = 1000
-    batch_size: int = 4  # per process
-    size: int = 64  # pixels; the latent is size / 8
-    lr: float = 1e-5  # paper: AdamW 1e-5 (LoRA runs often use 1e-4)
-    weight_decay: float = 0.0
-    adam_eps: float = 1e-8
-    rank: int = 256  # LoRA rank (paper: 256 on all layers)
-    encoder: str | None = None  # stage-1 export (transparent_encoder.safetensors)
-    latent_scale: str | None = None  # a number or "auto"; default see resolve_latent_scale
-    unet_preset: str = "tiny-sd15"  # when no --unet hook gives the model
-    context_tokens: int = 77
-    seed: int = 0
-    save_every: int = 500
-    log_every: int = 10
-    eval_count: int = 8
-    vae_path: str | None = None
-    vae_width: int = 32
-    vae_steps: int = 1000
-    vae_lr: float = 1e-3
-    num_workers: int = 0
-    export_dtype: str = "fp16"
-    resume: bool = True
-    device: str | None = None
-    trace_dir: str | None = None
-    grad_accum: int = 1
-    precision: str = "fp32"
-    checkpoint: str | None = None  # single-file SD1.5/SDXL: frozen VAE, UNet, text encoders
-    frozen_dtype: str = "fp32"  # of the checkpoint's UNet and text encoders
-    caption_dropout: float = 0.0  # share of captions replaced by the empty prompt (CFG)
-    sample_every: int = 500  # sample grid PNG every N steps and at the last (0: never)
-    sample_steps: int = 20  # DDIM steps of a sample
-    decoder: str | None = None  # transparent decoder file: RGBA samples of the frames with alpha
 
 
 def split_batch(batch: dict, k: int) -> list[dict]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +39,7 @@ from . import checkpoint as ckpt
 from . import data as tdata
 from . import dist
 from .base_checkpoint import FAMILY_NAMES, load_base
+from .config import VAEStageConfig
 from .models import PatchDiscriminator, TinyKLVAE, TrainDecoder, TrainEncoder, Widths
 from .runner import Progress, Stage, autocast_factory, loader, no_sync, run, start_run
 
@@ -140,50 +140,6 @@ def keep_mask(indices: list[int], step: int, p: float, seed: int) -> torch.Tenso
         g = torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_000_033 + int(i)) % (2**63))
         flags.append(float(torch.rand(1, generator=g).item() >= p))
     return torch.tensor(flags)
-
-
-# ---------------------------------------------------------------------------------------
-# Configuration
-
-
-@dataclass
-class VAEStageConfig:
-    out: str
-    data: str | None = None  # folder of RGBA images; or
-    synthetic: int = 0  # this many synthetic samples
-    steps: int = 1000
-    batch_size: int = 8  # per process
-    size: int = 64
-    lr: float = 1e-5
-    disc_lr: float | None = None  # default: lr
-    adam_eps: float = 1e-8  # AdamW eps of E+D and the discriminator
-    lambda_offset: float = 1e-2
-    offset_dropout: float = 0.0  # 0.3 for the paper's robust decoder
-    w_recon: float = 1.0
-    w_identity: float = 1.0
-    w_disc: float = 0.01
-    disc_start: int = 0
-    widths: str = "full"  # full | small | tiny
-    disc_width: int = 64
-    seed: int = 0
-    save_every: int = 500
-    sample_every: int = 500
-    log_every: int = 10
-    eval_count: int = 16
-    vae_path: str | None = None  # tiny VAE file; default <out>/tiny_vae.safetensors
-    vae_width: int = 32
-    vae_steps: int = 1000
-    vae_lr: float = 1e-3
-    num_workers: int = 0
-    export_dtype: str = "fp16"
-    resume: bool = True
-    device: str | None = None
-    trace_dir: str | None = None  # per-rank JSON lines of each step (tests, debugging)
-    grad_accum: int = 1  # split each per-process batch into this many micro-batches
-    precision: str = "fp32"  # fp32 | bf16 (autocast; fp16 would need loss scaling)
-    grad_checkpointing: bool = False  # recompute D's resnet/attention blocks in backward
-    checkpoint: str | None = None  # single-file SD1.5/SDXL: its VAE is the frozen VAE
-    frozen_dtype: str = "fp32"  # only bf16 changes the VAE (fp16 overflows in SD VAEs)
 
 
 # ---------------------------------------------------------------------------------------
