@@ -37,6 +37,8 @@ q/k/v (for one frame the whole branch is one fused Linear: a softmax over one el
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -52,7 +54,33 @@ BLOCKS_SD15 = (
 )
 # hooker index -> attention module, as the official module_mapping_sd15
 MODULE_MAP_SD15 = [f"{b}.transformer_blocks.0.{a}" for b in BLOCKS_SD15 for a in ("attn1", "attn2")]
-RANK = 256
+RANK = 256  # the LoRA rank of the official files; other files carry theirs in their shapes (file_rank)
+_LORA_KEY = re.compile(r"^hookers\.layers\.\d+\.to_(?:q|k|v|out)_lora\.\d+\.(down|up)\.weight$")
+
+
+def file_rank(state: Mapping[str, torch.Tensor | Sequence[int]]) -> int:
+    """The LoRA rank of an SD1.5 attention-sharing file, read from its shapes (``down [r, in]``,
+    ``up [out, r]``; values are tensors or shapes): 256 for the official files, another for
+    a trained one (``python -m lib_layerdiffuse.training layers --rank R``). Every LoRA of
+    every unit must have the one rank, else a :class:`LayerDiffuseError` names two that differ.
+    A state without LoRA keys gives :data:`RANK` (the layout check then names what is missing)."""
+    seen: dict[int, str] = {}
+    for key, value in state.items():
+        m = _LORA_KEY.match(key)
+        if m is None:
+            continue
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else tuple(value)
+        seen.setdefault(int(shape[0] if m.group(1) == "down" else shape[-1]), key)
+    if not seen:
+        return RANK
+    if len(seen) > 1:
+        (r1, k1), (r2, k2) = sorted(seen.items())[:2]
+        raise LayerDiffuseError(f"this attention-sharing file mixes LoRA ranks {sorted(seen)} ({k1} has rank {r1}, "
+                                f"{k2} rank {r2}); every unit's LoRAs must have one rank")  # fmt: skip
+    rank = next(iter(seen))
+    if rank < 1:
+        raise LayerDiffuseError(f"this attention-sharing file has LoRAs of rank {rank} ({seen[rank]})")
+    return rank
 
 
 @dataclass
@@ -338,8 +366,9 @@ def _match_tokens(a: torch.Tensor, b: torch.Tensor):
 class AttentionSharing(nn.Module):
     """All units of one SD1.5 file around a UNet, with the official state-dict layout.
 
-    ``AttentionSharing(unet, frames, use_control)`` builds the 32 units around the UNet's
-    attention modules (``unet`` is the ldm ``diffusion_model``) without touching it;
+    ``AttentionSharing(unet, frames, use_control, rank)`` builds the 32 units around the UNet's
+    attention modules (``unet`` is the ldm ``diffusion_model``) without touching it, with
+    LoRAs of ``rank`` (:data:`RANK` for the official files; ``file_rank(state)`` reads a file's);
     ``load_state_dict(file_state, strict=True)`` loads a ``layer_sd15_*`` file;
     :meth:`install` swaps the units in, :meth:`restore` puts the original modules back
     (use it in ``finally``). The shared :attr:`state` carries the cond marks, per-frame

@@ -250,7 +250,7 @@ def _check_sharing_export(out, cfg: LayersStageConfig, frames: int, control: boo
     trained = LayerSharingModel(build_unet(cfg.unet_preset, cfg.seed), frames, control, cfg.rank).eval()
     trained.load_state_dict(_model_state(out), strict=True)
     base = build_unet(cfg.unet_preset, cfg.seed).eval()
-    core = sharing.AttentionSharing(base, frames, control, rank=cfg.rank)
+    core = sharing.AttentionSharing(base, frames, control, rank=sharing.file_rank(state))  # the rank from the file
     core.load_state_dict(state, strict=True)
     x, t = torch.randn(2 * frames, 4, 4, 4), torch.tensor([500] * 2 * frames)
     ctx = torch.randn(2 * frames, cfg.context_tokens, 32)
