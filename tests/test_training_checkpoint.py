@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -345,3 +346,43 @@ def test_decoder_refused_at_start_up(tmp_path, tiny_files, decoder_file, capsys,
     captured = capsys.readouterr()
     assert got == rc and words in captured.err and "--decoder" in captured.err
     assert "checkpoint" not in captured.out  # refused before the checkpoint (or the data) loads
+
+
+def test_cache_embeddings_per_dataset_and_text_encoder(tmp_path, tiny_files, capsys, monkeypatch):
+    """--cache-embeddings: every caption's embedding computed once into the data folder's cache,
+    keyed by the text encoders' file and the caption; later runs load no text encoder."""
+    from lib_layerdiffuse.training import embeddings
+
+    ckpt_file = tmp_path / "sd15.safetensors"
+    ckpt_file.write_bytes(tiny_files["sd15"].read_bytes())
+    data = _rgba_folder(tmp_path / "rgba", {0: "a red glass", 1: "a blue bottle"})
+    common = ["layers", "--checkpoint", str(ckpt_file), "--data", str(data), "--frames", "fg", "--steps", "1",
+              "--batch-size", "2", "--size", "32", "--rank", "2", "--eval-count", "0", "--sample-every", "0",
+              "--cache-embeddings", "--no-resume", "--out"]  # fmt: skip
+
+    def run(name: str) -> str:
+        assert cli.main([*common, str(tmp_path / name)]) == 0, capsys.readouterr().err
+        return capsys.readouterr().out
+
+    out = run("a")
+    (cache,) = (data / embeddings.CACHE_DIR).iterdir()
+    assert "embeddings: 3 captions, 0 from the cache" in out and "3 encoded" in out  # two captions and ""
+    # the cached embeddings are the encoders' own (another batch composition: float tolerance)
+    text = bc.load_base(ckpt_file, parts=("text",)).text
+    cached = embeddings.CachedText("sd15", cache, "cpu")
+    for caption in ("a red glass", "a blue bottle", ""):
+        torch.testing.assert_close(cached([caption], 32)[0], text([caption], 32)[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(TrainingError, match="not in the embedding cache"):
+        cached(["never seen"], 32)
+
+    # a second run loads no text encoder at all; a changed caption is the only one encoded
+    loaded = []
+    real_load_text = bc.load_text
+    monkeypatch.setattr(bc, "load_text", lambda *a, **kw: loaded.append(1) or real_load_text(*a, **kw))
+    assert "3 from the cache" in run("b") and loaded == []
+    (data / "img1.txt").write_text("a green bottle")
+    out = run("c")
+    assert "3 captions, 2 from the cache" in out and "1 encoded" in out and loaded == [1]
+    # another text encoder file (here: the same file, touched) gets its own cache
+    os.utime(ckpt_file, ns=(1, 1))
+    assert "0 from the cache" in run("d") and len(list((data / embeddings.CACHE_DIR).iterdir())) == 2

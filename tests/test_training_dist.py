@@ -122,14 +122,15 @@ def test_torchrun_layers_on_a_checkpoint_two_ranks(tmp_path):
               "lr": 1e-3, "adam_eps": PROPORTIONAL_ADAM_EPS, "caption_dropout": 0.3, "eval_count": 0, "save_every": 1,
               "sample_steps": 2, "export_dtype": "fp32"}  # fmt: skip
     ddp_out, ddp_trace = tmp_path / "ddp", tmp_path / "ddp_trace"
-    res = _torchrun(["layers", *_cli({**common, "out": ddp_out, "batch_size": 1, "trace_dir": ddp_trace})], tmp_path)
+    args = ["layers", "--cache-embeddings", *_cli({**common, "out": ddp_out, "batch_size": 1, "trace_dir": ddp_trace})]
+    res = _torchrun(args, tmp_path)  # rank 0 fills the embedding cache while rank 1 waits
     r0, r1 = _trace(ddp_trace, 0), _trace(ddp_trace, 1)
     assert [t["step"] for t in r0] == [t["step"] for t in r1] == [0, 1]  # both ranks finished
     for a, b in zip(r0, r1, strict=True):
         assert not set(a["indices"]) & set(b["indices"])  # disjoint shards
         assert a["params"] == b["params"]  # identical trained parameters after every step
     assert r0[0]["params"] != r0[1]["params"]  # and the steps changed them
-    assert "SD1.5 checkpoint" in res.stdout and "2 without a caption" in res.stdout
+    assert "SD1.5 checkpoint" in res.stdout and "2 without a caption" in res.stdout and "5 encoded" in res.stdout
     assert sorted(p.name for p in ddp_out.iterdir()) == sorted(
         [ckpt.STATE_FILE, SHARING_FILE, "metrics.jsonl", "summary.json", "samples", "loss.png"]
     )
@@ -138,7 +139,7 @@ def test_torchrun_layers_on_a_checkpoint_two_ranks(tmp_path):
 
     # one process on the combined batch: the same two steps
     one_out, one_trace = tmp_path / "one", tmp_path / "one_trace"
-    cfg = LayersStageConfig(out=str(one_out), batch_size=2, trace_dir=str(one_trace), sample_every=0,
+    cfg = LayersStageConfig(out=str(one_out), batch_size=2, trace_dir=str(one_trace), sample_every=0, cache_embeddings=True,
                             **{**common, "checkpoint": str(ckpt_file), "data": str(data)})  # fmt: skip
     train_layers_stage(cfg)
     s = _trace(one_trace, 0)

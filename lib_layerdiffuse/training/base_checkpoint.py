@@ -269,11 +269,18 @@ class TextConditioner:
     (h, w), all ``size`` here (square centre crops). Embeddings are cached per prompt.
     """
 
-    def __init__(self, family: str, clip: CLIPTextModel, bigg: OpenCLIPTextModel | None = None, cache: int = 4096):
+    def __init__(self, family: str, clip: CLIPTextModel | None, bigg: OpenCLIPTextModel | None = None,
+                 cache: int = 4096):  # fmt: skip
         self.family, self.clip, self.bigg = family, clip, bigg
-        self.tokenizer = default_tokenizer()
+        self._tokenizer = None  # built at the first encode (a cached conditioner never needs it)
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._cache_size = cache
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = default_tokenizer()
+        return self._tokenizer
 
     @property
     def device(self) -> torch.device:

@@ -216,6 +216,9 @@ def _unet_common(o: _Options) -> _Options:
     o.add("--decoder", metavar="FILE",
           help="transparent decoder file (a vae-stage transparent_decoder.safetensors at --widths full, or a "
                "published one): samples of the frames with alpha also as RGBA grids (<step>_rgba.png)")  # fmt: skip
+    o.add("--cache-embeddings", action="store_true",
+          help="with --checkpoint: the text encoders' embeddings of every caption, computed once into "
+               "<data>/.layerdiffuse_cache/ (reused by later runs), and the encoders released before training")  # fmt: skip
     o.add("--caption-dropout", type=share,
           help="share of captions replaced by the empty prompt, in [0, 1) (0.1: for classifier-free guidance)")  # fmt: skip
     _frozen_vae_options(o)

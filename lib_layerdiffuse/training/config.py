@@ -86,6 +86,7 @@ class UNetStageConfig:
     sample_every: int = 500  # sample grid PNG every N steps and at the last (0: never)
     sample_steps: int = 20  # DDIM steps of a sample
     decoder: str | None = None  # transparent decoder file: RGBA samples of the frames with alpha
+    cache_embeddings: bool = False  # keep the captions' text embeddings in a file beside the data
 
 
 @dataclass

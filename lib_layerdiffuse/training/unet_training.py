@@ -33,10 +33,10 @@ from torch import nn
 
 from .. import ldm_unet
 from . import data as tdata
-from . import dist
+from . import dist, embeddings
 from .base_checkpoint import FAMILY_NAMES, TextConditioner, load_base
 from .config import UNetStageConfig
-from .errors import TrainingError
+from .errors import TrainingError, UsageError
 from .models import TrainEncoder
 from .runner import Stage, autocast_factory, no_sync, run
 from .vae_stage import frozen_vae_for
@@ -223,8 +223,15 @@ def frozen_parts(cfg: UNetStageConfig, info: dist.DistInfo, dataset, frozen_vae:
     family's, else :func:`resolve_latent_scale` (``auto`` measures ``latents(source, batch,
     device)`` on the first 32 samples)."""
     text, family, have_vae = None, None, frozen_vae is not None
+    if cfg.cache_embeddings and not cfg.checkpoint:
+        raise UsageError("--cache-embeddings keeps the text encoders' embeddings: it needs --checkpoint")
     if cfg.checkpoint:
-        parts = ["text"] + (["vae"] if frozen_vae is None else []) + (["unet"] if unet is None else [])
+        parts = (["vae"] if frozen_vae is None else []) + (["unet"] if unet is None else [])
+        cache = None
+        if cfg.cache_embeddings:  # a file that already holds every caption: the encoders are not even loaded
+            cache = embeddings.cache_path(cfg.data, cfg.out, embeddings.encoder_id(cfg.checkpoint, cfg.frozen_dtype))
+        if cache is None or not embeddings.holds(cache, dataset):
+            parts.append("text")
         base = load_base(cfg.checkpoint, cfg.frozen_dtype, parts, info.device)
         frozen_vae = base.vae if frozen_vae is None else frozen_vae
         unet = base.unet if unet is None else unet
@@ -232,6 +239,11 @@ def frozen_parts(cfg: UNetStageConfig, info: dist.DistInfo, dataset, frozen_vae:
         if info.is_main:
             print(f"[{label}] {FAMILY_NAMES[family]} checkpoint {cfg.checkpoint} (frozen {cfg.frozen_dtype})"
                   + (f"; ignored {len(base.ignored)} other tensors" if base.ignored else ""), flush=True)  # fmt: skip
+        if cache is not None:  # every rank takes part (rank 0 fills the file, the others wait)
+            base.text = None
+            text, counts = embeddings.build(text, family, dataset, cache, info)
+            if info.is_main:
+                print(f"[{label}] " + embeddings.describe(counts, cache), flush=True)
         if cfg.latent_scale is None:
             cfg = dataclasses.replace(cfg, latent_scale=str(base.latent_scale))
     vae = frozen_vae if frozen_vae is not None else frozen_vae_for(cfg, info)
