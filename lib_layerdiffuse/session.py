@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention_sharing import AttentionSharing
-from .errors import PatchError, Refusal
+from .attention_sharing import AttentionSharing, file_rank
+from .errors import LayerDiffuseError, PatchError, Refusal
 from .modes import Mode
 from .patches import ModulePatcher, Patch, parse_patch_state, widens_conv_in
 from .weights import state_mismatch
@@ -49,8 +49,13 @@ class UNetBackend:
 
 
 def load_sharing(unet: nn.Module, mode: Mode, state: dict, source: str) -> AttentionSharing:
-    """The SD1.5 units of ``mode`` around ``unet``, loaded strictly from the file's state."""
-    sharing = AttentionSharing(unet, frames=mode.group, use_control=mode.control is not None)
+    """The SD1.5 units of ``mode`` around ``unet``, loaded strictly from the file's state, at
+    the file's LoRA rank (256 for the official files; trained files may have another)."""
+    try:
+        rank = file_rank(state)
+    except LayerDiffuseError as e:
+        raise PatchError(f"{source}: {e}.") from None
+    sharing = AttentionSharing(unet, frames=mode.group, use_control=mode.control is not None, rank=rank)
     why = state_mismatch(sharing, state)  # torch's own message names no key in its first line
     if why:
         raise PatchError(f"{source} does not fit '{mode.label}': {why}. Delete {source} and download it again.")

@@ -152,3 +152,21 @@ def test_a_module_backend_refuses_a_host_lora_mode(trees):
     unet = trees["sdxl"]
     with pytest.raises(LayerDiffuseError, match="needs a host that loads LoRA files"):
         UNetSession(ModuleBackend(unet, lambda t: t), M.resolve("FG_ONLY_FLUX"), lora="layerlora.safetensors")
+
+
+def test_sharing_files_of_another_rank_load_at_their_rank():
+    """A trained attention-sharing file (``layers --rank 4``) is loaded at its own rank; a file
+    mixing ranks is refused naming the file."""
+    from test_attention_sharing_rank import _state
+
+    from lib_layerdiffuse.session import load_sharing
+
+    mode = M.resolve("(SD1.5) Only Generate Transparent Image (Attention Injection)")
+    unet = build_tree("sd15")
+    state = _state(1, False, rank=4)
+    sharing = load_sharing(unet, mode, state, "mine.safetensors")
+    assert {u.to_q_lora[0].down.out_features for u in sharing.units} == {4}
+    key = "hookers.layers.3.to_v_lora.0.up.weight"
+    state[key] = torch.zeros(state[key].shape[0], 8)
+    with pytest.raises(PatchError, match=r"mine.safetensors: this attention-sharing file mixes LoRA ranks \[4, 8\]"):
+        load_sharing(unet, mode, state, "mine.safetensors")
