@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 from training_helpers import one_thread, read_trace  # noqa: F401  (one_thread: autouse fixture)
 
 from lib_layerdiffuse import attention_sharing as sharing
+from lib_layerdiffuse import modes
 from lib_layerdiffuse import patches as core_patches
+from lib_layerdiffuse.session import load_sharing
 from lib_layerdiffuse.training import checkpoint as ckpt
 from lib_layerdiffuse.training import data as tdata
 from lib_layerdiffuse.training import dist
@@ -250,8 +252,14 @@ def _check_sharing_export(out, cfg: LayersStageConfig, frames: int, control: boo
     trained = LayerSharingModel(build_unet(cfg.unet_preset, cfg.seed), frames, control, cfg.rank).eval()
     trained.load_state_dict(_model_state(out), strict=True)
     base = build_unet(cfg.unet_preset, cfg.seed).eval()
-    core = sharing.AttentionSharing(base, frames, control, rank=sharing.file_rank(state))  # the rank from the file
-    core.load_state_dict(state, strict=True)
+    official = ckpt.read_metadata(out / SHARING_FILE)["official_counterpart"]
+    if official:  # through the extension's own loader, as the mode that loads that file name
+        mode = next(m for m in modes.MODES if m.unet_file == official)
+        core = load_sharing(base, mode, state, f"{official}.safetensors")  # at the file's rank (cfg.rank here)
+    else:
+        core = sharing.AttentionSharing(base, frames, control, rank=sharing.file_rank(state))
+        core.load_state_dict(state, strict=True)
+    assert core.units[0].to_q_lora[0].down.weight.shape[0] == cfg.rank
     x, t = torch.randn(2 * frames, 4, 4, 4), torch.tensor([500] * 2 * frames)
     ctx = torch.randn(2 * frames, cfg.context_tokens, 32)
     image = torch.rand(1, 3, 32, 32)

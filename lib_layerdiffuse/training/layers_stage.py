@@ -212,9 +212,6 @@ def train_layers_stage(cfg: LayersStageConfig, frozen_vae: nn.Module | None = No
     nf = len(frames)
     zero_at = frames.index(eps_zero) if eps_zero else None
 
-    if info.is_main and cfg.rank != sharing.RANK:
-        print(f"[layers] note: --rank {cfg.rank}: the extension loads SD1.5 attention-sharing files of rank "
-              f"{sharing.RANK} (the official layout) only; this export is for experiments", flush=True)  # fmt: skip
     torch.manual_seed(cfg.seed)  # the same initial modules on every rank
     model = LayerSharingModel(base, nf, control is not None, cfg.rank).to(info.device)
 
