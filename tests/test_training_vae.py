@@ -108,8 +108,16 @@ def test_step_batches_shard_disjoint_and_resume():
     full = list(shards[1])
     resumed = list(tdata.StepBatches(n, b, 1, 2, seed=5, start=5, stop=8))
     assert resumed == full[5:] and full[4] != full[0]  # a new epoch is reshuffled
-    with pytest.raises(ValueError, match="too few"):
-        tdata.StepBatches(5, 4, 0, 2, seed=0)
+    # fewer samples than one global batch: repeated to fill every step (all 5 in the first, for this seed)
+    small = [tdata.StepBatches(5, 4, r, 2, seed=0, start=0, stop=3) for r in range(2)]
+    assert small[0].repeats == 2 and small[0].per_epoch == 1
+    steps = [list(s) for s in small]
+    assert all(len(b) == 4 and set(b) <= set(range(5)) for s in steps for b in s)
+    first = steps[0][0] + steps[1][0]
+    assert sorted(set(first)) == list(range(5)) and len(first) == 8
+    assert tdata.StepBatches(37, 4, 0, 2, seed=0).repeats == 1
+    with pytest.raises(ValueError, match="no samples"):
+        tdata.StepBatches(0, 4, 0, 1, seed=0)
 
 
 # ---------------------------------------------------------------------------------------

@@ -341,21 +341,23 @@ class StepBatches:
 
     Step ``s`` is batch ``s % per_epoch`` of epoch ``s // per_epoch`` of this rank's
     :class:`DistributedSampler` shard (shuffled with ``seed + epoch``, incomplete shards and
-    batches dropped so every rank takes the same number of steps).
+    batches dropped so every rank takes the same number of steps). A dataset smaller than one
+    global batch is repeated (``repeats`` times per epoch) so that a step can be filled, as
+    trainers repeat small folders.
     """
 
     def __init__(self, dataset_len: int, batch_size: int, rank: int, world_size: int, seed: int,
                  start: int = 0, stop: int = 0):  # fmt: skip
+        if dataset_len < 1:
+            raise ValueError("no samples to train on")
+        self.dataset_len = dataset_len
+        self.repeats = -(-world_size * batch_size // dataset_len)  # ceil; 1 when one batch fits
         self.sampler = DistributedSampler(
-            range(dataset_len), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
-        )
+            range(dataset_len * self.repeats), num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+            drop_last=True,
+        )  # fmt: skip
         self.batch_size = batch_size
         self.per_epoch = len(self.sampler) // batch_size
-        if self.per_epoch == 0:
-            raise ValueError(
-                f"{dataset_len} samples are too few for {world_size} process(es) x batch {batch_size}: "
-                f"each step needs {world_size * batch_size}"
-            )
         self.start, self.stop = start, stop
         self._epoch, self._order = None, None
 
@@ -364,7 +366,7 @@ class StepBatches:
         if epoch != self._epoch:
             self.sampler.set_epoch(epoch)
             self._epoch, self._order = epoch, list(self.sampler)
-        return self._order[j * self.batch_size : (j + 1) * self.batch_size]
+        return [i % self.dataset_len for i in self._order[j * self.batch_size : (j + 1) * self.batch_size]]
 
     def __iter__(self):
         for step in range(self.start, self.stop):

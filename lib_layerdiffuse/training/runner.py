@@ -284,6 +284,10 @@ def run(cfg, info: dist.DistInfo, stage: Stage) -> dict:
     summary_start = stage.prepare() if stage.prepare is not None else {}
     batches = tdata.StepBatches(len(stage.dataset), cfg.batch_size, info.rank, info.world_size, cfg.seed, start,
                                 cfg.steps)  # fmt: skip
+    if batches.repeats > 1 and info.is_main:
+        print(f"[{stage.label}] note: {len(stage.dataset)} samples are fewer than one step's "
+              f"{info.world_size} x {cfg.batch_size}; each epoch repeats them {batches.repeats} times",
+              flush=True)  # fmt: skip
     records = StepRecords(cfg, info, out, start, stage.label)
     sample_every = getattr(cfg, "sample_every", 0)
 
