@@ -62,11 +62,16 @@ def test_usage_errors_are_one_line_exit_2(tmp_path, capsys, args, words):
         (["vae"], "one of the arguments --data --synthetic is required"),
         (["layers", "--synthetic", "8", "--latent-scale", "-1"], "--latent-scale must be a positive number"),
         (["nosuchstage"], "invalid choice"),
+        (
+            ["layers", "--synthetic", "8", "--cache-embeddings"],
+            "--cache-embeddings keeps the text encoders' embeddings: it needs --checkpoint",
+        ),
     ],
 )
 def test_more_usage_errors(tmp_path, capsys, argv, words):
     assert cli.main([*argv, "--out", str(tmp_path / "o")]) == 2
     assert words in _one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "o").exists()  # refused before any work
 
 
 def test_resume_past_steps_refused_lr_applied_corrupt_state_explained(tmp_path, capsys):

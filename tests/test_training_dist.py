@@ -77,9 +77,9 @@ def test_torchrun_two_ranks_match_one_process_and_resume(tmp_path):
     assert not set(r0[0]["indices"]) & set(r1[0]["indices"])  # disjoint shards
     assert r0[0]["params"] == r1[0]["params"]  # identical parameters after the step
     # rank 0 alone wrote: one state file, the two exports, no temporaries; one log line per step
-    assert sorted(p.name for p in ddp_out.iterdir()) == sorted(
+    assert sorted(p.name for p in ddp_out.iterdir() if p.name != "tensorboard") == sorted(
         [ckpt.STATE_FILE, ckpt.ENCODER_FILE, ckpt.DECODER_FILE, "metrics.jsonl", "summary.json", "loss.png"]
-    )
+    )  # tensorboard/: only where that package is installed
     assert res.stdout.count("[vae] step 1/1") == 1
 
     # one process, batch 4 = the combined batch, same seed
@@ -131,9 +131,9 @@ def test_torchrun_layers_on_a_checkpoint_two_ranks(tmp_path):
         assert a["params"] == b["params"]  # identical trained parameters after every step
     assert r0[0]["params"] != r0[1]["params"]  # and the steps changed them
     assert "SD1.5 checkpoint" in res.stdout and "2 without a caption" in res.stdout and "5 encoded" in res.stdout
-    assert sorted(p.name for p in ddp_out.iterdir()) == sorted(
+    assert sorted(p.name for p in ddp_out.iterdir() if p.name != "tensorboard") == sorted(
         [ckpt.STATE_FILE, SHARING_FILE, "metrics.jsonl", "summary.json", "samples", "loss.png"]
-    )
+    )  # tensorboard/: only where that package is installed
     assert [p.name for p in (ddp_out / "samples").iterdir()] == ["step_0000002.png"]  # rank 0 only, last step
     assert res.stdout.count("[layers] step 2/2") == 1
 

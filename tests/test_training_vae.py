@@ -108,13 +108,13 @@ def test_step_batches_shard_disjoint_and_resume():
     full = list(shards[1])
     resumed = list(tdata.StepBatches(n, b, 1, 2, seed=5, start=5, stop=8))
     assert resumed == full[5:] and full[4] != full[0]  # a new epoch is reshuffled
-    # fewer samples than one global batch: repeated to fill every step (all 5 in the first, for this seed)
+    # fewer samples than one global batch: the indices run over 2 copies (read through Repeated)
     small = [tdata.StepBatches(5, 4, r, 2, seed=0, start=0, stop=3) for r in range(2)]
     assert small[0].repeats == 2 and small[0].per_epoch == 1
     steps = [list(s) for s in small]
-    assert all(len(b) == 4 and set(b) <= set(range(5)) for s in steps for b in s)
+    assert all(len(b) == 4 and set(b) <= set(range(10)) for s in steps for b in s)
     first = steps[0][0] + steps[1][0]
-    assert sorted(set(first)) == list(range(5)) and len(first) == 8
+    assert len(set(first)) == 8  # no position twice in a global step
     assert tdata.StepBatches(37, 4, 0, 2, seed=0).repeats == 1
     with pytest.raises(ValueError, match="no samples"):
         tdata.StepBatches(0, 4, 0, 1, seed=0)
@@ -270,3 +270,28 @@ def test_cli_runs_and_refuses_diffusion_without_encoder(tmp_path, tiny_vae_file,
     assert json.loads((out / "summary.json").read_text())["step"] == 2
     assert "step 2/2" in capsys.readouterr().out
     assert train.main(["vae", "--out", str(out)]) == 2  # no data source
+
+
+def test_repeated_copies_are_distinct_samples():
+    """A copy of a sample carries its own index, so the draws keyed by it (noise, timestep,
+    dropouts) differ from the original's; the image is the same."""
+    from lib_layerdiffuse.training.unet_training import draw_noise_and_timesteps
+
+    ds = tdata.SyntheticRGBA(3, 16, seed=0)
+    rep = tdata.Repeated(ds, 2)
+    assert len(rep) == 6
+    a, b = rep[1], rep[4]
+    assert a["index"] == 1 and b["index"] == 4 and torch.equal(a["premult"], b["premult"])
+    noise, t = draw_noise_and_timesteps([a["index"], b["index"]], step=0, seed=0, shape=(4, 2, 2))
+    assert not torch.equal(noise[0], noise[1])
+
+
+def test_metrics_of_a_discarded_run_are_dropped(tmp_path):
+    from lib_layerdiffuse.training.runner import _keep_records_up_to
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (10, 20, 30)) + '{"step": 4')
+    _keep_records_up_to(path, 20)  # a resume from step 20: the killed run's step 30 and torn line go
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [10, 20]
+    _keep_records_up_to(path, 0)  # a fresh start (--no-resume) into the same folder
+    assert path.read_text() == ""

@@ -275,6 +275,9 @@ def check_args(args) -> None:
                          "(each step splits the batch into that many micro-batches)")  # fmt: skip
     if args.size % 8:
         raise UsageError(f"--size {args.size} must be a multiple of 8 (the latent is size / 8)")
+    if getattr(args, "cache_embeddings", False) and not args.checkpoint:
+        # here, before the run creates --out and reads the data
+        raise UsageError("--cache-embeddings keeps the text encoders' embeddings: it needs --checkpoint")
     if args.stage == "vae":
         from .models import Widths
 

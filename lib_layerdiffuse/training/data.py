@@ -336,6 +336,21 @@ class SyntheticRGBA(_SyntheticSet):
 # Batching
 
 
+class Repeated(torch.utils.data.Dataset):
+    """``dataset`` ``repeats`` times. Copy ``i`` of a sample carries ``index`` ``i``: the random
+    draws keyed by the index (noise, timestep, caption and offset dropout) differ between copies,
+    so a repeated sample is another training example, not the same one twice."""
+
+    def __init__(self, dataset, repeats: int):
+        self.dataset, self.repeats = dataset, repeats
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.repeats
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.dataset[i % len(self.dataset)], "index": i}
+
+
 class StepBatches:
     """Index lists for steps ``start .. stop - 1`` of one rank; usable as a ``batch_sampler``.
 
@@ -343,7 +358,8 @@ class StepBatches:
     :class:`DistributedSampler` shard (shuffled with ``seed + epoch``, incomplete shards and
     batches dropped so every rank takes the same number of steps). A dataset smaller than one
     global batch is repeated (``repeats`` times per epoch) so that a step can be filled, as
-    trainers repeat small folders.
+    trainers repeat small folders: the indices then run over the copies, read through
+    :class:`Repeated`.
     """
 
     def __init__(self, dataset_len: int, batch_size: int, rank: int, world_size: int, seed: int,
@@ -366,7 +382,7 @@ class StepBatches:
         if epoch != self._epoch:
             self.sampler.set_epoch(epoch)
             self._epoch, self._order = epoch, list(self.sampler)
-        return [i % self.dataset_len for i in self._order[j * self.batch_size : (j + 1) * self.batch_size]]
+        return self._order[j * self.batch_size : (j + 1) * self.batch_size]
 
     def __iter__(self):
         for step in range(self.start, self.stop):

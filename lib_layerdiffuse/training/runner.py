@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
+from ..fileio import atomic_write
 from . import checkpoint as ckpt
 from . import data as tdata
 from . import dist, plots
@@ -151,9 +152,10 @@ class TensorBoard:
         if enabled and importlib.util.find_spec("tensorboard") is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # an incomplete install: the run goes on without event logs
-                return
-            self.writer = SummaryWriter(log_dir=str(folder))
+
+                self.writer = SummaryWriter(log_dir=str(folder))
+            except Exception as e:  # a broken install (e.g. protobuf) or folder: the run goes on without
+                print(f"[train] warning: no TensorBoard logs ({type(e).__name__}: {e})", flush=True)
 
     def add(self, step: int, logs: dict[str, float]) -> None:
         if self.writer is not None:
@@ -163,6 +165,23 @@ class TensorBoard:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _keep_records_up_to(path: Path, step: int) -> None:
+    """Drop the records of ``metrics.jsonl`` after ``step`` (all of them for a fresh start): they
+    belong to a run that was discarded (``--no-resume``) or killed after its last checkpoint,
+    and the loss curve would join them to this run's."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a torn last line of a killed run
+    text = "".join(k + "\n" for k in kept)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _write_line(f, record: dict) -> None:
@@ -182,7 +201,11 @@ class StepRecords:
             Path(cfg.trace_dir).mkdir(parents=True, exist_ok=True)
             self.trace = open(Path(cfg.trace_dir) / f"rank{info.rank}.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         self.bar = Progress(cfg.steps, start, info.is_main, cfg.log_every, label)
-        self.metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if info.is_main else None  # noqa: SIM115
+        self.metrics = None
+        if info.is_main:
+            path = out / "metrics.jsonl"
+            _keep_records_up_to(path, start)  # a fresh start or a resume: no records of a discarded run
+            self.metrics = open(path, "a", encoding="utf-8")  # noqa: SIM115
         self.tensorboard = TensorBoard(out / "tensorboard", info.is_main)
         self.last_logs: dict[str, float] = {}
 
@@ -284,6 +307,7 @@ def run(cfg, info: dist.DistInfo, stage: Stage) -> dict:
     summary_start = stage.prepare() if stage.prepare is not None else {}
     batches = tdata.StepBatches(len(stage.dataset), cfg.batch_size, info.rank, info.world_size, cfg.seed, start,
                                 cfg.steps)  # fmt: skip
+    dataset = tdata.Repeated(stage.dataset, batches.repeats) if batches.repeats > 1 else stage.dataset
     if batches.repeats > 1 and info.is_main:
         print(f"[{stage.label}] note: {len(stage.dataset)} samples are fewer than one step's "
               f"{info.world_size} x {cfg.batch_size}; each epoch repeats them {batches.repeats} times",
@@ -299,7 +323,7 @@ def run(cfg, info: dist.DistInfo, stage: Stage) -> dict:
     step = start - 1
     t0 = time.perf_counter()
     try:
-        for step, batch in zip(range(start, cfg.steps), loader(stage.dataset, batches, cfg.num_workers), strict=True):
+        for step, batch in zip(range(start, cfg.steps), loader(dataset, batches, cfg.num_workers), strict=True):
             logs, payload = stage.step(batch, step)
             if records.trace is not None:
                 records.write_trace({"step": step, "rank": info.rank, "indices": [int(i) for i in batch["index"]],
