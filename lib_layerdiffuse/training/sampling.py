@@ -61,12 +61,6 @@ def grid(images: torch.Tensor, rows: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def decode_grid(vae, latents: torch.Tensor, scale: float, rows: int) -> np.ndarray:
-    """``[rows * cols, 4, h, w]`` scaled latents -> one HxWx4 float grid (RGB, alpha 1)."""
-    return grid(decode(vae, latents, scale), rows)
-
-
-@torch.no_grad()
 def decode_rgba(decoder, pixels: torch.Tensor, latents: torch.Tensor, scale: float) -> torch.Tensor:
     """The transparent decode of ``pixels`` (the frozen VAE's RGB of ``latents``) as the
     extension runs it (8 passes): ``[N, 4, H, W]`` straight RGB then alpha, in [0, 1]."""
