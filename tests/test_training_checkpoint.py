@@ -315,7 +315,9 @@ def test_decoder_rgba_samples_beside_the_rgb_ones(tmp_path, tiny_files, decoder_
                    "--encoder", str(tiny_files["encoder"]), "--decoder", str(decoder_file), "--out", str(out),
                    "--steps", "1", "--batch-size", "2", "--size", "32", "--rank", "2", "--eval-count", "0",
                    "--sample-steps", "2"])  # fmt: skip
-    assert rc == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "without --encoder" not in captured.out
     rgb = np.asarray(Image.open(out / "samples" / "step_0000001.png"))
     rgba = np.asarray(Image.open(out / "samples" / "step_0000001_rgba.png"))
     assert rgb.shape == rgba.shape == (32, 64, 4) and (rgb[..., 3] == 255).all()
@@ -326,6 +328,11 @@ def test_decoder_rgba_samples_beside_the_rgb_ones(tmp_path, tiny_files, decoder_
     torch.testing.assert_close(torch.cat(list(pixel), dim=2), shown, atol=1 / 255, rtol=0)
     want = torch.cat(list(torch.cat([got[:, 1:4], got[:, :1]], dim=1)), dim=2).permute(1, 2, 0).numpy()
     assert np.abs(rgba / 255.0 - want).max() <= 1 / 255 + 1e-6 and 0 < rgba[..., 3].std()
+    # without the stage-1 encoder the fg frame has no transparency offset: the run says so
+    rc = cli.main(["layers", "--checkpoint", str(tiny_files["sd15"]), "--data", str(data), "--frames", "fg",
+                   "--decoder", str(decoder_file), "--out", str(tmp_path / "plain"), "--steps", "1",
+                   "--batch-size", "2", "--size", "32", "--rank", "2", "--eval-count", "0", "--sample-steps", "1"])  # fmt: skip
+    assert rc == 0 and "--decoder without --encoder" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

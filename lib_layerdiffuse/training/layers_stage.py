@@ -201,6 +201,10 @@ def train_layers_stage(cfg: LayersStageConfig, frozen_vae: nn.Module | None = No
     dataset = tdata.stage_dataset(cfg, triplets=True, fg_only=frames == ["fg"] and control is None)
     if info.is_main:
         print(f"[layers] data: {tdata.describe(dataset)}", flush=True)
+        if decoder is not None and not cfg.encoder:
+            print("[layers] note: --decoder without --encoder: the fg frame learns plain latents (no transparency "
+                  "offset), so the alpha of the RGBA samples means nothing; give the vae stage's encoder",
+                  flush=True)  # fmt: skip
 
     def latents(src: LatentSource, batch: dict, device) -> torch.Tensor:
         return _frame_latents(src, batch, frames, device)
