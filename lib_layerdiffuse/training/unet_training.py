@@ -230,7 +230,8 @@ def frozen_parts(cfg: UNetStageConfig, info: dist.DistInfo, dataset, frozen_vae:
         cache = None
         if cfg.cache_embeddings:  # a file that already holds every caption: the encoders are not even loaded
             cache = embeddings.cache_path(cfg.data, cfg.out, embeddings.encoder_id(cfg.checkpoint, cfg.frozen_dtype))
-        if cache is None or not embeddings.holds(cache, dataset):
+        # without a cache every rank encodes its captions; filling a cache is rank 0's alone
+        if cache is None or (info.is_main and not embeddings.holds(cache, dataset)):
             parts.append("text")
         base = load_base(cfg.checkpoint, cfg.frozen_dtype, parts, info.device)
         frozen_vae = base.vae if frozen_vae is None else frozen_vae
