@@ -1,5 +1,5 @@
-"""The trainer's options: one dataclass per stage, the one place each option's default is
-written. The command line (:mod:`.cli`) reads its defaults from these fields, and code that
+"""The trainer's options: one dataclass per stage, over :class:`RunConfig` for the options
+every stage has; the one place each option's default is written. The command line (:mod:`.cli`) reads its defaults from these fields, and code that
 runs a stage directly builds the same dataclass (tests/test_training_cli.py checks that both
 give the same configuration). No torch import here: ``--help`` and usage errors stay fast.
 """
@@ -10,29 +10,22 @@ from dataclasses import dataclass
 
 
 @dataclass
-class VAEStageConfig:
+class RunConfig:
+    """The options every stage has, with their defaults."""
+
     out: str
-    data: str | None = None  # folder of RGBA images; or
+    data: str | None = None  # folder of RGBA images (or triplets); or
     synthetic: int = 0  # this many synthetic samples
     steps: int = 1000
-    batch_size: int = 8  # per process
-    size: int = 64
-    lr: float = 1e-5
-    disc_lr: float | None = None  # default: lr
-    adam_eps: float = 1e-8  # AdamW eps of E+D and the discriminator
-    lambda_offset: float = 1e-2
-    offset_dropout: float = 0.0  # 0.3 for the paper's robust decoder
-    w_recon: float = 1.0
-    w_identity: float = 1.0
-    w_disc: float = 0.01
-    disc_start: int = 0
-    widths: str = "full"  # full | small | tiny
-    disc_width: int = 64
+    batch_size: int = 4  # per process
+    size: int = 64  # pixels; the latent is size / 8
+    lr: float = 1e-5  # paper: AdamW 1e-5 (LoRA runs often use 1e-4)
+    adam_eps: float = 1e-8
     seed: int = 0
     save_every: int = 500
-    sample_every: int = 500
+    sample_every: int = 500  # sample PNG every N steps and at the last (0: never)
     log_every: int = 10
-    eval_count: int = 16
+    eval_count: int = 8
     vae_path: str | None = None  # tiny VAE file; default <out>/tiny_vae.safetensors
     vae_width: int = 32
     vae_steps: int = 1000
@@ -44,46 +37,35 @@ class VAEStageConfig:
     trace_dir: str | None = None  # per-rank JSON lines of each step (tests, debugging)
     grad_accum: int = 1  # split each per-process batch into this many micro-batches
     precision: str = "fp32"  # fp32 | bf16 (autocast; fp16 would need loss scaling)
-    grad_checkpointing: bool = False  # recompute D's resnet/attention blocks in backward
-    checkpoint: str | None = None  # single-file SD1.5/SDXL: its VAE is the frozen VAE
-    frozen_dtype: str = "fp32"  # only bf16 changes the VAE (fp16 overflows in SD VAEs)
+    checkpoint: str | None = None  # single-file SD1.5/SDXL: frozen VAE (and UNet, text encoders)
+    frozen_dtype: str = "fp32"  # of the frozen UNet and text encoders; only bf16 changes the VAE
 
 
 @dataclass
-class UNetStageConfig:
-    out: str
-    data: str | None = None
-    synthetic: int = 0
-    steps: int = 1000
-    batch_size: int = 4  # per process
-    size: int = 64  # pixels; the latent is size / 8
-    lr: float = 1e-5  # paper: AdamW 1e-5 (LoRA runs often use 1e-4)
+class VAEStageConfig(RunConfig):
+    batch_size: int = 8  # per process
+    eval_count: int = 16
+    disc_lr: float | None = None  # default: lr
+    lambda_offset: float = 1e-2
+    offset_dropout: float = 0.0  # 0.3 for the paper's robust decoder
+    w_recon: float = 1.0
+    w_identity: float = 1.0
+    w_disc: float = 0.01
+    disc_start: int = 0
+    widths: str = "full"  # full | small | tiny
+    disc_width: int = 64
+    grad_checkpointing: bool = False  # recompute D's resnet/attention blocks in backward
+
+
+@dataclass
+class UNetStageConfig(RunConfig):
     weight_decay: float = 0.0
-    adam_eps: float = 1e-8
     rank: int = 256  # LoRA rank (paper: 256 on all layers)
     encoder: str | None = None  # stage-1 export (transparent_encoder.safetensors)
     latent_scale: str | None = None  # a number or "auto"; default see resolve_latent_scale
     unet_preset: str = "tiny-sd15"  # when no --unet hook gives the model
     context_tokens: int = 77
-    seed: int = 0
-    save_every: int = 500
-    log_every: int = 10
-    eval_count: int = 8
-    vae_path: str | None = None
-    vae_width: int = 32
-    vae_steps: int = 1000
-    vae_lr: float = 1e-3
-    num_workers: int = 0
-    export_dtype: str = "fp16"
-    resume: bool = True
-    device: str | None = None
-    trace_dir: str | None = None
-    grad_accum: int = 1
-    precision: str = "fp32"
-    checkpoint: str | None = None  # single-file SD1.5/SDXL: frozen VAE, UNet, text encoders
-    frozen_dtype: str = "fp32"  # of the checkpoint's UNet and text encoders
     caption_dropout: float = 0.0  # share of captions replaced by the empty prompt (CFG)
-    sample_every: int = 500  # sample grid PNG every N steps and at the last (0: never)
     sample_steps: int = 20  # DDIM steps of a sample
     decoder: str | None = None  # transparent decoder file: RGBA samples of the frames with alpha
     cache_embeddings: bool = False  # keep the captions' text embeddings in a file beside the data
