@@ -173,14 +173,7 @@ def _keep_records_up_to(path: Path, step: int) -> None:
     and the loss curve would join them to this run's."""
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if int(json.loads(line)["step"]) <= step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue  # a torn last line of a killed run
-    text = "".join(k + "\n" for k in kept)
+    text = "".join(json.dumps(r) + "\n" for r in plots.read_metrics(path) if r["step"] <= step)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
