@@ -366,7 +366,6 @@ class StepBatches:
                  start: int = 0, stop: int = 0):  # fmt: skip
         if dataset_len < 1:
             raise ValueError("no samples to train on")
-        self.dataset_len = dataset_len
         self.repeats = -(-world_size * batch_size // dataset_len)  # ceil; 1 when one batch fits
         self.sampler = DistributedSampler(
             range(dataset_len * self.repeats), num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
