@@ -322,13 +322,20 @@ def expected_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in module.state_dict().items()}
 
 
-def _load_module(cls, role: str, path, device, dtype) -> torch.nn.Module:
-    from safetensors import safe_open
-
+def check_module_file(cls, role: str, path) -> tuple[torch.nn.Module, dict]:
+    """The header check of a decoder / encoder file (keys, shapes, dtypes; no tensor is read):
+    returns the module on the meta device and the header."""
     with torch.device("meta"):
         module = cls()
     found = read_header(path)
     check_state(path, found, expected_shapes(module), role)
+    return module, found
+
+
+def _load_module(cls, role: str, path, device, dtype) -> torch.nn.Module:
+    from safetensors import safe_open
+
+    module, found = check_module_file(cls, role, path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             state = {k: f.get_tensor(k) for k in found}

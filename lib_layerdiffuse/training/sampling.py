@@ -77,9 +77,7 @@ def load_decoder(path: str, info) -> torch.nn.Module | None:
     try:
         if info.is_main:
             return core_weights.load_decoder(path, info.device)
-        with torch.device("meta"):
-            expected = core_weights.expected_shapes(core_vae.TransparentVAEDecoder())
-        core_weights.check_state(path, core_weights.read_header(path), expected, "decoder")
+        core_weights.check_module_file(core_vae.TransparentVAEDecoder, "decoder", path)
         return None
     except LayerDiffuseError as e:
         raise TrainingError(f"--decoder {path}: {e} ({hint})") from None
