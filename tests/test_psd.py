@@ -122,3 +122,37 @@ def test_available_names_the_package_when_it_cannot_import(monkeypatch):
     assert psd.available() is None
     monkeypatch.setattr(builtins, "__import__", fake)
     assert "psd-tools" in psd.available()
+
+
+@pytest.mark.parametrize("resize_mode", ["Just Resize", "Crop and Resize", "Resize and Fill"])
+def test_groups_build_the_layers_of_each_whole_group(resize_mode):
+    from lib_layerdiffuse import conditioning as C
+    from lib_layerdiffuse.rgba import to_uint8
+
+    rng = np.random.default_rng(3)
+    bg_in = rng.integers(0, 256, (30, 50, 4), dtype=np.uint8)  # a background upload with some alpha
+    groups = psd.Groups(("foreground", "blended"), {"bg": bg_in, "fg": None}, resize_mode)
+    fg0, bl0, fg1, bl1 = (rng.integers(0, 256, (40, 56, c), dtype=np.uint8) for c in (4, 3, 4, 3))
+    assert groups.add(0, fg0) is None
+    assert groups.add(2, fg1) is None  # the next group's first frame
+    layers = groups.add(1, bl0)
+    assert [(layer.name, layer.visible) for layer in layers] == [
+        ("Background", True),
+        ("Foreground", True),
+        ("Blended", False),
+    ]
+    expected_bg = to_uint8(C.prepare_layer_image(bg_in, resize_mode, 40, 56))  # as the method used it
+    assert np.array_equal(layers[0].rgba[..., :3], expected_bg) and (layers[0].rgba[..., 3] == 255).all()
+    assert np.array_equal(layers[1].rgba, fg0)
+    assert np.array_equal(layers[2].rgba[..., :3], bl0)
+    assert [layer.name for layer in groups.add(3, bl1)] == ["Background", "Foreground", "Blended"]
+    assert groups.pending == {}
+
+
+def test_a_user_foreground_keeps_its_alpha():
+    fg = np.zeros((16, 16, 4), np.uint8)
+    fg[4:12, 4:12] = (255, 0, 0, 255)
+    layer = psd.input_layer("fg", fg, "Just Resize", 32, 32)
+    assert layer.shape == (32, 32, 4)
+    assert layer[0, 0, 3] == 0 and layer[16, 16, 3] >= 254  # 8-bit as the official: x * 255 truncated
+    assert layer[16, 16, 0] >= 254 and layer[16, 16, 1] == 0
