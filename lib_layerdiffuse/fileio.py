@@ -2,7 +2,9 @@
 
 Temporary files are named ``.<target>.<pid>.<8 random>.tmp``. One left behind by a process
 that died mid-write (SIGKILL, power loss) is removed by :func:`clean_stale`, which every
-:func:`atomic_write` runs on its folder first; hosts may also call it at start-up.
+:func:`atomic_write` runs on its folder first; hosts may also call it at start-up. A caller
+that knows no other process writes in a folder (the trainer, holding its ``--out`` lock)
+removes every one of them at once with :func:`remove_temps`, whatever their age.
 """
 
 from __future__ import annotations
@@ -95,6 +97,23 @@ def remove_where(folder: str | os.PathLike, stale) -> list[Path]:
 def clean_stale(folder: str | os.PathLike) -> list[Path]:
     """Remove our stale temporary files from ``folder``; returns the paths removed."""
     return remove_where(folder, is_stale_temp)
+
+
+def _is_ours_not_live(path: Path) -> bool:
+    if _TEMP_NAME.match(path.name) is None:
+        return False
+    with _live_lock:
+        return str(path.absolute()) not in _live
+
+
+def remove_temps(folder: str | os.PathLike, also: tuple[str, ...] = ()) -> list[Path]:
+    """Remove every temporary file of ours under ``folder`` (recursively), whatever its age or
+    writer, except those this process is writing, and the plain files named in ``also``; for
+    a caller that knows no other process writes there. Best effort; returns the paths removed."""
+    removed = []
+    for sub, _, _ in os.walk(folder):
+        removed += remove_where(sub, lambda p, now: p.name in also or _is_ours_not_live(p))
+    return removed
 
 
 def fsync_path(path: str | os.PathLike) -> None:

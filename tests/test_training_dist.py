@@ -18,7 +18,7 @@ from training_helpers import (
 from training_helpers import read_trace as _trace
 
 from lib_layerdiffuse.training import checkpoint as ckpt
-from lib_layerdiffuse.training import dist
+from lib_layerdiffuse.training import cli, dist
 from lib_layerdiffuse.training.vae_stage import VAEStageConfig, pretrain_tiny_vae, train_vae_stage
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -201,7 +201,22 @@ def test_killing_one_rank_ends_the_job_and_leaves_a_loadable_checkpoint(tmp_path
             job.kill()
     assert job.returncode != 0
     assert "rank" in output.lower() and ("SIGKILL" in output or "Signal 9" in output or "-9" in output), output[-2000:]
-    # the last complete checkpoint is whole and loadable; no temporary file is left behind
-    assert int(ckpt.read_metadata(state)["step"]) >= 2
+    # the last complete checkpoint is whole and loadable
+    step = int(ckpt.read_metadata(state)["step"])
+    assert step >= 2
     assert any(k.startswith("model.") for k in load_file(str(state)))
-    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    # A rank killed mid-write leaves its temporary file (rank 0 may be stopped while it writes
+    # loss.png): the next run on this --out removes every one of ours, whatever its age. One of
+    # each kind, named as a writer that is still alive would name it (this process's PID):
+    planted = [
+        out / f".{name}.{os.getpid()}.abcd1234.tmp"
+        for name in (ckpt.STATE_FILE, ckpt.ENCODER_FILE, ckpt.DECODER_FILE, "metrics.jsonl", "loss.png", "summary.json")
+    ]
+    planted.append(out / "loss.png.tmp")  # the name older versions wrote loss.png through
+    for p in planted:
+        p.write_bytes(b"half a file")
+    resume = ["vae", *_cli({"synthetic": 32, "vae_path": vae_path, **TINY, "out": out, "batch_size": 2}),
+              "--steps", str(step + 1)]  # fmt: skip
+    assert cli.main(resume) == 0
+    assert not [p.name for p in out.rglob("*") if p.name.endswith(".tmp")]
+    assert int(ckpt.read_metadata(state)["step"]) == step + 1

@@ -117,3 +117,21 @@ def write_triplet_folder(d: Path, n: int = 4, size: int = 40) -> Path:
     for f, text in (("fg", "a cat"), ("bg", "a sofa"), ("blend", "a cat on a sofa")):
         (d / f / "1.txt").write_text(text, encoding="utf-8")
     return d
+
+
+def vae_nan_from_call_3():
+    """``--frozen-vae training_helpers:vae_nan_from_call_3``: a finite stand-in VAE whose
+    latents turn NaN from its third ``encode`` on (the third step of a vae-stage run without
+    evaluation): a run whose loss becomes NaN although every weight is finite."""
+    from lib_layerdiffuse.training.models import TinyKLVAE
+
+    class NaNFromCall3(TinyKLVAE):
+        calls = 0
+
+        def encode(self, rgb01):
+            self.calls += 1
+            mean, std = super().encode(rgb01)
+            return (mean * float("nan"), std) if self.calls >= 3 else (mean, std)
+
+    torch.manual_seed(0)
+    return NaNFromCall3(8)

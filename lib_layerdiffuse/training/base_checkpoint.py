@@ -30,6 +30,7 @@ from torch import nn
 
 from .. import ldm_unet
 from .errors import TrainingError
+from .finite import require_finite
 from .sd_models import CLIPTextModel, LDMAutoencoderKL, OpenCLIPTextModel, TextConfig, VAEConfig
 from .tokenizer import EOS, default_tokenizer
 
@@ -236,6 +237,7 @@ class CheckpointFile:
         for k in expected:
             t = self._f.get_tensor(prefix + k)
             state[k] = t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
+        require_finite({prefix + k: v for k, v in state.items()}, f"--checkpoint {self.path}")
         module.load_state_dict(state, strict=True, assign=True)
         return module.eval().requires_grad_(False)
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..fileio import atomic_write
 from .errors import TrainingError
+from .finite import require_finite
 
 ENCODER_FILE = "transparent_encoder.safetensors"
 DECODER_FILE = "transparent_decoder.safetensors"
@@ -118,6 +119,7 @@ def load_state(path, modules: dict[str, nn.Module], optimizers: dict[str, torch.
     with safe_open(str(path), framework="pt", device="cpu") as f:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    require_finite(tensors, str(path))  # weights and optimizer moments alike
     for name, m in modules.items():
         prefix = f"model.{name}."
         m.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)

@@ -14,8 +14,10 @@ The same command runs in one process, or distributed under torchrun:
 
 ``--batch-size`` is per process: the global batch is ``batch_size * world_size``.
 
-Errors: a command line the trainer refuses prints one ``error: ...`` line and exits 2; a
-run it refuses once started (data, checkpoint, resume state) prints one line and exits 1.
+Errors: a command line the trainer refuses (an option's value, an ``--out`` that cannot be
+the run's folder) prints one ``error: ...`` line and exits 2; a run it refuses once started
+(data, checkpoint, resume state, an ``--out`` in use by another run, a loss that is not
+finite) prints one line and exits 1; Ctrl-C prints the step and the state kept, exit 130.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import signal
 import sys
 import threading
 
-from .errors import TrainingError, UsageError
+from .errors import Interrupted, TrainingError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -275,6 +277,9 @@ def check_args(args) -> None:
                          "(each step splits the batch into that many micro-batches)")  # fmt: skip
     if args.size % 8:
         raise UsageError(f"--size {args.size} must be a multiple of 8 (the latent is size / 8)")
+    from .outdir import check_folders
+
+    check_folders(args.out, args.data)  # --out a file, under one, or overlapping --data: before any work
     if getattr(args, "cache_embeddings", False) and not args.checkpoint:
         # here, before the run creates --out and reads the data
         raise UsageError("--cache-embeddings keeps the text encoders' embeddings: it needs --checkpoint")
@@ -304,6 +309,15 @@ def _load_callable(spec: str, flag: str = "--frozen-vae"):
         return getattr(importlib.import_module(mod), fn)
     except (ImportError, AttributeError) as e:
         raise TrainingError(f"{flag} {spec}: cannot load it ({e})") from None
+
+
+def _hook_module(spec: str, flag: str):
+    """The module a ``--frozen-vae``/``--unet`` hook returns, its weights checked finite."""
+    from .finite import require_finite
+
+    module = _load_callable(spec, flag)()
+    require_finite(module, f"{flag} {spec}")
+    return module
 
 
 def _on_sigterm(signum, frame):
@@ -355,11 +369,11 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         dist.init(cfg.device, timeout_s=args.dist_timeout)
-        frozen = _load_callable(args.frozen_vae)() if args.frozen_vae else None
+        frozen = _hook_module(args.frozen_vae, "--frozen-vae") if args.frozen_vae else None
         if args.stage == "vae":
             train_fn(cfg, frozen_vae=frozen)
         else:
-            unet = _load_callable(args.unet, "--unet")() if args.unet else None
+            unet = _hook_module(args.unet, "--unet") if args.unet else None
             train_fn(cfg, frozen_vae=frozen, unet=unet)
     except UsageError as e:
         _error(e)
@@ -368,6 +382,13 @@ def main(argv: list[str] | None = None) -> int:
         # the stages raise ValueError/TrainingError with a message meant for the user
         _error(e)
         return 1
+    except Interrupted as e:  # Ctrl-C in the training loop: the step and the state kept
+        print(e, file=sys.stderr, flush=True)
+        return 130
+    except KeyboardInterrupt:  # Ctrl-C before the first step: nothing trained
+        print("interrupted before training started; run the same command to start again", file=sys.stderr,
+              flush=True)  # fmt: skip
+        return 130
     finally:
         dist.cleanup()
         if main_thread:

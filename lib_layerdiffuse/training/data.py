@@ -158,24 +158,35 @@ def _found_and_rejected(found: str, rejected: dict[str, int]) -> str:
 METADATA_FILE = "metadata.jsonl"
 
 
+def read_caption_file(path: Path) -> str:
+    """The text of a caption file (``.txt`` or ``metadata.jsonl``): UTF-8, a leading BOM
+    dropped. Any other encoding is a :class:`NoUsableImagesError` naming the file: decoding it
+    with replacement characters would train on the wrong words without a word said."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise NoUsableImagesError(f"caption file {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+                                  f"{e.start}; latin-1 or Windows-1252?): save it as UTF-8") from None  # fmt: skip
+
+
 def read_metadata_captions(folder: Path) -> dict[Path, str]:
     """``{image path: caption}`` from every ``metadata.jsonl`` under ``folder``; a bad line is
     a :class:`NoUsableImagesError` naming the file and line (a typo should not silently drop captions)."""
     out: dict[Path, str] = {}
     for meta in sorted(folder.rglob(METADATA_FILE)):
-        with open(meta, encoding="utf-8", errors="replace") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                    name, text = rec["file_name"], rec.get("text", "")
-                    if not isinstance(name, str) or not isinstance(text, str):
-                        raise TypeError("file_name and text must be strings")
-                except (ValueError, KeyError, TypeError, AttributeError) as e:
-                    raise NoUsableImagesError(f"{meta} line {n}: expected {{\"file_name\": ..., \"text\": ...}} "
-                                              f"({type(e).__name__}: {e})") from None  # fmt: skip
-                out[(meta.parent / name).resolve()] = text.strip()
+        for n, line in enumerate(read_caption_file(meta).split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                name, text = rec["file_name"], rec.get("text", "")
+                if not isinstance(name, str) or not isinstance(text, str):
+                    raise TypeError("file_name and text must be strings")
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise NoUsableImagesError(f"{meta} line {n}: expected {{\"file_name\": ..., \"text\": ...}} "
+                                          f"({type(e).__name__}: {e})") from None  # fmt: skip
+            out[(meta.parent / name).resolve()] = text.strip()
     return out
 
 
@@ -183,7 +194,7 @@ def caption_for(image: Path, metadata: dict[Path, str]) -> str | None:
     """The image's caption: ``image.txt`` beside it, else its ``metadata.jsonl`` entry, else None."""
     txt = image.with_suffix(".txt")
     if txt.is_file():
-        return txt.read_text(encoding="utf-8", errors="replace").strip() or None
+        return read_caption_file(txt).strip() or None
     return metadata.get(image.resolve()) or None
 
 
@@ -524,7 +535,7 @@ class TripletFolder(Dataset):
         out = []
         for stem in self.names:
             shared_txt = self.root / f"{stem}.txt"
-            shared = (shared_txt.read_text(encoding="utf-8", errors="replace").strip() if shared_txt.is_file() else
+            shared = (read_caption_file(shared_txt).strip() if shared_txt.is_file() else
                       shared_meta.get(self.root.resolve() / stem)) or None  # fmt: skip
             own = dict(zip(FRAME_NAMES, (caption_for(p, metadata) for p in self.paths[stem]), strict=True))
             out.append({f: own[f] or shared or own["blend"] for f in FRAME_NAMES})

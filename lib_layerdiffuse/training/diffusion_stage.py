@@ -36,7 +36,7 @@ from . import data as tdata
 from . import sampling
 from .config import DiffusionStageConfig
 from .errors import TrainingError, UsageError
-from .runner import start_run
+from .runner import stage_entry, start_run
 from .unet_training import (
     Conditioning,
     LatentSource,
@@ -183,6 +183,7 @@ def _transparent_latents(source: LatentSource, batch: dict, device) -> torch.Ten
     return source.transparent(*(batch[k].to(device) for k in ("alpha", "padded", "premult")))
 
 
+@stage_entry
 def train_diffusion_stage(cfg: DiffusionStageConfig, frozen_vae: nn.Module | None = None,
                           unet: nn.Module | None = None) -> dict:  # fmt: skip
     """Run stage 2 (single process or one torchrun rank); returns the summary."""

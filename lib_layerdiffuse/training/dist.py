@@ -93,3 +93,12 @@ def mean_across_ranks(values: dict[str, float], info: DistInfo) -> dict[str, flo
     torch_dist.all_reduce(t)
     t /= info.world_size
     return dict(zip(keys, t.tolist(), strict=True))
+
+
+def any_across_ranks(flag: bool, info: DistInfo) -> bool:
+    """Whether ``flag`` is true on any rank (a collective: every rank must call it)."""
+    if not info.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=info.device)
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+    return bool(t.item())

@@ -14,3 +14,8 @@ class TrainingError(ValueError):
 
 class UsageError(TrainingError):
     """A command line the trainer refuses before doing any work (the CLI exits 2)."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training; the message says at which step and what was kept. The CLI
+    prints it as one line and exits 130 (128 + SIGINT), as a shell does."""

@@ -41,7 +41,7 @@ from . import data as tdata
 from . import sampling
 from .config import LayersStageConfig
 from .errors import UsageError
-from .runner import start_run
+from .runner import stage_entry, start_run
 from .unet_training import (
     Conditioning,
     LatentSource,
@@ -189,6 +189,7 @@ def _frame_latents(source: LatentSource, batch: dict, frames: list[str], device)
     return torch.stack(out, dim=1)
 
 
+@stage_entry
 def train_layers_stage(cfg: LayersStageConfig, frozen_vae: nn.Module | None = None,
                        unet: nn.Module | None = None) -> dict:  # fmt: skip
     """Run stage 3 (single process or one torchrun rank); returns the summary."""

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ..fileio import atomic_write
+
 WIDTH, PANEL, MARGIN = 720, 150, 56  # pixels: image width, panel height, left/right margin
 LINE, GRID, TEXT = (31, 119, 180), (225, 225, 225), (40, 40, 40)
 
@@ -94,9 +96,7 @@ def draw(curves: dict[str, list[tuple[int, float]]], title: str = "") -> Image.I
 
 
 def write_loss_curve(metrics: Path, png: Path, title: str = "") -> Path:
-    """Draw ``metrics`` (a ``metrics.jsonl``) into ``png`` (written whole, then renamed)."""
+    """Draw ``metrics`` (a ``metrics.jsonl``) into ``png`` (written whole, then renamed: a
+    temporary file that :func:`lib_layerdiffuse.fileio.remove_temps` knows)."""
     img = draw(series(read_metrics(metrics)), title)
-    tmp = png.with_name(png.name + ".tmp")
-    img.save(tmp, format="PNG")
-    tmp.replace(png)
-    return png
+    return atomic_write(png, lambda tmp: img.save(tmp, format="PNG"))

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
+import math
 import shutil
 import sys
 import time
@@ -29,21 +31,49 @@ from torch.utils.data import DataLoader
 from ..fileio import atomic_write
 from . import checkpoint as ckpt
 from . import data as tdata
-from . import dist, plots
-from .errors import TrainingError
+from . import dist, outdir, plots
+from .errors import Interrupted, TrainingError, UsageError
+from .finite import first_nonfinite
 
 # ---------------------------------------------------------------------------------------
 # Set-up and small helpers
 
 
 def start_run(cfg) -> tuple[dist.DistInfo, Path]:
-    """Initialise this process (``dist.init``); rank 0 creates ``cfg.out`` while the others wait."""
+    """Initialise this process (``dist.init``); rank 0 checks and creates ``cfg.out``, takes its
+    lock and removes a killed run's temporary files (:func:`.outdir.open_out`) while the others
+    wait. A refusal there ends every rank with rank 0's error. The lock is released when the
+    stage function returns or raises (:func:`stage_entry`)."""
     info = dist.init(cfg.device)
-    out = Path(cfg.out)
+    outdir.check_folders(cfg.out, cfg.data)  # every rank: a refusal before any collective
+    failure: list = [None]
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    return info, out
+        try:
+            outdir.open_out(cfg.out, cfg.data)
+        except TrainingError as e:
+            failure = [(type(e) is UsageError, str(e))]
+    if info.distributed:  # the others learn of rank 0's refusal instead of waiting for it
+        torch.distributed.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        usage, message = failure[0]
+        raise (UsageError if usage else TrainingError)(
+            message if info.is_main else "rank 0 refused the run (its error)"
+        )
+    return info, Path(cfg.out)
+
+
+def stage_entry(fn):
+    """A stage function's call is its run's lifetime: the ``--out`` lock that :func:`start_run`
+    takes is released when it returns or raises (the OS drops it if the process dies)."""
+
+    @functools.wraps(fn)
+    def wrapper(cfg, *args, **kwargs):
+        try:
+            return fn(cfg, *args, **kwargs)
+        finally:
+            outdir.release(cfg.out)
+
+    return wrapper
 
 
 def loader(dataset, batches: tdata.StepBatches, num_workers: int) -> DataLoader:
@@ -243,13 +273,20 @@ def write_curve(out: Path, label: str) -> None:
 
 def write_summary(out: Path, label: str, summary: dict) -> None:
     """Rank 0: ``<out>/summary.json`` and the summary line on stdout."""
-    with open(out / "summary.json", "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
+    text = json.dumps(summary, indent=1)
+    atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     print(f"[{label}] " + json.dumps(summary), flush=True)
 
 
 # ---------------------------------------------------------------------------------------
 # The loop
+
+
+def _diverged(done: int, what: str, saved: int | None, out: Path) -> TrainingError:
+    kept = f"the last saved state is step {saved} in {out}" if saved is not None else "no state was saved yet"
+    return TrainingError(f"stopped at step {done}: {what}; nothing of this step was written, {kept}. Lower --lr "
+                         "(or raise --adam-eps), check the data and weights, then rerun (a resume repeats the "
+                         "same steps)")  # fmt: skip
 
 
 @dataclass
@@ -307,27 +344,41 @@ def run(cfg, info: dist.DistInfo, stage: Stage) -> dict:
               flush=True)  # fmt: skip
     records = StepRecords(cfg, info, out, start, stage.label)
     sample_every = getattr(cfg, "sample_every", 0)
+    saved = start if start > 0 else None  # the step of the last state in --out
 
     def save(done: int) -> None:
+        # every rank (DDP keeps their weights equal, so all decide alike): no state of a diverged step
+        bad = first_nonfinite((f"{n}.{k}", v) for n, m in stage.modules.items() for k, v in m.state_dict().items())
+        if bad is not None:
+            raise _diverged(done, f"the weights are no longer finite ({bad})", saved, out)
         if info.is_main:
             stage.export(out, done, {**meta_common, "step": str(done)})
             ckpt.save_state(state_path, stage.modules, stage.optimizers, done, meta_common)
 
-    step = start - 1
+    step, completed = start - 1, start
     t0 = time.perf_counter()
     try:
         for step, batch in zip(range(start, cfg.steps), loader(dataset, batches, cfg.num_workers), strict=True):
             logs, payload = stage.step(batch, step)
+            done = step + 1
+            bad = {k: v for k, v in logs.items() if not math.isfinite(v)}
+            if dist.any_across_ranks(bool(bad), info):  # a collective: every rank stops at this step
+                what = " ".join(f"{k}={v}" for k, v in bad.items()) if bad else "another rank's loss"
+                raise _diverged(done, f"the loss is not finite ({what})", saved, out)
             if records.trace is not None:
                 records.write_trace({"step": step, "rank": info.rank, "indices": [int(i) for i in batch["index"]],
                                      **logs, "params": param_digest(stage.digest or next(iter(stage.modules.values())))})  # fmt: skip
             records.log(step, logs)
-            done = step + 1
             if done % cfg.save_every == 0 or done == cfg.steps:
                 save(done)
+                saved = done
             want_sample = sample_every > 0 and (done % sample_every == 0 or done == cfg.steps)  # 0: never
             if info.is_main and stage.sample is not None and want_sample:
                 stage.sample(out / "samples" / f"step_{done:07d}.png", done, batch, payload)
+            completed = done
+    except KeyboardInterrupt:
+        kept = f"last saved state: step {saved}" if saved is not None else "no state saved yet"
+        raise Interrupted(f"interrupted at step {completed} ({kept}); run the same command to resume") from None
     finally:
         records.close()
         if info.is_main:

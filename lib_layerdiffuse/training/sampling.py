@@ -22,6 +22,7 @@ from .. import vae as core_vae
 from .. import weights as core_weights
 from ..errors import LayerDiffuseError
 from .errors import TrainingError
+from .finite import require_finite
 
 SAMPLES = 2  # images per grid (the batch's first samples)
 
@@ -76,7 +77,9 @@ def load_decoder(path: str, info) -> torch.nn.Module | None:
     hint = "give a transparent decoder: a vae-stage transparent_decoder.safetensors (--widths full) or a published one"
     try:
         if info.is_main:
-            return core_weights.load_decoder(path, info.device)
+            decoder = core_weights.load_decoder(path, info.device)
+            require_finite(decoder, f"--decoder {path}")
+            return decoder
         core_weights.check_module_file(core_vae.TransparentVAEDecoder, "decoder", path)
         return None
     except LayerDiffuseError as e:

@@ -37,6 +37,7 @@ from . import dist, embeddings
 from .base_checkpoint import FAMILY_NAMES, TextConditioner, load_base
 from .config import UNetStageConfig
 from .errors import TrainingError, UsageError
+from .finite import require_finite
 from .models import TrainEncoder
 from .runner import Stage, autocast_factory, no_sync, run
 from .vae_stage import frozen_vae_for
@@ -119,6 +120,7 @@ def load_transparent_encoder(path: str | Path, device) -> TrainEncoder:
     from the file. The file's output is the offset applied as ``mean + std * offset``."""
     with safe_open(str(path), framework="pt", device="cpu") as f:
         state = {k: f.get_tensor(k).float() for k in f.keys()}
+    require_finite(state, f"--encoder {path}")
     convs = sorted(int(k.split(".")[1]) for k in state if k.startswith("blocks.") and k.endswith(".weight"))
     if len(convs) != 9 or any(c != 2 * i for i, c in enumerate(convs)):
         raise ValueError(f"{path} is not a latent-transparency encoder file (blocks.0 .. blocks.16 convs expected)")

@@ -40,8 +40,9 @@ from . import data as tdata
 from . import dist
 from .base_checkpoint import FAMILY_NAMES, load_base
 from .config import VAEStageConfig
+from .finite import require_finite
 from .models import PatchDiscriminator, TinyKLVAE, TrainDecoder, TrainEncoder, Widths
-from .runner import Progress, Stage, autocast_factory, loader, no_sync, run, start_run
+from .runner import Progress, Stage, autocast_factory, loader, no_sync, run, stage_entry, start_run
 
 TINY_VAE_FILE = "tiny_vae.safetensors"
 
@@ -185,7 +186,9 @@ def load_tiny_vae(path: Path, device) -> TinyKLVAE:
     from safetensors.torch import load_file
 
     vae = TinyKLVAE(int(meta.get("width", 32)))
-    vae.load_state_dict(load_file(str(path)), strict=True)
+    state = load_file(str(path))
+    require_finite(state, f"the stand-in VAE {path}")
+    vae.load_state_dict(state, strict=True)
     return dist.freeze(vae.to(device))
 
 
@@ -317,6 +320,7 @@ def _step(cfg, info, pair_t, disc, disc_t, opt_g, opt_d, alpha, padded, premult,
 # The stage
 
 
+@stage_entry
 def train_vae_stage(cfg: VAEStageConfig, frozen_vae: nn.Module | None = None) -> dict:
     """Run the stage (single process, or one rank of a torchrun job). Returns a summary."""
     info, out = start_run(cfg)
