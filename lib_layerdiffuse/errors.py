@@ -24,7 +24,16 @@ class PatchError(LayerDiffuseError, ValueError):
 
 
 class Refusal(LayerDiffuseError, RuntimeError):
-    """What a host sees when a generation is stopped: ``str()`` is ``LayerDiffuse: <message>``."""
+    """What a host sees when a generation is stopped: ``str()`` is ``LayerDiffuse: <message>``.
+
+    Every host shows a failed generation under the gallery as ``f"{type(e).__name__}: {e}"`` and
+    answers the API with ``{"error": type(e).__name__, "errors": str(e), ...}``; the name is
+    "Error", so the UI reads "Error: LayerDiffuse: <message>" (tests/test_ui_script.py mirrors
+    both). Tracebacks still name the class (``__qualname__`` is kept).
+    """
 
     def __init__(self, message: str):
         super().__init__(f"LayerDiffuse: {message}")
+
+
+Refusal.__name__ = "Error"

@@ -122,6 +122,10 @@ for _m in MODES:
     if _m.family == "sdxl":  # pre-March-2024 labels
         _LOOKUP[_m.label.removeprefix("(SDXL) ")] = _m
 
+# each family's "only transparent" method: the Method a new accordion (and an API request
+# without one) gets for the loaded model, so ticking the box and pressing Generate just works
+FAMILY_DEFAULTS = {"sd15": _LOOKUP["FG_ONLY_ATTN_SD15"], "sdxl": DEFAULT, "flux": _LOOKUP["FG_ONLY_FLUX"]}
+
 
 def resolve(name: str) -> Mode:
     """A mode by label (current or legacy) or enum name; a clear error otherwise."""
@@ -129,6 +133,22 @@ def resolve(name: str) -> Mode:
     if mode is None:
         raise SettingsError(f"Unknown LayerDiffuse method {name!r}. Valid methods: " + "; ".join(LABELS))
     return mode
+
+
+def default_for(family: str | None) -> Mode:
+    """The default method for a model family; the official default (SDXL) where LayerDiffuse has no
+    method for it (that family is then refused by :func:`check_family` with its reason)."""
+    return FAMILY_DEFAULTS.get(family or "", DEFAULT)
+
+
+def follow_family(current: str, family: str | None) -> str | None:
+    """The Method after the checkpoint changes to one of ``family``: a family's default method
+    moves to this family's (the one it shows would be refused on the new model); any other method
+    (a layer method the user picked) stays. None: leave it as it is."""
+    if family not in FAMILY_DEFAULTS or current not in {m.label for m in FAMILY_DEFAULTS.values()}:
+        return None
+    label = default_for(family).label
+    return label if label != current else None
 
 
 def check_batch(mode: Mode, batch_size: int) -> None:

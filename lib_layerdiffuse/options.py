@@ -9,6 +9,9 @@ arguments. Those that change the output are written to the infotext under
 
 from __future__ import annotations
 
+import numbers
+import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -56,7 +59,8 @@ OPTIONS = (
     Option("layerdiffuse_extras_alpha", "Extras: upscale images that have alpha keeping their transparency", True,
            "checkbox"),
     Option("layerdiffuse_models_dir", "Folder of the LayerDiffuse weight files", "", "text",
-           help="Empty: models/layer_model (or --layerdiffuse-models-dir)."),
+           help="Empty: models/layer_model (or --layerdiffuse-models-dir). A folder named here must exist; "
+                "LayerDiffuse does not create it."),
 )  # fmt: skip
 BY_KEY = {o.key: o for o in OPTIONS}
 
@@ -76,21 +80,10 @@ class DecodeOptions:
 
     @classmethod
     def read(cls, get: Callable[[str, object], object]) -> DecodeOptions:
-        """From the host's options (``get(key, default)``), checked: ``override_settings`` in the
-        API sets options without checking them, so a bad value is refused here, by name."""
-        v = {name: get(f"layerdiffuse_{name}", BY_KEY[f"layerdiffuse_{name}"].default) for name in _NAMES}
-        key = "layerdiffuse_decode_passes"  # the one option whose name is not layerdiffuse_<field>
-        v["passes"] = _choice(key, get(key, BY_KEY[key].default), int)
-        v["tiling"] = _choice("layerdiffuse_tiling", v["tiling"], str)
-        v["tile_size"] = _number("layerdiffuse_tile_size", v["tile_size"], int)
-        if v["tile_size"] % MULTIPLE:
-            raise SettingsError(f"layerdiffuse_tile_size must be a multiple of {MULTIPLE}, got {v['tile_size']}")
-        v["extra_memory_gb"] = _number("layerdiffuse_extra_memory_gb", v["extra_memory_gb"], float)
-        for name in ("compile", "keep_models", "previews"):
-            if not isinstance(v[name], bool):
-                raise SettingsError(f"layerdiffuse_{name} must be true or false, got {v[name]!r}")
-        v["models_dir"] = str(v["models_dir"] or "")
-        return cls(**v)
+        """From the host's options (``get(key, default)``), each through :func:`check`: values that
+        reached the options unchecked (``config.json``, a host without the set-time check) are
+        refused here, by name, before the generation starts."""
+        return cls(**{name: check(key, get(key, BY_KEY[key].default)) for name, key in _FIELDS.items()})
 
     def infotext(self, tile_used: int | None) -> dict:
         """What differs from the official decode, under the keys that paste back."""
@@ -103,29 +96,119 @@ class DecodeOptions:
         return out
 
 
-_NAMES = ("tiling", "tile_size", "extra_memory_gb", "compile", "keep_models", "previews", "models_dir")
+_FIELDS = {  # DecodeOptions field -> option key
+    "passes": "layerdiffuse_decode_passes",
+    **{name: f"layerdiffuse_{name}" for name in ("tiling", "tile_size", "extra_memory_gb", "compile", "keep_models",
+                                                 "previews", "models_dir")},
+}  # fmt: skip
 assert set(VIEWS) == set(BY_KEY["layerdiffuse_decode_passes"].choices)
+assert all(isinstance(c, type(o.default)) for o in OPTIONS for c in o.choices)  # check() relies on it
 
 
-def _choice(key: str, value, kind):
+# -- the one check of every option value ------------------------------------------------------
+#
+# Values reach the options from the settings page, ``/sdapi/v1/options``, ``override_settings``
+# (both stored as sent: a JSON ``true`` or ``2.5`` arrives as is) and ``config.json``. Each value
+# is checked by the type of its row's default: booleans take JSON booleans only (the text "false"
+# is refused, not read as true), whole numbers take integers and integral floats (8.0 is 8; a
+# slider may send floats) but not booleans or 2.5, numbers take int or float, text choices take
+# one of the choices, and the folder is a path to an existing folder (see check_folder).
+
+
+def check(key: str, value):
+    """``value`` of the option ``key`` as the generation uses it; raises :class:`SettingsError`
+    naming the option when it has the wrong type or lies outside the row's choices or range."""
     option = BY_KEY[key]
-    try:
-        value = kind(value)
-    except (TypeError, ValueError):
-        pass
-    if value not in option.choices:
-        raise SettingsError(f"{key} must be one of {', '.join(map(str, option.choices))}, got {value!r}")
+    if option.kind == "text":
+        return check_folder(key, value)
+    if isinstance(option.default, bool):
+        return _boolean(option, value)
+    if isinstance(option.default, str):
+        return _text(option, value)
+    if isinstance(option.default, int):
+        return _whole(option, value)
+    return _real(option, value)
+
+
+def _where(option: Option) -> str:
+    return f" (Settings > LayerDiffuse > {option.label})"
+
+
+def _boolean(option: Option, value) -> bool:
+    if not isinstance(value, bool):
+        raise SettingsError(f"{option.key} must be true or false (a JSON boolean), got {value!r}{_where(option)}")
     return value
 
 
-def _number(key: str, value, kind):
-    option = BY_KEY[key]
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        number = kind(float(value)) if kind is int and float(value).is_integer() else kind(value)
-    except (TypeError, ValueError):
-        raise SettingsError(f"{key} must be a number, got {value!r}") from None
-    if not option.minimum <= number <= option.maximum:
-        raise SettingsError(f"{key} must be between {option.minimum:g} and {option.maximum:g}, got {number!r}")
+def _text(option: Option, value) -> str:
+    if not isinstance(value, str) or value not in option.choices:
+        raise SettingsError(f"{option.key} must be one of {', '.join(option.choices)}, got {value!r}{_where(option)}")
+    return value
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_"
+
+
+def _whole(option: Option, value) -> int:
+    whole = _is_number(value) and float(value).is_integer()  # False for 2.5, nan and inf
+    if option.choices:
+        if not whole or int(value) not in option.choices:
+            raise SettingsError(
+                f"{option.key} must be one of {', '.join(map(str, option.choices))}, got {value!r}{_where(option)}"
+            )
+        return int(value)
+    if not _is_number(value):
+        raise SettingsError(f"{option.key} must be a number, got {value!r}{_where(option)}")
+    if not whole:
+        raise SettingsError(f"{option.key} must be a whole number, got {value!r}{_where(option)}")
+    number = int(value)
+    _in_range(option, number)
+    if number % option.step:
+        raise SettingsError(f"{option.key} must be a multiple of {option.step:g}, got {number}{_where(option)}")
     return number
+
+
+def _real(option: Option, value) -> float:
+    if not _is_number(value):
+        raise SettingsError(f"{option.key} must be a number, got {value!r}{_where(option)}")
+    number = float(value)
+    _in_range(option, number)  # NaN is in no range
+    return number
+
+
+def _in_range(option: Option, number) -> None:
+    if not option.minimum <= number <= option.maximum:
+        raise SettingsError(
+            f"{option.key} must be between {option.minimum:g} and {option.maximum:g}, got {number!r}{_where(option)}"
+        )
+
+
+def check_folder(key: str, value) -> str:
+    """The weight-folder setting: text; empty (or spaces) means the default folder, which the host
+    creates; anything else must name a folder that exists. LayerDiffuse never creates a folder named
+    here: a typo or a number (``12345``) would otherwise become a new folder in the WebUI's working
+    directory, which relative paths are relative to."""
+    option = BY_KEY[key]
+    if not isinstance(value, str):
+        raise SettingsError(f"{key} must be text, the path of a folder, got {value!r}{_where(option)}")
+    if "\0" in value:
+        raise SettingsError(f"{key} holds a NUL character: {value!r} is no folder path{_where(option)}")
+    text = value.strip()
+    if not text:
+        return ""
+    where = repr(text) if os.path.abspath(text) == text else f"{text!r} ({os.path.abspath(text)})"
+    correct = f"correct the path in Settings > LayerDiffuse > {option.label} (empty: the default folder)"
+    try:
+        st = os.stat(text)
+    except FileNotFoundError:
+        raise SettingsError(
+            f"{key}: the folder {where} does not exist. Create it (LayerDiffuse creates only its default folder, "
+            f"models/layer_model), or {correct}"
+        ) from None
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        raise SettingsError(f"{key}: {where} cannot be used as a folder ({reason}): {correct}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise SettingsError(f"{key}: {where} is a file, not a folder: {correct}")
+    return text

@@ -139,6 +139,30 @@ def widens_conv_in(patches: Mapping[str, Patch], root: nn.Module) -> bool:
     return delta.ndim == 4 and weight.ndim == 4 and delta.shape[1] > weight.shape[1]
 
 
+def check_conv_in(patches: Mapping[str, Patch], base: torch.Tensor | None, latent_channels: int, extra: int,
+                  source: str, label: str) -> None:  # fmt: skip
+    """The SDXL layer modes' widened conv_in: the file's conv_in diff must take the latent plus the
+    condition channels (a fact of the file alone), and the model's own conv_in (``base``: as the model
+    is without anyone's merged patches) the latent channels. Only the first proves the file bad."""
+    need = latent_channels + extra
+    patch = patches.get(PREFIX + CONV_IN)
+    delta = patch.slots.get(0) if patch is not None and patch.kind == "diff" else None
+    found = int(delta.shape[1]) if delta is not None and delta.ndim == 4 else None
+    if found != need:
+        what = "no conv_in patch" if found is None else f"a conv_in patch for {found} input channels"
+        raise PatchError(
+            f"{source} holds {what}; '{label}' needs one for {need} ({latent_channels} latent + {extra} condition "
+            f"channels), so the file is not the one this method uses. Delete it and download it again."
+        )
+    have = int(base.shape[1]) if base is not None and base.ndim == 4 else None
+    if have != latent_channels:
+        raise PatchError(
+            f"'{label}' needs an SDXL UNet whose conv_in takes {latent_channels} input channels, but the loaded "
+            f"model's takes {have if have is not None else 'none (it has no conv_in)'} input channels (an "
+            "inpainting or otherwise modified UNet). Load a standard SDXL checkpoint."
+        )
+
+
 class ConcatConv:
     """The widened conv_in's extra input channels, as a convolution over the condition latent.
 

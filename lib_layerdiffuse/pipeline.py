@@ -49,7 +49,7 @@ from .weights import check_finite, load_decoder, load_encoder, load_unet_file
 log = logging.getLogger("layerdiffuse")
 _AND = re.compile(r"\bAND\b")  # where A1111 splits composable prompts
 
-__all__ = ["Generation", "Host", "LayerDiffuseError", "cached_model", "release_models"]
+__all__ = ["Generation", "Host", "LayerDiffuseError", "cached_model", "check_request", "release_models"]
 
 
 class Host:
@@ -109,6 +109,10 @@ class Host:
         """Show what LayerDiffuse is doing in the host's progress text."""
 
     def interrupted(self) -> bool:
+        return False
+
+    def skipped(self) -> bool:
+        """The user pressed Skip (the host ends the current image's sampling early)."""
         return False
 
     def low_vram(self) -> bool:
@@ -231,6 +235,29 @@ def release_models() -> None:
 # -- one generation --------------------------------------------------------------------------
 
 
+def check_request(settings: Settings, family: str | None, batch_size: int, width: int, height: int,
+                  prompts: list[str]) -> None:  # fmt: skip
+    """Everything about an enabled request that can be refused before sampling: the model family,
+    the batch size, the layer images, the size, composable prompts. The generation checks its request
+    here, and so does the X/Y/Z plot for every cell before the first (hosts/common.py)."""
+    mode = settings.mode
+    M.check_family(mode, family)
+    M.check_batch(mode, batch_size)
+    C.check_inputs(mode, {k: settings.image(k) for k in ("fg", "bg", "blend")}, height, width)
+    check_composable(mode, [*prompts, *(settings.prompt(w) for w in mode.prompts)])
+
+
+def check_composable(mode: M.Mode, prompts: list[str]) -> None:
+    """A1111 splits a prompt on the word AND (anywhere, any line) into more conditioning rows, which
+    breaks the frame groups of the multi-layer modes."""
+    if mode.group > 1 and any(_AND.search(q) for q in prompts if isinstance(q, str)):
+        raise LayerDiffuseError(
+            f"'{mode.label}' cannot use composable prompts (AND): they break the frame groups. "
+            "Remove the word 'AND' from the prompt, the hires prompt and the per-layer prompts (lowercase "
+            "'and' is fine)."
+        )
+
+
 class Generation:
     def __init__(self, host: Host, settings: Settings, family: str | None, batch_size: int, width: int,
                  height: int, prompts: list[str] | None = None):  # fmt: skip
@@ -239,10 +266,7 @@ class Generation:
         self.mode = settings.mode
         self.batch_size = batch_size
         self.options = host.decode_options()  # Settings > LayerDiffuse, read once per generation
-        M.check_family(self.mode, family)
-        M.check_batch(self.mode, batch_size)
-        C.check_inputs(self.mode, {k: settings.image(k) for k in ("fg", "bg", "blend")}, height, width)
-        self._check_composable(prompts or [])
+        check_request(settings, family, batch_size, width, height, prompts or [])
         self.session: UNetSession | None = None  # the sampling pass in progress
         self.error: str | None = None  # a setup failure inside a hook, raised after sampling
         self.passes = 0  # sampling passes since the last check_ran
@@ -259,16 +283,6 @@ class Generation:
         self._pass_key: tuple | None = None  # (id, shape) of the latent the current pass started from
 
     # -- prompts --------------------------------------------------------------------------
-
-    def _check_composable(self, prompts: list[str]) -> None:
-        """A1111 splits a prompt on the word AND (anywhere, any line) into more conditioning
-        rows, which breaks the frame groups of the multi-layer modes."""
-        if self.mode.group > 1 and any(_AND.search(q) for q in prompts):
-            raise LayerDiffuseError(
-                f"'{self.mode.label}' cannot use composable prompts (AND): they break the frame groups. "
-                "Remove the word 'AND' from the prompt, the hires prompt and the per-layer prompts (lowercase "
-                "'and' is fine)."
-            )
 
     def layer_prompts(self, prompts: list[str]) -> list[str]:
         """Per-image prompts with each frame's additional prompt in front (SD1.5 multi-layer modes).
@@ -287,7 +301,7 @@ class Generation:
             base = strip_layer_prompt(prompt, extras)
             which = self.mode.prompts[i % self.mode.group]
             out.append(C.layer_prompt(self.settings.prompt(which), base) or base)
-        self._check_composable(out)
+        check_composable(self.mode, out)
         return out
 
     # -- sampling -------------------------------------------------------------------------
@@ -410,6 +424,11 @@ class Generation:
         if error:
             raise LayerDiffuseError(error)
         self._stop_if_interrupted()  # an interrupt before the first step is not another extension's doing
+        if (passes == 0 or unran or not ran) and self.host.skipped():  # nor is Skip
+            raise LayerDiffuseError(
+                "the image was skipped (Skip) before LayerDiffuse took part in its sampling, so no transparent "
+                "image is returned for it."
+            )
         if passes == 0:
             raise LayerDiffuseError(
                 "its UNet changes were never installed for this sampling (another extension may have replaced "

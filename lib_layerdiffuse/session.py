@@ -22,7 +22,7 @@ from torch import nn
 from .attention_sharing import AttentionSharing, file_rank
 from .errors import LayerDiffuseError, PatchError, Refusal
 from .modes import Mode
-from .patches import ModulePatcher, Patch, parse_patch_state, widens_conv_in
+from .patches import CONV_IN, ModulePatcher, Patch, check_conv_in, parse_patch_state
 from .weights import state_mismatch
 
 
@@ -46,6 +46,14 @@ class UNetBackend:
     def abort(self, message: str) -> None:
         """Make the next UNet call raise ``message``: a setup failure must not sample unpatched."""
         raise NotImplementedError
+
+    def base_weight(self, name: str) -> torch.Tensor | None:
+        """A weight of :attr:`unet` (``name`` without ``diffusion_model.``) as the model has it without
+        merged patches: what checks before sampling read (None: the model has no such weight)."""
+        try:
+            return self.unet.get_parameter(name)
+        except AttributeError:
+            return None
 
 
 def load_sharing(unet: nn.Module, mode: Mode, state: dict, source: str) -> AttentionSharing:
@@ -94,11 +102,9 @@ class UNetSession:
             self.patches = parse_patch_state(state, self.source)
             if not self.patches:  # it would sample unpatched and still claim transparency
                 raise PatchError(f"{self.source} holds no patches. Delete it and download it again.")
-            if mode.concat and not widens_conv_in(self.patches, backend.unet):
-                raise PatchError(
-                    f"{self.source} has no widened conv_in ({4 + mode.concat_channels} input channels) for "
-                    f"'{mode.label}'. Delete it and download it again."
-                )
+            if mode.concat:
+                check_conv_in(self.patches, backend.base_weight(CONV_IN), mode.latent_channels,
+                              mode.concat_channels, self.source, mode.label)  # fmt: skip
 
     def install(self) -> None:
         try:

@@ -42,11 +42,53 @@ INFOTEXT_KEYS = {  # field -> official infotext key
     "blend_additional_prompt": "layerdiffusion_blend_additional_prompt",
 }
 ALIASES = {"ending_step": "stop_at", "method_label": "method"}
+# Stop At's threshold is the sigma at timestep (1 - stop_at) * 999 (unet.percent_to_sigma): txt2img's
+# first step is at timestep 999, so below one timestep whether that step runs with LayerDiffuse
+# depends on rounding; from here on it always does.
+MIN_STOP_AT = 0.001
 XYZ_AXES = (  # (field, axis label, value type): the X/Y/Z plot axes; values are checked like any argument
     ("method", "Method", str),
     ("weight", "Weight", float),
     ("stop_at", "Stop At", float),
 )
+
+
+TITLE = "LayerDiffuse"  # the script's title (scripts/layerdiffuse.py): its key in the API's alwayson_scripts
+_ARGS_HELP = (
+    f"a list of at most {len(ARG_ORDER)} values in this order: "
+    + ", ".join("stop_at (ending_step)" if n == "stop_at" else n for n in ARG_ORDER)
+    + '; or a list holding one object with those names, e.g. [{"enabled": true, "method": "..."}]'
+)
+
+
+def check_args(args, *, request: bool = False) -> list:
+    """The shape of the script's arguments, as a list; raises :class:`SettingsError` saying what they
+    must be.
+
+    ``request=True`` checks the ``args`` value of an API request as sent (hosts/common.py checks it
+    before the API spreads it over the script's positions, where a 13th value would be dropped and a
+    string split into characters): a list or tuple of at most 12 values, or the named form, one object
+    alone (a bare object is taken as ``[object]``). Otherwise ``args`` are the script's positional
+    arguments, where the host has filled the positions after a named form with UI defaults.
+    """
+    if request and isinstance(args, dict):
+        args = [args]
+    if not isinstance(args, (list, tuple)):
+        kinds = {str: "a string", bool: "a boolean", int: "a number", float: "a number", type(None): "null"}
+        got = kinds.get(type(args), f"a {type(args).__name__}")
+        if args is not None:
+            shown = repr(args)
+            got += ": " + (shown if len(shown) <= 60 else shown[:57] + "...")
+        raise SettingsError(f"args must be {_ARGS_HELP}; got {got}")
+    if len(args) > len(ARG_ORDER):
+        raise SettingsError(f"args has {len(args)} values, but the script takes at most {len(ARG_ORDER)} arguments. "
+                            f"args must be {_ARGS_HELP}")  # fmt: skip
+    if request and any(isinstance(a, dict) for a in args) and (len(args) != 1):
+        raise SettingsError(
+            f"args holds an object among {len(args)} values: the named form is one object alone. args must be "
+            f"{_ARGS_HELP}"
+        )
+    return list(args)
 
 
 @dataclass
@@ -79,14 +121,10 @@ class Settings:
     def from_args(cls, args, overrides: dict | None = None) -> Settings:
         """From the script's positional args, or a single dict (the named API form); ``overrides``
         (field -> value, from X/Y/Z plot axes) replace values of an enabled request."""
-        args = list(args)
+        args = check_args(args)
         if args and isinstance(args[0], dict):
-            # the named form; A1111's API fills the remaining positions with UI defaults
+            # the named form; the API fills the remaining positions with UI defaults
             values = dict(args[0])
-        elif len(args) > len(ARG_ORDER):
-            raise SettingsError(
-                f"LayerDiffuse takes at most {len(ARG_ORDER)} arguments ({', '.join(ARG_ORDER)}), got {len(args)}"
-            )
         else:
             values = dict(zip(ARG_ORDER, args, strict=False))
         if overrides:
@@ -123,10 +161,12 @@ class Settings:
                 out[name] = _to_bool(name, value)
             elif name in ("weight", "stop_at"):
                 out[name] = _to_float(name, value, 0.0, 2.0 if name == "weight" else 1.0)
-                if name == "stop_at" and out[name] <= 0.0:
+                if name == "stop_at" and out[name] < MIN_STOP_AT:
                     raise SettingsError(
-                        "stop_at (Stop At) must be above 0: at 0 LayerDiffuse would take no part in sampling. "
-                        "Use a value in (0, 1]; 1 keeps it on to the end."
+                        f"stop_at (Stop At) must be at least {MIN_STOP_AT:g}, got {out[name]:g}: below that "
+                        "LayerDiffuse would end within the first of the model's 1000 timesteps, before the first "
+                        f"sampling step (at 0 it takes no part at all). Use a value in [{MIN_STOP_AT:g}, 1]; 1 keeps "
+                        "it on to the end."
                     )
             elif name == "method":
                 try:

@@ -7,8 +7,11 @@ with the official positional order, or ``[{"enabled": true, "method": "...", ...
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+
 import gradio as gr
-from modules import scripts
+from modules import script_callbacks, scripts
 
 from lib_layerdiffuse import hosts
 from lib_layerdiffuse import modes as M
@@ -18,6 +21,7 @@ from lib_layerdiffuse.pipeline import Generation
 from lib_layerdiffuse.rgba import checkerboard_preview
 from lib_layerdiffuse.settings import ARG_ORDER, INFOTEXT_KEYS, Settings
 
+log = logging.getLogger("layerdiffuse")
 HOST_ID = hosts.detect()
 host = hosts.adapter(HOST_ID)  # the one host contract (lib_layerdiffuse.pipeline.Host), or None
 
@@ -39,6 +43,84 @@ def _visibility(label):
             for k in ("fg", "bg", "blend")
         ]
     )
+
+
+HELP = {  # shown under each control's label (gradio's info=, in gradio 3.41 and 4)
+    "method": "What to generate, for the loaded model's family (SD1.5, SDXL or FLUX; it starts at the family's "
+    "'Only Generate Transparent Image'). 'need batch size N': the batch size must be a multiple of N.",
+    "weight": "How strongly the SDXL / FLUX patches apply: 1 as trained, 0 off.",
+    "stop_at": "LayerDiffuse turns off for the rest of sampling at this fraction of the schedule (1 = on to the end).",
+}
+
+
+def _default_method() -> str:
+    """The Method a new accordion shows: the default of the selected checkpoint's family (gradio
+    calls this when the UI is built and again on every page load)."""
+    return M.default_for(hosts.checkpoint_family()).label
+
+
+def _follow_checkpoint(title, current):
+    """The checkpoint selector changed: a family's default Method follows the new model's family;
+    a method the user picked stays (modes.follow_family)."""
+    label = M.follow_family(current, hosts.checkpoint_family(title) if title else None)
+    return gr.update(value=label) if label is not None else gr.update()
+
+
+# the host's checkpoint selector and our Method dropdowns, in whichever order the host builds them
+# (A1111 and Forge build the tabs' scripts before the selector): each pair is wired once
+_selectors: list = []
+_methods: list = []
+
+
+def _wire(selector, method) -> None:
+    try:
+        selector.change(_follow_checkpoint, inputs=[selector, method], outputs=[method], show_progress=False)
+    except Exception as e:  # the Method then keeps its page-load default; generation is unaffected
+        log.warning("LayerDiffuse: cannot follow the checkpoint selector: %s", e)
+
+
+def _is_checkpoint_selector(kwargs) -> bool:
+    """A1111's quicksettings and Neo's selector have this elem_id; Forge2's own has none, only its
+    label and class (modules_forge/main_entry.py)."""
+    if kwargs.get("elem_id") == "setting_sd_model_checkpoint":
+        return True
+    classes = kwargs.get("elem_classes") or []
+    return kwargs.get("label") == "Checkpoint" and "model_selection" in classes
+
+
+def _after_component(component, **kwargs) -> None:
+    if not _is_checkpoint_selector(kwargs):
+        return
+    _selectors.append(component)
+    for method in _methods:
+        _wire(component, method)
+
+
+def _infotext_pasted(infotext, params) -> None:
+    """PNG Info -> Send to, and the infotext paste box: the infotext says the method, and the host's
+    infotexts do not always carry the batch size (Neo's never do; A1111's only above 1), so the
+    batch size becomes a multiple of the method's group (kept where it already is one). Runs
+    before the host applies the pasted fields."""
+    if str(params.get(INFOTEXT_KEYS["enabled"], "")).strip().lower() != "true":
+        return
+    try:
+        group = M.resolve(params.get(INFOTEXT_KEYS["method"])).group
+        batch = int(float(params.get("Batch size", 1)))
+    except (TypeError, ValueError):
+        return
+    if group > 1 and (batch < 1 or batch % group):
+        params["Batch size"] = str(max(1, -(-batch // group)) * group)
+
+
+def _names_method(args, overrides) -> bool:
+    """Whether the request chose a Method: the UI always sends one; an API request may leave it
+    out (the named form without "method", or null in either form) and then gets the loaded
+    model's family default."""
+    if overrides and overrides.get("method") is not None:
+        return True
+    if args and isinstance(args[0], dict):
+        return any(args[0].get(key) is not None for key in ("method", "method_label"))
+    return len(args) > 1 and args[1] is not None
 
 
 def _paste_method(params):
@@ -71,9 +153,11 @@ class LayerDiffuseScript(scripts.Script):
                 enabled = gr.Checkbox(label="Enabled", value=False)
             if host is None:
                 gr.HTML(f"<p>{hosts.unsupported_message(HOST_ID)}</p>")
-            method = gr.Dropdown(
-                label="Method", choices=M.LABELS, value=M.DEFAULT.label, elem_id=self.elem_id("method")
-            )
+            method = gr.Dropdown(label="Method", choices=M.LABELS, value=_default_method, info=HELP["method"],
+                                 elem_id=self.elem_id("method"))  # fmt: skip
+            _methods.append(method)
+            for selector in _selectors:
+                _wire(selector, method)
             with gr.Row():
                 columns, layer_images = [], []
                 for which in ("fg", "bg", "blend"):
@@ -83,12 +167,10 @@ class LayerDiffuseScript(scripts.Script):
                     columns.append(col)
                     layer_images.append(img)
             with gr.Row():
-                weight = gr.Slider(
-                    label="Weight", minimum=0.0, maximum=2.0, step=0.001, value=1.0, elem_id=self.elem_id("weight")
-                )
-                stop_at = gr.Slider(
-                    label="Stop At", minimum=0.0, maximum=1.0, step=0.01, value=1.0, elem_id=self.elem_id("stop_at")
-                )
+                weight = gr.Slider(label="Weight", minimum=0.0, maximum=2.0, step=0.001, value=1.0,
+                                   info=HELP["weight"], elem_id=self.elem_id("weight"))  # fmt: skip
+                stop_at = gr.Slider(label="Stop At", minimum=0.0, maximum=1.0, step=0.01, value=1.0,
+                                    info=HELP["stop_at"], elem_id=self.elem_id("stop_at"))  # fmt: skip
             resize_mode = gr.Radio(label="Resize Mode", choices=list(M.RESIZE_MODES), value=M.DEFAULT_RESIZE, visible=False,
                                    elem_id=self.elem_id("resize_mode"))  # fmt: skip
             output_origin = gr.Checkbox(value=False, visible=False)  # kept for the official positional API order
@@ -134,7 +216,10 @@ class LayerDiffuseScript(scripts.Script):
         if host is None:
             hosts.refuse(p, hosts.unsupported_message(HOST_ID))
             return
+        overrides = host.xyz_overrides(p)
         try:
+            if not _names_method(args, overrides):
+                settings = dataclasses.replace(settings, method=M.default_for(host.family(p)).label)
             gen = Generation(host, settings, host.family(p), p.batch_size, p.width, p.height, p.all_prompts)
             prompts = gen.layer_prompts(p.all_prompts)
             hr_prompts = gen.layer_prompts(p.all_hr_prompts) if getattr(p, "all_hr_prompts", None) else None
@@ -175,3 +260,5 @@ class LayerDiffuseScript(scripts.Script):
 
 if host is not None:
     host.register_callbacks()
+    script_callbacks.on_after_component(_after_component)
+    script_callbacks.on_infotext_pasted(_infotext_pasted)

@@ -16,6 +16,7 @@ callbacks included) and ``p.close()`` in a ``finally``.
 from __future__ import annotations
 
 import base64
+import copy
 import importlib.machinery
 import io
 import os
@@ -58,6 +59,8 @@ class Component:
         self.args = args
         self.kwargs = kwargs
         self.value = kwargs.get("value", args[0] if args else None)
+        if callable(self.value):  # gradio: a callable value gives the initial value (and runs again on page load)
+            self.value = self.value()
         self.events = []
 
     def change(self, fn, inputs=None, outputs=None, **kwargs):
@@ -146,6 +149,21 @@ def _script_callbacks() -> types.ModuleType:
     sc.on_image_saved = sc.callbacks_image_saved.append
     sc.on_before_image_saved = sc.callbacks_before_image_saved.append
     sc.on_app_started = sc.callbacks_app_started.append
+    sc.callbacks_after_component = []  # callback(component, **the component's constructor kwargs)
+    sc.on_after_component = lambda callback, *, name=None: sc.callbacks_after_component.append(callback)
+    sc.callbacks_infotext_pasted = []  # callback(infotext, params), before the paste fields are applied
+    sc.on_infotext_pasted = lambda callback, *, name=None: sc.callbacks_infotext_pasted.append(callback)
+
+    def after_component_callback(component, **kwargs):
+        for cb in sc.callbacks_after_component:
+            cb(component, **kwargs)
+
+    def infotext_pasted_callback(infotext, params):
+        for cb in sc.callbacks_infotext_pasted:
+            cb(infotext, params)
+
+    sc.after_component_callback = after_component_callback
+    sc.infotext_pasted_callback = infotext_pasted_callback
 
     def image_saved_callback(params):
         for cb in sc.callbacks_image_saved:
@@ -172,29 +190,172 @@ def _script_callbacks() -> types.ModuleType:
     sc.image_saved_callback = image_saved_callback
     sc.before_image_saved_callback = before_image_saved_callback
     sc.app_started_callback = app_started_callback
+    sc.ImageGridLoopParams = ImageGridLoopParams
+    sc.callbacks_image_grid = []
+    sc.on_image_grid = lambda callback, *, name=None: sc.callbacks_image_grid.append(callback)
+
+    def image_grid_callback(params):
+        for cb in sc.callbacks_image_grid:
+            cb(params)
+
+    sc.image_grid_callback = image_grid_callback
     return sc
+
+
+class ImageGridLoopParams:
+    """``script_callbacks.ImageGridLoopParams``: an ``on_image_grid`` callback may replace ``imgs``."""
+
+    def __init__(self, imgs, cols, rows):
+        self.imgs, self.cols, self.rows = imgs, cols, rows
 
 
 ScriptClassData = namedtuple("ScriptClassData", ["script_class", "path", "basedir", "module"])
 
 
 def xyz_grid_module() -> types.ModuleType:
-    """``scripts/xyz_grid.py`` as the host loads it (module name "xyz_grid.py"): its axis list and
-    ``AxisOption`` (A1111 1.10's signature); ``run_cell`` does what the plot does per cell."""
+    """``scripts/xyz_grid.py`` as the host loads it (module name "xyz_grid.py"), in A1111 1.10's terms
+    (Forge2 and Neo run the same cell loop): ``AxisOption``, the axis list, the module-level
+    ``process_images`` and ``draw_xyz_grid`` the plot calls, and ``Script.run``. What the stand-in keeps
+    of the real plot: each axis' values are converted and passed to its ``confirm`` before any cell;
+    ``shared.state.xyz_plot_x/y/z`` are set; each cell is a shallow copy of ``p`` with the axes applied,
+    and an exception from its ``process_images`` is only reported (the cell is then drawn blank); the
+    grid takes each cell's first image (``images.image_grid``); ``run`` returns the grid with the
+    cells' infotexts after it, drops the cells unless "Include Sub Images", and saves the grid."""
+    from modules import images, processing, shared  # type: ignore
+
     xyz = types.ModuleType("xyz_grid.py")
+    AxisInfo = namedtuple("AxisInfo", ["axis", "values"])
 
     class AxisOption:
         def __init__(self, label, type, apply, format_value=None, confirm=None, cost=0.0, choices=None,
                      prepare=None):  # fmt: skip
             self.label, self.type, self.apply, self.choices = label, type, apply, choices
+            self.format_value = format_value or (lambda p, opt, x: f"{opt.label}: {x}")
+            self.confirm, self.cost, self.prepare = confirm, cost, prepare
+
+    def process_images(p):
+        return processing.process_images(p)
+
+    def draw_xyz_grid(p, xs, ys, zs, x_labels, y_labels, z_labels, cell, draw_legend, include_lone_images,
+                      include_sub_grids, first_axes_processed, second_axes_processed, margin_size):  # fmt: skip
+        size = len(xs) * len(ys) * len(zs)
+        result = None
+        for iz, z in enumerate(zs):  # the cell order is the axes' cost order; z, y, x when all cost 0
+            for iy, y in enumerate(ys):
+                for ix, x in enumerate(xs):
+                    processed = cell(x, y, z, ix, iy, iz)
+                    if result is None:
+                        result = copy.copy(processed)
+                        result.images, result.all_prompts = [None] * size, [None] * size
+                        result.all_seeds, result.infotexts = [None] * size, [None] * size
+                        result.index_of_first_image = 1
+                    idx = ix + iy * len(xs) + iz * len(xs) * len(ys)
+                    if processed.images:
+                        result.images[idx], result.infotexts[idx] = processed.images[0], processed.infotexts[0]
+                        result.all_prompts[idx], result.all_seeds[idx] = processed.prompt, processed.seed
+                    else:  # a failed cell: blank, the size of the first cell
+                        first = result.images[0]
+                        result.images[idx] = Image.new(
+                            first.mode if first else "P", first.size if first else (result.width, result.height)
+                        )
+        if result is None or not any(result.images):
+            return processing.Processed(p, [])
+        for i in range(len(zs)):
+            start = i * len(xs) * len(ys) + i
+            grid = images.image_grid(result.images[start : start + len(xs) * len(ys)], rows=len(ys))
+            result.images.insert(i, grid)
+            result.all_prompts.insert(i, result.all_prompts[start])
+            result.all_seeds.insert(i, result.all_seeds[start])
+            result.infotexts.insert(i, result.infotexts[start])
+        result.images.insert(0, images.image_grid(result.images[: len(zs)], rows=1))
+        result.infotexts.insert(0, result.infotexts[0])
+        return result
 
     class XYZScript(Script):
-        pass
+        def __init__(self):
+            self.current_axis_options = xyz.axis_options
+
+        def title(self):
+            return "X/Y/Z plot"
+
+        def run(self, p, x_type, x_values, x_values_dropdown, y_type, y_values, y_values_dropdown, z_type, z_values,
+                z_values_dropdown, draw_legend, include_lone_images, include_sub_grids, no_fixed_seeds,
+                vary_seeds_x, vary_seeds_y, vary_seeds_z, margin_size, csv_mode):  # fmt: skip
+            if not shared.opts.return_grid:
+                p.batch_size = 1
+
+            def process_axis(opt, vals, vals_dropdown):
+                if opt.label == "Nothing":
+                    return [0]
+                if opt.choices is not None and not csv_mode:
+                    values = list(vals_dropdown)
+                else:
+                    values = [v.strip() for v in vals.split(",") if v.strip()]
+                values = [opt.type(v) for v in values]
+                if opt.confirm:
+                    opt.confirm(p, values)
+                return values
+
+            x_opt, y_opt, z_opt = (self.current_axis_options[t or 0] for t in (x_type, y_type, z_type))
+            xs = process_axis(x_opt, x_values, x_values_dropdown)
+            ys = process_axis(y_opt, y_values, y_values_dropdown)
+            zs = process_axis(z_opt, z_values, z_values_dropdown)
+            shared.state.xyz_plot_x, shared.state.xyz_plot_y = AxisInfo(x_opt, xs), AxisInfo(y_opt, ys)
+            shared.state.xyz_plot_z = AxisInfo(z_opt, zs)
+
+            def cell(x, y, z, ix, iy, iz):
+                if shared.state.interrupted or getattr(shared.state, "stopping_generation", False):
+                    return processing.Processed(p, [], p.seed, "")
+                pc = copy.copy(p)
+                pc.styles = pc.styles[:]
+                x_opt.apply(pc, x, xs)
+                y_opt.apply(pc, y, ys)
+                z_opt.apply(pc, z, zs)
+                try:
+                    return xyz.process_images(pc)
+                except Exception as e:  # errors.display(e, "generating image for xyz plot")
+                    xyz.reported.append(e)
+                    return processing.Processed(p, [], p.seed, "")
+
+            processed = xyz.draw_xyz_grid(
+                p, xs=xs, ys=ys, zs=zs, x_labels=[x_opt.format_value(p, x_opt, x) for x in xs],
+                y_labels=[y_opt.format_value(p, y_opt, y) for y in ys],
+                z_labels=[z_opt.format_value(p, z_opt, z) for z in zs], cell=cell, draw_legend=draw_legend,
+                include_lone_images=include_lone_images, include_sub_grids=include_sub_grids,
+                first_axes_processed="z", second_axes_processed="y", margin_size=margin_size,
+            )  # fmt: skip
+            if not processed.images:
+                return processed
+            z_count = len(zs)
+            if not include_lone_images:
+                processed.images = processed.images[: z_count + 1]
+            if shared.opts.grid_save:
+                images.save_image(processed.images[0], p.outpath_grids, "xyz_grid", info=processed.infotexts[0],
+                                  extension=shared.opts.grid_format, prompt=processed.all_prompts[0],
+                                  seed=processed.all_seeds[0], grid=True, p=processed)  # fmt: skip
+            if not include_sub_grids:
+                for _ in range(z_count):
+                    del processed.images[1], processed.all_prompts[1], processed.all_seeds[1]
+                    del processed.infotexts[1]
+            return processed
 
     XYZScript.__module__ = "xyz_grid.py"
-    xyz.AxisOption, xyz.Script = AxisOption, XYZScript
+    xyz.AxisOption, xyz.AxisInfo, xyz.Script = AxisOption, AxisInfo, XYZScript
+    xyz.process_images, xyz.draw_xyz_grid, xyz.reported = process_images, draw_xyz_grid, []
     xyz.axis_options = [AxisOption("Nothing", str, lambda p, x, xs: None), AxisOption("Seed", int, None)]
     return xyz
+
+
+def run_xyz(p, script, args, xyz, x=("Nothing", ""), y=("Nothing", ""), z=("Nothing", ""), include_lone_images=False,
+            csv_mode=True):  # fmt: skip
+    """``modules.txt2img``: the selected script (the X/Y/Z plot) runs with ``p`` and the always-on
+    scripts' arguments in ``p.script_args``; ``x``, ``y``, ``z``: (axis label, values as typed)."""
+    p.scripts = Runner(script, args)
+    p.script_args = list(args)
+    labels = [o.label for o in xyz.axis_options]
+    axes = [(labels.index(label), values, values if isinstance(values, list) else []) for label, values in (x, y, z)]
+    return xyz.Script().run(p, *axes[0], *axes[1], *axes[2], False, include_lone_images, False, False, False, False,
+                            False, 0, csv_mode)  # fmt: skip
 
 
 class OptionInfo:
@@ -205,6 +366,7 @@ class OptionInfo:
                  category_id=None):  # fmt: skip
         self.default, self.label, self.component, self.component_args = default, label, component, component_args
         self.section, self.infotext, self.comment_after = section, infotext, comment_after
+        self.onchange, self.restrict_api, self.do_not_save = onchange, restrict_api, False
 
     def info(self, info):
         self.comment_after += f"<span class='info'>({info})</span>"
@@ -222,6 +384,29 @@ class Options(SimpleNamespace):
         self.data_labels[key] = info
         if not hasattr(self, key):
             setattr(self, key, info.default)
+
+    def set(self, key, value, is_api=False, run_callbacks=True):
+        """A1111 1.10's ``Options.set``: what ``/sdapi/v1/options``, ``override_settings`` (with
+        ``run_callbacks=False``) and the settings page call; an onchange error is only reported and
+        the old value put back. Forge2 and Neo have the same method (their ``sysinfo.set_config``)."""
+        oldval = getattr(self, key, None)
+        if oldval == value:
+            return False
+        option = self.data_labels[key]
+        if option.do_not_save or (is_api and option.restrict_api):
+            return False
+        try:
+            setattr(self, key, value)
+        except RuntimeError:
+            return False
+        if run_callbacks and option.onchange is not None:
+            try:
+                option.onchange()
+            except Exception as e:  # errors.display(e, ...)
+                print(f"changing setting {key} to {value}: {e}")
+                setattr(self, key, oldval)
+                return False
+        return True
 
 
 def _images(shared, paths, script_callbacks) -> types.ModuleType:
@@ -290,6 +475,20 @@ def _images(shared, paths, script_callbacks) -> types.ModuleType:
     images.save_image_with_geninfo = save_image_with_geninfo
     images.resize_image = resize_image
     images.flatten = flatten
+
+    def image_grid(imgs, batch_size=1, rows=None):
+        """A1111 1.10's: ``on_image_grid`` callbacks, then the images pasted onto an RGB canvas."""
+        rows = min(rows or 1, len(imgs))
+        cols = -(-len(imgs) // rows)
+        params = script_callbacks.ImageGridLoopParams(imgs, cols, rows)
+        script_callbacks.image_grid_callback(params)
+        w, h = (max(s) for s in zip(*(im.size for im in imgs), strict=True))
+        grid = Image.new("RGB", (params.cols * w, params.rows * h), shared.opts.grid_background_color)
+        for i, im in enumerate(params.imgs):
+            grid.paste(im, box=(i % params.cols * w, i // params.cols * h))
+        return grid
+
+    images.image_grid = image_grid
     return images
 
 
@@ -313,6 +512,7 @@ def _api(shared) -> tuple[types.ModuleType, types.ModuleType]:
         return base64.b64encode(data)
 
     api.encode_pil_to_base64 = encode_pil_to_base64
+    api.HTTPException, api.Api = HTTPException, Api
     pkg.api = api
     return pkg, api
 
@@ -337,10 +537,13 @@ def install(models_dir, data_path) -> SimpleNamespace:
     script_callbacks = _script_callbacks()
     shared = _module("modules.shared")
     shared.cmd_opts = SimpleNamespace(layerdiffuse_models_dir=str(models_dir))
-    shared.state = SimpleNamespace(textinfo=None, interrupted=False)  # the progress shown in the UI
+    shared.state = SimpleNamespace(
+        textinfo=None, interrupted=False, skipped=False, stopping_generation=False
+    )  # the progress shown in the UI; Interrupt, Skip
     shared.OptionInfo = OptionInfo
     shared.opts = Options(samples_format="png", enable_pnginfo=True, samples_save=True,
-                          img2img_background_color="#ffffff", jpeg_quality=95)  # fmt: skip
+                          img2img_background_color="#ffffff", jpeg_quality=95, return_grid=True, grid_save=True,
+                          grid_format="png", grid_background_color="#ffffff")  # fmt: skip
     paths = _module("modules.paths")
     paths.models_path = os.path.join(str(data_path), "models")
     paths.data_path = str(data_path)
@@ -372,6 +575,7 @@ def install(models_dir, data_path) -> SimpleNamespace:
     processing.StableDiffusionProcessingTxt2Img = Txt2Img
     processing.StableDiffusionProcessingImg2Img = Img2Img
     processing.Processed = Processed
+    processing.process_images = process_images
     processing.DecodedSamples = DecodedSamples
     processing.decode_latent_batch = decode_latent_batch
     processing.create_infotext = create_infotext
@@ -446,6 +650,8 @@ class Runner:
     def __init__(self, script, args):
         self.script = script
         self.args = list(args)
+        self.alwayson_scripts = [script]  # its arguments are p.script_args[args_from:args_to]
+        script.args_from, script.args_to = 0, len(self.args)
         self.errors: list[tuple[str, BaseException]] = []
         self.called: list[str] = []
 
@@ -484,6 +690,8 @@ class Processing:
         self.sampled: list[torch.Tensor] = []  # the final latent batch of each iteration
         self.iteration = 0
         self.batch_index = 0
+        self.styles: list[str] = []
+        self.outpath_grids = outpath_samples
 
     def save_samples(self):
         from modules import shared  # type: ignore
@@ -654,19 +862,28 @@ def create_infotext(p, index: int) -> str:
 
 
 class Processed:
-    def __init__(self, p, images, infotexts):
-        self.images = images
-        self.infotexts = infotexts
-        self.seed = p.all_seeds[0]
+    """``modules.processing.Processed`` (A1111 1.10's signature, the fields the X/Y/Z plot reads)."""
+
+    def __init__(self, p, images_list, seed=-1, info="", subseed=None, all_prompts=None, all_negative_prompts=None,
+                 all_seeds=None, all_subseeds=None, index_of_first_image=0, infotexts=None, comments=""):  # fmt: skip
+        self.images = images_list
+        self.prompt, self.seed, self.info = p.prompt, seed, info
+        self.width, self.height = p.width, p.height
+        self.all_prompts = all_prompts or getattr(p, "all_prompts", None) or [p.prompt]
+        self.all_seeds = all_seeds or getattr(p, "all_seeds", None) or [seed]
+        self.index_of_first_image = index_of_first_image
+        self.infotexts = infotexts or [info] * len(images_list)
 
     def infotext(self, p, index):
         return create_infotext(p, index)
 
 
-def process_images(p: Processing, script, args) -> Processed:
-    """One generation in A1111 1.10's order; ``p.close()`` always runs (``with closing(p)``)."""
-    p.scripts = Runner(script, args)
-    p.script_args = list(args)
+def process_images(p: Processing, script=None, args=None) -> Processed:
+    """One generation in A1111 1.10's order; ``p.close()`` always runs (``with closing(p)``).
+    Without ``script``: ``p`` already carries its scripts (an X/Y/Z cell, a copy of the plot's ``p``)."""
+    if script is not None:
+        p.scripts = Runner(script, args)
+        p.script_args = list(args)
     try:
         with torch.no_grad():
             return _process_images_inner(p)
@@ -723,6 +940,81 @@ def _process_images_inner(p: Processing) -> Processed:
             image.info["parameters"] = text
             output_images.append(image)
             infotexts.append(text)
-    res = Processed(p, output_images, infotexts)
+    res = Processed(p, output_images, p.all_seeds[0], infotexts=infotexts)
     p.scripts.postprocess(p, res)
     return res
+
+
+# ---------------------------------------------------------------------------------------
+# the API's handling of script arguments and options (modules/api/api.py, the same on A1111 1.10,
+# Forge2 and Neo for what is used here)
+
+
+class HTTPException(Exception):
+    """``fastapi.HTTPException`` as ``modules.api.api`` imports it: the API answers ``status_code``."""
+
+    def __init__(self, status_code, detail=None):
+        super().__init__(f"{status_code}: {detail}")
+        self.status_code, self.detail = status_code, detail
+
+
+class Api:
+    """``modules.api.api.Api``: how a request's ``alwayson_scripts`` become the script's positional
+    arguments, and ``/sdapi/v1/options`` (POST)."""
+
+    def __init__(self, shared):
+        self.shared = shared
+
+    def init_script_args(self, request, default_script_args, selectable_scripts, selectable_idx, script_runner, *,
+                         input_script_args=None):  # fmt: skip
+        """The hosts' loop: each of the request's args is copied over the UI defaults, up to the
+        script's own count (``min``): more are dropped, and a string is taken character by character."""
+        script_args = list(default_script_args)
+        for index, value in (input_script_args or {}).items():
+            script_args[index] = value
+        for name, entry in (request.alwayson_scripts or {}).items():
+            script = next((s for s in script_runner.scripts if s.title().lower() == name.lower()), None)
+            if script is None:
+                raise HTTPException(status_code=422, detail=f"always on script {name} not found")
+            if "args" in entry:
+                for idx in range(0, min(script.args_to - script.args_from, len(entry["args"]))):
+                    script_args[script.args_from + idx] = entry["args"][idx]
+        return script_args
+
+    def set_config(self, req: dict):
+        """A1111 1.10: ``shared.opts.set(k, v, is_api=True)`` for each key (Forge2/Neo: the same
+        call through ``sysinfo.set_config``, with ``is_api=False``)."""
+        for k, v in req.items():
+            self.shared.opts.set(k, v, is_api=True)
+
+
+def api_script_args(api, script, args_list_or_value, defaults):
+    """What a txt2img request with ``alwayson_scripts: {script title: {"args": value}}`` hands the
+    script: the API's ``init_script_args`` over the script's UI defaults (one script at positions 1..)."""
+    script.args_from, script.args_to = 1, 1 + len(defaults)
+    request = SimpleNamespace(alwayson_scripts={script.title(): {"args": args_list_or_value}})
+    runner = SimpleNamespace(scripts=[script])
+    return api.init_script_args(request, [0, *defaults], None, None, runner)[script.args_from : script.args_to]
+
+
+class override_settings:
+    """``process_images``' ``override_settings``: set with ``opts.set(..., is_api=True,
+    run_callbacks=False)`` before the generation, put back after it."""
+
+    def __init__(self, opts, values: dict):
+        self.opts, self.values = opts, values
+
+    def __enter__(self):
+        self.stored = {k: getattr(self.opts, k) for k in self.values}
+        try:
+            for k, v in self.values.items():
+                self.opts.set(k, v, is_api=True, run_callbacks=False)
+        except BaseException:  # the host's finally puts them back
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        for k, v in self.stored.items():
+            setattr(self.opts, k, v)
+        return False

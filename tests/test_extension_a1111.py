@@ -305,7 +305,7 @@ REFUSALS = {
     "and-newline": (dict(args=positional(JOINT), batch_size=3, prompt="a cat\nAND a dog"), r"composable prompts"),
     "and-layer-prompt": (dict(args=positional(JOINT, prompts=("x AND y", "", "")), batch_size=3), r"composable prompts"),
     "and-hires-prompt": (dict(args=positional(JOINT), batch_size=3, enable_hr=True, hr_prompt="a AND b"), r"composable"),
-    "stop-at-0": (dict(args=positional(TRANSPARENT, stop_at=0), batch_size=1), r"Stop At\) must be above 0"),
+    "stop-at-0": (dict(args=positional(TRANSPARENT, stop_at=0), batch_size=1), r"Stop At\) must be at least 0.001"),
     "enabled-text": (dict(args=[{"enabled": "true", "method": "nope"}], batch_size=1), r"a JSON boolean"),
     "misspelt-key": (dict(args=[{"enable": True}], batch_size=1), r"did you mean 'enabled'"),
     "sdxl-on-sd15": (dict(args=positional(SDXL_ATTN), batch_size=1), r"needs an SDXL checkpoint.*SD1\.5"),
@@ -566,7 +566,7 @@ class RecordingState:
     @textinfo.setter
     def textinfo(self, text):
         self.shown.append(text)
-        if text == self.interrupt_at:
+        if text is not None and text == self.interrupt_at:
             self.interrupted = True  # the user pressed Interrupt while this was shown
 
 
@@ -580,7 +580,8 @@ def test_real_decoder_end_to_end(ctx, monkeypatch):
     p, processed = generate(ctx, positional(TRANSPARENT), batch_size=2)
     assert p.scripts.errors == [] and not p.comments
     head = "LayerDiffuse: transparent decode, image"
-    assert shown == [f"{head} {i} of 2{s}" for i in (1, 2) for s in ["", *(f", pass {k} of 8" for k in range(1, 9))]]
+    want = [f"{head} {i} of 2{s}" for i in (1, 2) for s in ["", *(f", pass {k} of 8" for k in range(1, 9))]]
+    assert shown == [*want, None]  # then the decode is over: the host's text from before (none) is back
     assert not ctx.env.host.interrupted()
     main = [f for f in saved_files(ctx) if "-checkerboard" not in f.name]
     mode, arr, text = read(main[0])
@@ -812,7 +813,7 @@ def test_interrupt_during_the_decode_returns_no_image(ctx, monkeypatch, at):
     with pytest.raises(RuntimeError) as info:
         fa.process_images(p, ctx.env.mod.LayerDiffuseScript(), positional(TRANSPARENT))
     assert_refused_after_sampling(ctx, p, info, r"interrupted before the transparent decode finished", before)
-    assert shown[-1].endswith(at)  # stopped right there: no pass ran after the interrupt
+    assert shown[-2].endswith(at) and shown[-1] is None  # stopped right there, then the host's text is back
 
 
 def test_nan_latent_is_refused_by_the_hosts_check(ctx, monkeypatch):
@@ -995,7 +996,7 @@ def test_auto_tiling_decodes_a_large_image_in_tiles(ctx, opts, monkeypatch):
     p, processed = generate(ctx, positional(TRANSPARENT), batch_size=1, width=512, height=512)
     assert p.scripts.errors == []
     assert "layerdiffusion_tile_size: 256" in processed.infotexts[0]
-    assert shown[-1] == "LayerDiffuse: transparent decode, image 1 of 1, pass 9 of 9"  # 3x3 tiles, 1 pass
+    assert shown[-2:] == ["LayerDiffuse: transparent decode, image 1 of 1, pass 9 of 9", None]  # 3x3 tiles, 1 pass
     assert processed.images[0].mode == "RGBA" and processed.images[0].size == (512, 512)
 
 
@@ -1057,6 +1058,94 @@ def xyz(ctx, monkeypatch):
     return {o.label: o for o in xyz.axis_options}
 
 
+@pytest.fixture
+def plot(ctx, xyz):
+    """The X/Y/Z plot module (its axes registered by the script) and a runner of it."""
+    module = ctx.env.fake.scripts.scripts_data[0].module
+
+    def run(args, batch_size=1, **axes):
+        p = fa.Txt2Img(ctx.model, ctx.outpath, batch_size=batch_size)
+        processed = fa.run_xyz(p, ctx.env.mod.LayerDiffuseScript(), args, module, **axes)
+        return p, processed
+
+    return SimpleNamespace(module=module, run=run)
+
+
+@pytest.mark.parametrize(
+    "axis, values, batch, message",
+    [
+        ("Weight", "0.5, 3", 1, r"\[LayerDiffuse\] Weight = 3.0: weight must be between 0.0 and 2.0"),
+        ("Weight", "-1", 1, r"\[LayerDiffuse\] Weight = -1.0: weight must be between"),
+        ("Stop At", "1, 0", 1, r"\[LayerDiffuse\] Stop At = 0.0: stop_at \(Stop At\) must be at least 0.001"),
+        ("Method", f"{TRANSPARENT}, {SDXL_ATTN}", 1, r"Method = \(SDXL\).*needs an SDXL checkpoint.*SD1.5"),
+        ("Method", JOINT, 1, r"Method = \(SD1.5\) Generate Everything.*batch size must be a multiple of 3"),
+        ("Method", "Make It Transparent", 1, r"Method = Make It Transparent: Unknown LayerDiffuse method"),
+        ("Method", FG2BG, 2, r"Method = \(SD1.5\) From Foreground.*needs a Foreground image"),
+    ],
+)
+def test_xyz_invalid_cells_refuse_the_plot_before_any_cell(ctx, plot, axis, values, batch, message):
+    with pytest.raises(RuntimeError, match=rf"^LayerDiffuse: X/Y/Z plot, .*{message}.*The plot was not started"):
+        plot.run(positional(TRANSPARENT), batch_size=batch, x=(f"[LayerDiffuse] {axis}", values))
+    assert ctx.gens == [] and plot.module.reported == [] and ctx.env.fake.images.saved == []
+
+
+def test_xyz_axes_with_layerdiffuse_off_refuse_the_plot(ctx, plot):
+    args = positional(TRANSPARENT)
+    args[0] = False
+    with pytest.raises(RuntimeError, match=r"apply only when LayerDiffuse is enabled"):
+        plot.run(args, x=("[LayerDiffuse] Weight", "0.5, 1"))
+    assert ctx.env.fake.images.saved == []
+
+
+def test_xyz_cell_refused_while_generating_fails_the_plot(ctx, plot, monkeypatch):
+    """What cannot be checked up front (here the decode of the second cell fails) still fails the
+    request with the reason: the plot stops there and saves no grid."""
+    spy = ctx.spy
+
+    def decode(*args, **kwargs):
+        if len(spy.latents) == 1:
+            raise MemoryError("out of memory")
+        return spy(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "decode_rgba", decode)
+    with pytest.raises(RuntimeError, match=r"^LayerDiffuse: X/Y/Z plot, \[LayerDiffuse\] Stop At = 0.5: the transparent "
+                       r"decode failed \(MemoryError.*The plot was stopped; no grid is saved"):  # fmt: skip
+        plot.run(positional(TRANSPARENT), x=("[LayerDiffuse] Stop At", "1, 0.5, 0.8"))
+    assert len(ctx.gens) == 2  # the third cell did not run
+    assert not [f for f in ctx.env.fake.images.saved if "xyz_grid" in f]
+
+
+def test_xyz_with_a_checkpoint_axis_checks_the_family_per_cell(ctx, plot):
+    """A plot that loads another checkpoint per cell is not refused for the model loaded now; a cell
+    whose model does not fit is refused when it runs, and that fails the plot with the reason."""
+    plot.module.axis_options.append(plot.module.AxisOption("Checkpoint name", str, lambda p, x, xs: None))
+    with pytest.raises(RuntimeError, match=r"^LayerDiffuse: X/Y/Z plot, Checkpoint name = sd15.safetensors, "
+                       r"\[LayerDiffuse\] Method = \(SDXL\).*needs an SDXL checkpoint.*The plot was stopped"):  # fmt: skip
+        plot.run(positional(TRANSPARENT), x=("Checkpoint name", "sd15.safetensors"),
+                 y=("[LayerDiffuse] Method", f"{TRANSPARENT}, {SDXL_ATTN}"))  # fmt: skip
+    assert len(ctx.gens) == 1  # the first cell ran
+
+
+@pytest.mark.parametrize("lone", [False, True])
+def test_xyz_returns_the_transparent_cells_and_draws_them_on_the_checkerboard(ctx, plot, lone):
+    from lib_layerdiffuse.rgba import checkerboard_preview, to_uint8
+
+    p, processed = plot.run(positional(TRANSPARENT), x=("[LayerDiffuse] Stop At", "0.5, 1"), include_lone_images=lone)
+    grid, cells = processed.images[0], processed.images[1:]
+    assert grid.mode == "RGB" and [im.mode for im in cells] == ["RGBA", "RGBA"]
+    assert all(getattr(im, TAG, None) is not None for im in cells)  # the API encodes them as PNG
+    assert len(processed.infotexts) == len(processed.images)
+    assert "layerdiffusion_ending_step: 0.5" in processed.infotexts[1]
+    assert "layerdiffusion_ending_step: 1.0" in processed.infotexts[2]
+    for i, cell in enumerate(cells):  # the grid shows each cell on the checkerboard
+        want = to_uint8(checkerboard_preview(np.asarray(cell, dtype=np.float32) / 255.0))
+        got = np.asarray(grid)[:, i * p.width : (i + 1) * p.width]
+        assert np.array_equal(got, want)
+    saved = [read(f)[0] for f in ctx.env.fake.images.saved if "xyz_grid" not in f and "-checkerboard" not in f]
+    assert saved == ["RGBA", "RGBA"]  # the cells are saved as the host saves samples
+    assert len([f for f in ctx.env.fake.images.saved if "xyz_grid" in f]) == 1
+
+
 def test_xyz_axes_are_listed_once(xyz):
     ours = [label for label in xyz if label.startswith("[LayerDiffuse]")]
     assert ours == ["[LayerDiffuse] Method", "[LayerDiffuse] Weight", "[LayerDiffuse] Stop At"]
@@ -1105,4 +1194,82 @@ def test_interrupt_before_the_first_step_says_so(ctx, monkeypatch):
     p = fa.Txt2Img(ctx.model, ctx.outpath, batch_size=1)
     with pytest.raises(RuntimeError, match=r"^LayerDiffuse: the generation was interrupted"):
         fa.process_images(p, ctx.env.mod.LayerDiffuseScript(), positional(TRANSPARENT))
+    assert ctx.env.fake.images.saved == []
+
+
+# ---------------------------------------------------------------------------------------
+# SDXL methods back to back; Stop At before the first step; Skip
+
+
+SDXL_KEYS = [m.key for m in M.MODES if m.family == "sdxl"]
+
+
+@pytest.fixture
+def sdxl_files(ctx, monkeypatch):
+    """Patch files of the six SDXL methods shaped for the tiny UNet (the family injected as SDXL),
+    and the SDXL transparent decoder / encoder files."""
+    monkeypatch.setattr(sys.modules["lib_layerdiffuse.hosts.a1111"], "detect_family", lambda unet: "sdxl")
+    models = ctx.env.models
+    for seed, name in ((40, "vae_transparent_decoder"), (41, "vae_transparent_encoder")):
+        if not (models / f"{name}.safetensors").exists():
+            save_file(make_state_dict(manifest_shapes(name), seed=seed, dtype=torch.float16),
+                      str(models / f"{name}.safetensors"))  # fmt: skip
+    linears = [n for n, m in ctx.unet.named_modules() if isinstance(m, torch.nn.Linear)]
+    for i, key in enumerate(SDXL_KEYS):
+        mode = M.resolve(key)
+        g = torch.Generator().manual_seed(50 + i)
+        state = {}
+        for name in linears:
+            w = ctx.unet.get_submodule(name).weight
+            if mode.apply == "lora":
+                state[f"diffusion_model.{name}.weight::lora::0"] = torch.randn(w.shape[0], 2, generator=g) * 0.05
+                state[f"diffusion_model.{name}.weight::lora::1"] = torch.randn(2, w.shape[1], generator=g) * 0.05
+            else:
+                state[f"diffusion_model.{name}.weight::diff::0"] = torch.randn(*w.shape, generator=g) * 0.01
+        if mode.apply == "diff":
+            conv = ctx.unet.input_blocks[0][0].weight
+            state["diffusion_model.input_blocks.0.0.weight::diff::0"] = (
+                torch.randn(conv.shape[0], 4 + mode.concat_channels, 3, 3, generator=g) * 0.01
+            )
+        save_file(state, str(models / f"{mode.unet_file}.safetensors"))
+
+
+def sdxl_args(key):
+    mode = M.resolve(key)
+    images = {k: rgba_image(seed=3) for k in mode.inputs}
+    return positional(mode.label, **images)
+
+
+def test_every_ordered_pair_of_sdxl_methods_back_to_back(ctx, sdxl_files):
+    before = unet_state(ctx.unet)
+    for first in SDXL_KEYS:
+        for second in SDXL_KEYS:
+            if first == second:
+                continue
+            for key in (first, second):
+                _, processed = generate(ctx, sdxl_args(key))
+                want = "RGBA" if M.resolve(key).decode else "RGB"
+                assert processed.images[0].mode == want, (first, second, key)
+                assert_unet_as_before(ctx.unet, before)
+
+
+def test_stop_at_that_ends_before_the_first_step_is_refused(ctx):
+    """txt2img's first step is at the schedule's top sigma; a Stop At under one of the model's 1000
+    timesteps (0.001) would end LayerDiffuse before any step completes (or after one, by rounding)."""
+    with pytest.raises(RuntimeError, match=r"^LayerDiffuse: .*stop_at.*0\.001"):
+        generate(ctx, positional(TRANSPARENT, stop_at=1e-9))
+    assert ctx.env.fake.images.saved == []
+    _, processed = generate(ctx, positional(TRANSPARENT, stop_at=0.001))  # the smallest value that runs
+    assert processed.images[0].mode == "RGBA"
+
+
+def test_skip_before_the_first_step_names_the_skip(ctx, monkeypatch):
+    state = RecordingState([])
+    state.skipped = True  # Skip pressed as the job started: the sampler returns at once
+    monkeypatch.setattr(ctx.env.fake.shared, "state", state)
+    monkeypatch.setattr(fa.Sampler, "sample", lambda self, p, x, *a, **k: x)  # no UNet call
+    p = fa.Txt2Img(ctx.model, ctx.outpath, batch_size=1)
+    with pytest.raises(RuntimeError, match=r"^LayerDiffuse: .*skipped") as e:
+        fa.process_images(p, ctx.env.mod.LayerDiffuseScript(), positional(TRANSPARENT))
+    assert "another extension" not in str(e.value)
     assert ctx.env.fake.images.saved == []

@@ -11,6 +11,7 @@ signature, ``predictor.percent_to_sigma``, and ``p.sample`` called directly by t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import sys
@@ -130,26 +131,36 @@ class KModel(nn.Module):
         return x[:, :4]
 
 
+def set_param(model, key, weight):
+    """``backend.utils.set_attr``: the merged weight replaces the model's parameter object."""
+    path, _, name = key.rpartition(".")
+    setattr(model.get_submodule(path), name, weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight))
+
+
 class FakeLoraLoader:
     """The hosts' ``LoraLoader`` (one per model, shared by every clone): ``refresh`` puts the
-    base weights back from ``backup`` and merges the patches in place, and does nothing when the
-    patch list is the one merged last (``loaded_hash``). The stand-in merge adds 0.25 x strength."""
+    base parameters back from ``backup`` and sets merged ones in their place, and does nothing when
+    the patch list is the one merged last (``loaded_hash``). So a generation's merge stays in the
+    shared model until the next model load. Diffs merge as Forge2 does (a larger diff grows the
+    weight: the widened conv_in); the stand-in merge of anything else adds 0.25 x strength."""
 
     def __init__(self, model):
         self.model, self.backup, self.loaded_hash = model, {}, str([])
 
     @torch.no_grad()
     def refresh(self, patches):
-        hashes = str(sorted((k, [e[0] for e in v]) for k, v in patches.items()))
+        hashes = str(sorted((k, [(e[0], id(e[1])) for e in v]) for k, v in patches.items()))
         if hashes == self.loaded_hash:
             return
         for k, w in self.backup.items():
-            self.model.get_parameter(k).copy_(w)
+            set_param(self.model, k, w)
         self.backup = {}
         for k, entries in patches.items():
             weight = self.model.get_parameter(k)
-            self.backup[k] = weight.detach().clone()
-            weight.add_(0.25 * sum(e[0] for e in entries))
+            self.backup[k] = weight
+            diffs = [e for e in entries if isinstance(e[1], tuple) and e[1][0] == "diff"]
+            merged = merge_forge2(weight, diffs) if diffs else weight + 0.25 * sum(e[0] for e in entries)
+            set_param(self.model, k, merged.to(weight.dtype))
         self.loaded_hash = hashes
 
 
@@ -208,8 +219,43 @@ class Forge2Patcher(BasePatcher):
 
 
 class NeoPatcher(BasePatcher):
+    """Neo (``backend/patcher/base.py``): patches of a LoRA file (``filename`` and ``online_mode``
+    given) go through the lora loader; plain patches are merged by the patcher itself when the model
+    loads (ComfyUI's ``patch_model``), the weights from before kept in ``backup`` (one dict shared by
+    every clone) and put back only when other patches load next (``patches_uuid``)."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.backup, self.patches_uuid, self.lora_keys = {}, object(), set()
+
+    def clone(self):
+        n = super().clone()
+        n.backup, n.patches_uuid, n.lora_keys = self.backup, self.patches_uuid, set(self.lora_keys)
+        return n
+
     def add_patches(self, patches, strength_patch=1.0, strength_model=1.0, *, filename=None, online_mode=None):
-        return self._add(patches, strength_patch, strength_model)
+        added = self._add(patches, strength_patch, strength_model)
+        if filename is not None and online_mode is not None:
+            self.lora_keys.update(added)
+        else:
+            self.patches_uuid = object()
+        return added
+
+    @torch.no_grad()
+    def load(self):
+        self.lora_loader.refresh({k: v for k, v in self.patches.items() if k in self.lora_keys})
+        model = self.model
+        if getattr(model, "current_weight_patches_uuid", None) is self.patches_uuid:
+            return
+        for k, bk in self.backup.items():  # unpatch_model
+            set_param(model, k, bk.weight)
+        self.backup.clear()
+        for k, entries in self.patches.items():
+            if k not in self.lora_keys:
+                weight = model.get_parameter(k)
+                self.backup[k] = SimpleNamespace(weight=weight, inplace_update=False)
+                set_param(model, k, merge_neo(weight, entries).to(weight.dtype))
+        model.current_weight_patches_uuid = self.patches_uuid
 
 
 HOSTS = {
@@ -289,10 +335,17 @@ class StandInHost(forge.ForgeHost):
     def progress(self, text):
         pass
 
+    @contextlib.contextmanager
+    def progress_scope(self):  # no host progress text to clear here
+        yield
+
     def decode_options(self):
         return DecodeOptions()
 
     def interrupted(self):
+        return False
+
+    def skipped(self):
         return False
 
     def decode_samples(self, p, samples):  # the host's VAE decode: grey pixels, 8x the latent
@@ -405,6 +458,92 @@ def test_sdxl_concat_every_row_and_stop_at(monkeypatch, neo_adapter, host):
     gen.end_sampling()
     gen.check_ran()
     assert p.sd_model.forge_objects.unet is original
+
+
+SDXL_KEYS = [m.key for m in M.MODES if m.family == "sdxl"]
+
+
+def sdxl_patch_state(mode, seed=0):
+    """A patch file of ``mode`` for :func:`sdxl_like`: LoRA on the Linear for the attention method,
+    diffs (conv_in widened by the mode's condition channels) for the others."""
+    g = torch.Generator().manual_seed(seed)
+    if mode.apply == "lora":
+        return {"diffusion_model.proj.weight::lora::0": torch.randn(6, 2, generator=g) * 0.1,
+                "diffusion_model.proj.weight::lora::1": torch.randn(2, 5, generator=g) * 0.1}  # fmt: skip
+    return {
+        "diffusion_model.input_blocks.0.0.weight::diff::0": torch.randn(8, 4 + mode.concat_channels, 3, 3, generator=g),
+        "diffusion_model.proj.weight::diff::0": torch.randn(6, 5, generator=g) * 0.1,
+    }
+
+
+def sdxl_generation(monkeypatch, p, key):
+    """One SDXL generation as the host runs it: the hook, the host's model load for sampling (which
+    merges this pass's patches into the shared model and leaves them there), UNet calls, decode."""
+    mode = M.resolve(key)
+    images = {f"{k}_image": np.full((64, 64, 4), 0.5, np.float32) for k in mode.inputs}
+    host = StandInHost(sdxl_patch_state(mode, seed=SDXL_KEYS.index(key)))
+    monkeypatch.setattr(StandInHost, "vae_moments", lambda self, p, rgb: (torch.full((1, 4, 8, 8), 0.5), None))
+    gen = Generation(host, Settings.from_dict({"enabled": True, "method": key, **images}), "sdxl", 1, 64, 64, ["p"])
+
+    def host_sample(*args, **kwargs):
+        host.generation(p).begin_sampling(p, torch.zeros(1, 4, 8, 8))
+        unet = p.sd_model.forge_objects.unet
+        unet.load()
+        with torch.no_grad():
+            for sigma in (9.0, 4.0, 1.0):
+                unet.run(torch.zeros(1, 4, 8, 8), sigma=sigma)
+        return torch.zeros(1, 4, 8, 8)
+
+    p.sample, p.close, p.iteration, p.extra_generation_params = host_sample, lambda: None, 0, {}
+    host.attach(p, gen)
+    try:
+        p.sample()
+    finally:
+        p.close()
+
+
+@pytest.mark.parametrize("host", ["forge2", "neo"])
+def test_every_ordered_pair_of_sdxl_methods_back_to_back(monkeypatch, neo_adapter, host):
+    """The hosts keep a generation's merged weights in the shared model until their next model load
+    (seen on a real Neo: the 12-channel conv_in of one layer method was still there when the next
+    one's check ran): no generation's checks may read what the previous one merged."""
+    patcher_cls, _ = use_host(monkeypatch, host)
+    for first in SDXL_KEYS:
+        for second in SDXL_KEYS:
+            if first == second:
+                continue
+            dm = sdxl_like()
+            base = {k: v.detach().clone() for k, v in dm.named_parameters()}
+            p = make_p(patcher_cls, dm, SimpleNamespace(is_sd1=False, is_sdxl=True))
+            original = p.sd_model.forge_objects.unet
+            sdxl_generation(monkeypatch, p, first)
+            if M.resolve(first).concat:
+                assert dm.input_blocks[0][0].weight.shape[1] > 4  # the host's merge is still in place
+            sdxl_generation(monkeypatch, p, second)
+            assert p.sd_model.forge_objects.unet is original
+            original.load()  # a plain generation: the host puts the base back
+            assert all(torch.equal(v, base[k]) for k, v in dm.named_parameters()), (first, second)
+
+
+def test_a_conv_in_patch_of_another_width_names_the_file(monkeypatch, neo_adapter):
+    """The file itself is wrong (a conv_in for another method): the message says so and how to fix it;
+    a model whose own conv_in is not 4-channel is refused without blaming the file."""
+    patcher_cls, _ = use_host(monkeypatch, "neo")
+    fg = np.full((64, 64, 4), 0.5, np.float32)
+    wrong = sdxl_patch_state(M.resolve("FG_BLEND_TO_BG"))  # 12 channels where bg2ble needs 8
+    gen = make_gen("BG_TO_BLEND", wrong, family="sdxl", bg_image=fg)
+    monkeypatch.setattr(StandInHost, "vae_moments", lambda self, p, rgb: (torch.full((1, 4, 8, 8), 0.5), None))
+    p = make_p(patcher_cls, sdxl_like(), SimpleNamespace(is_sd1=False, is_sdxl=True))
+    gen.begin_sampling(p, torch.zeros(1, 4, 8, 8))
+    assert "layer_xl_bg2ble.safetensors" in gen.error and "12" in gen.error and "Delete it" in gen.error
+    gen.close()
+    dm = sdxl_like()
+    dm.input_blocks[0][0] = nn.Conv2d(9, 8, 3, padding=1)  # an inpainting UNet's conv_in
+    gen = make_gen("BG_TO_BLEND", sdxl_patch_state(M.resolve("BG_TO_BLEND")), family="sdxl", bg_image=fg)
+    p = make_p(patcher_cls, dm, SimpleNamespace(is_sd1=False, is_sdxl=True))
+    gen.begin_sampling(p, torch.zeros(1, 4, 8, 8))
+    assert "9 input channels" in gen.error and "Delete" not in gen.error
+    gen.close()
 
 
 # -- SD1.5 attention sharing ----------------------------------------------------------------

@@ -28,6 +28,120 @@ def test_defaults_and_positional_official_order():
         Settings.from_args([True] * 13)
 
 
+ORDER = "enabled, method, weight, stop_at (ending_step), fg_image, bg_image, blend_image, resize_mode, output_origin, "
+
+
+@pytest.mark.parametrize(
+    "args,got",
+    [
+        ("enabled", "got a string: 'enabled'"),  # was split into letters: "enabled must be ..., got 'e'"
+        (None, "got null"),
+        (True, "got a boolean: True"),
+        ([True] * 13, "args has 13 values, but the script takes at most 12 arguments"),
+    ],
+)
+def test_malformed_args_say_what_they_must_be(args, got):
+    """The shape is checked before any value: a string is not a list of letters (issue 21, item 5),
+    and the message lists the 12 names in order and the named form."""
+    with pytest.raises(SettingsError) as info:
+        Settings.from_args(args)
+    text = str(info.value)
+    assert got in text and f"a list of at most 12 values in this order: {ORDER}" in text
+    assert "or a list holding one object with those names" in text
+
+
+def test_request_args_shape():
+    """The API request's own ``args`` (hosts/common.py checks them before the host spreads them):
+    a bare object is the named form; an object among other values is refused."""
+    from lib_layerdiffuse.settings import check_args
+
+    assert check_args({"enabled": True}, request=True) == [{"enabled": True}]
+    assert check_args((True, "x"), request=True) == [True, "x"]
+    assert check_args([], request=True) == []
+    with pytest.raises(SettingsError, match="args holds an object among 2 values: the named form is one object alone"):
+        check_args([{"enabled": True}, True], request=True)
+    assert check_args([{"enabled": True}, False, "x"]) == [{"enabled": True}, False, "x"]  # UI defaults filled in
+
+
+# -- Settings > LayerDiffuse values: one check per kind, by the option table ----------------------
+
+
+def read_options(**values):
+    from lib_layerdiffuse.options import DecodeOptions
+
+    return DecodeOptions.read(lambda key, default: values.get(key, default))
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("layerdiffuse_decode_passes", True, "layerdiffuse_decode_passes must be one of 8, 4, 2, 1, got True"),
+        ("layerdiffuse_decode_passes", 2.5, "layerdiffuse_decode_passes must be one of 8, 4, 2, 1, got 2.5"),
+        ("layerdiffuse_decode_passes", "8", "layerdiffuse_decode_passes must be one of 8, 4, 2, 1, got '8'"),
+        ("layerdiffuse_tile_size", 1024.5, "layerdiffuse_tile_size must be a whole number, got 1024.5"),
+        ("layerdiffuse_tile_size", False, "layerdiffuse_tile_size must be a number, got False"),
+        ("layerdiffuse_tile_size", "1024", "layerdiffuse_tile_size must be a number, got '1024'"),
+        ("layerdiffuse_tile_size", 100, "layerdiffuse_tile_size must be between 256 and 4096, got 100"),
+        ("layerdiffuse_tile_size", 1000, "layerdiffuse_tile_size must be a multiple of 64, got 1000"),
+        ("layerdiffuse_extra_memory_gb", True, "layerdiffuse_extra_memory_gb must be a number, got True"),
+        ("layerdiffuse_extra_memory_gb", float("nan"), "layerdiffuse_extra_memory_gb must be between 0 and 64"),
+        ("layerdiffuse_tiling", "Always", "layerdiffuse_tiling must be one of auto, always, never, got 'Always'"),
+        ("layerdiffuse_tiling", 1, "layerdiffuse_tiling must be one of auto, always, never, got 1"),
+        ("layerdiffuse_previews", "false", "layerdiffuse_previews must be true or false (a JSON boolean), got 'false'"),
+        ("layerdiffuse_compile", 0, "layerdiffuse_compile must be true or false (a JSON boolean), got 0"),
+        ("layerdiffuse_keep_models", None, "layerdiffuse_keep_models must be true or false"),
+        ("layerdiffuse_models_dir", 12345, "layerdiffuse_models_dir must be text, the path of a folder, got 12345"),
+        ("layerdiffuse_models_dir", "a\0b", "layerdiffuse_models_dir holds a NUL character"),
+    ],
+)
+def test_option_values_are_checked_by_type_and_named(key, value, message):
+    """Values stored as sent (override_settings, /sdapi/v1/options, config.json) are refused by
+    name when read: ``true`` and 2.5 passes, a 1024.5 tile, the text "false" (issue 21, item 4)."""
+    from lib_layerdiffuse.options import BY_KEY
+
+    with pytest.raises(SettingsError) as info:
+        read_options(**{key: value})
+    text = str(info.value)
+    assert text.startswith(message) and f"(Settings > LayerDiffuse > {BY_KEY[key].label})" in text
+
+
+def test_option_values_of_the_right_type_are_taken():
+    o = read_options(layerdiffuse_decode_passes=4.0, layerdiffuse_tile_size=512.0, layerdiffuse_extra_memory_gb=3,
+                     layerdiffuse_tiling="never", layerdiffuse_compile=True, layerdiffuse_models_dir="  ")  # fmt: skip
+    assert (o.passes, o.tile_size, o.extra_memory_gb, o.tiling, o.compile, o.models_dir) == (
+        4,
+        512,
+        3.0,
+        "never",
+        True,
+        "",
+    )
+    assert type(o.passes) is int and type(o.tile_size) is int and type(o.extra_memory_gb) is float
+    from lib_layerdiffuse.options import DecodeOptions
+
+    assert read_options() == DecodeOptions()  # the table's defaults pass their own check
+
+
+def test_the_models_folder_setting_must_name_an_existing_folder(tmp_path, monkeypatch):
+    """A named folder is never created (a typo, ".." or a number became a new folder): it must exist
+    and be a folder; the message names the setting and says to create it."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SettingsError) as info:
+        read_options(layerdiffuse_models_dir="missing/weights")
+    text = str(info.value)
+    assert text.startswith("layerdiffuse_models_dir: the folder 'missing/weights' (") and "does not exist" in text
+    assert str(tmp_path / "missing" / "weights") in text and "does not exist. Create it" in text
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SettingsError, match="layerdiffuse_models_dir: 'file' .* is a file, not a folder"):
+        read_options(layerdiffuse_models_dir="file")
+    with pytest.raises(SettingsError, match="layerdiffuse_models_dir: 'file/sub' .* cannot be used as a folder"):
+        read_options(layerdiffuse_models_dir="file/sub")
+    assert list(tmp_path.iterdir()) == [tmp_path / "file"]  # nothing created
+    (tmp_path / "weights").mkdir()
+    assert read_options(layerdiffuse_models_dir=" weights ").models_dir == "weights"
+    assert read_options(layerdiffuse_models_dir="..").models_dir == ".."  # an existing folder the user named
+
+
 def test_named_form_ignores_trailing_ui_defaults():
     rgba = np.zeros((8, 8, 4), np.uint8)
     rgba[..., 3] = 128
@@ -62,7 +176,7 @@ def test_invalid_values_are_named(values, message):
         ({"enable": True}, "unknown setting 'enable' (did you mean 'enabled'?)"),
         ({"enabled": "true", "method": "magic"}, "enabled must be true or false (a JSON boolean), got 'true'"),
         ({"enabled": 1}, "enabled must be true or false (a JSON boolean), got 1"),
-        ({"enabled": True, "stop_at": 0}, "Stop At) must be above 0"),
+        ({"enabled": True, "stop_at": 0}, "Stop At) must be at least 0.001"),
     ],
 )
 def test_keys_and_enabled_are_always_checked(values, message):

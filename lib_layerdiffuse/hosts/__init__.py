@@ -75,3 +75,38 @@ def refuse(p, message: str) -> None:
         raise Refusal(message)
 
     p.sample = sample
+
+
+def family_of_checkpoint(header: dict) -> str | None:
+    """The model family from a checkpoint's safetensors header (key -> (shape, dtype)): "sd15",
+    "sdxl", "sd2" by the UNet's cross-attention width (as :func:`unet.detect_family` reads a
+    loaded UNet), "flux" (FLUX.1-dev: it has the guidance embedder) or "FLUX.1-schnell"; None
+    where it cannot be told (a VAE, a text encoder, another architecture)."""
+    from ..unet import _CONTEXT_FAMILY
+
+    keys = list(header)
+    if any(k.startswith("double_blocks.") or ".double_blocks." in k for k in keys):
+        return "flux" if any(k.startswith("guidance_in.") or ".guidance_in." in k for k in keys) else "FLUX.1-schnell"
+    for key, (shape, _dtype) in header.items():
+        if key.endswith("attn2.to_k.weight") and len(shape) == 2:
+            return _CONTEXT_FAMILY.get(shape[1])
+    return None
+
+
+def checkpoint_family(title: str | None = None) -> str | None:
+    """The family of the checkpoint the WebUI has selected (``opts.sd_model_checkpoint``), or of
+    the one ``title`` names, from its file's header only: nothing is loaded, so it holds while
+    the host is still loading the model (or has not yet: Forge loads at the first generation).
+    None for anything it cannot read (a GGUF or diffusers model, a missing file)."""
+    from ..errors import WeightFileError
+    from ..weights import read_header
+
+    try:
+        from modules import sd_models, shared  # type: ignore
+
+        title = title or getattr(shared.opts, "sd_model_checkpoint", None)
+        info = sd_models.get_closet_checkpoint_match(title) if title else None
+        path = getattr(info, "filename", None)
+        return family_of_checkpoint(read_header(path)) if path else None
+    except (ImportError, AttributeError, OSError, WeightFileError):
+        return None

@@ -12,7 +12,7 @@ import torch
 
 from ..session import ModuleBackend
 from ..unet import detect_family, percent_to_sigma, timestep_to_sigma
-from .common import SamplerCapture, WebUIHost, posterior_moments, raw_decode
+from .common import SamplerCapture, WebUIHost, place_infotext, posterior_moments, raw_decode
 
 
 class A1111Backend(ModuleBackend):
@@ -64,8 +64,9 @@ class A1111Host(WebUIHost):
         return bool(getattr(shared.cmd_opts, "lowvram", False) or getattr(shared.cmd_opts, "medvram", False))
 
     def show_preview(self, processed, image, info: str) -> None:
+        """A1111 shows ``processed.images`` with ``processed.infotexts`` by index."""
+        place_infotext(processed, len(processed.images), info)
         processed.images.append(image)
-        processed.infotexts.append(info)
 
 
 HOST = A1111Host()

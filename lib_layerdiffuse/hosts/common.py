@@ -8,6 +8,7 @@ the API's PNG encoding, img2img init latents); each adapter adds its model and U
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
@@ -18,13 +19,15 @@ import numpy as np
 import torch
 
 from .. import conditioning as C
-from ..errors import LayerDiffuseError, Refusal, WeightFileError
-from ..options import OPTIONS, SECTION, DecodeOptions
+from ..errors import LayerDiffuseError, Refusal, SettingsError, WeightFileError
+from ..options import BY_KEY, OPTIONS, SECTION, DecodeOptions, check
 from ..pipeline import Generation, Host
 from ..rgba import has_alpha, pil_to_rgba, to_pil, write_png
+from ..settings import TITLE, check_args
 from ..weights import FILES, sha256_of, verify_file
 
 log = logging.getLogger("layerdiffuse")
+MODELS_DIR = "layerdiffuse_models_dir"  # the option, and the flag's attribute in cmd_opts (preload.py)
 TAG = "layerdiffuse_rgba"  # attribute on our PIL images: their straight alpha, for the saved-file checks
 _GEN = "_layerdiffuse"  # the attribute of p that carries its Generation while it runs
 
@@ -142,22 +145,20 @@ class WebUIHost(Host):
     # -- files ------------------------------------------------------------------------------
 
     def models_dir(self) -> Path:
+        """The weight folder: ``--layerdiffuse-models-dir`` (created when missing, as before: a start-up
+        flag names its folder on purpose), else the setting (options.check_folder: an existing folder,
+        never created), else ``models/layer_model`` (created)."""
         from modules import paths, shared  # type: ignore
 
-        folder = (
-            getattr(shared.cmd_opts, "layerdiffuse_models_dir", None)
-            or str(getattr(shared.opts, "layerdiffuse_models_dir", "") or "").strip()
-            or os.path.join(paths.models_path, "layer_model")
-        )
-        try:
-            Path(folder).mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise WeightFileError(
-                f"{folder} cannot be used as the LayerDiffuse models folder ({e.strerror or e}); remove what is "
-                "there, or choose another folder in Settings > LayerDiffuse (or start the WebUI with "
-                "--layerdiffuse-models-dir DIR)."
-            ) from None
-        return Path(folder)
+        setting = check(MODELS_DIR, getattr(shared.opts, MODELS_DIR, ""))  # checked even when the flag wins
+        flag = getattr(shared.cmd_opts, MODELS_DIR, None)
+        if flag:
+            return _make_folder(flag, f"--layerdiffuse-models-dir {flag!r}", "start the WebUI with another folder")
+        if setting:
+            return Path(setting)
+        folder = os.path.join(paths.models_path, "layer_model")
+        return _make_folder(folder, f"The default folder {folder}", f"remove what is there, or name another folder "
+                            f"in Settings > LayerDiffuse > {BY_KEY[MODELS_DIR].label}")  # fmt: skip
 
     def weight_path(self, name: str) -> Path:
         """The file's path, downloaded on first use (``<file>.part``, checked, fsync'd, renamed).
@@ -235,6 +236,7 @@ class WebUIHost(Host):
             if o.help and hasattr(info, "info"):
                 info = info.info(o.help)
             shared.opts.add_option(o.key, info)
+        _check_on_set(shared.opts)
         _extend_api_options_model()
 
     # -- progress ---------------------------------------------------------------------------
@@ -246,11 +248,32 @@ class WebUIHost(Host):
         if state is not None:
             state.textinfo = text
 
+    @contextlib.contextmanager
+    def progress_scope(self):
+        """Our progress texts last only as long as the block: after it (finished, failed or
+        interrupted) the host's text from before is back, so neither the next X/Y/Z cell's sampling
+        nor ``/sdapi/v1/progress`` after the job shows a decode that has ended."""
+        from modules import shared  # type: ignore
+
+        state = getattr(shared, "state", None)
+        before = getattr(state, "textinfo", None)
+        try:
+            yield
+        finally:
+            state = getattr(shared, "state", None)
+            if state is not None and str(getattr(state, "textinfo", None) or "").startswith("LayerDiffuse:"):
+                state.textinfo = before
+
     def interrupted(self) -> bool:
         from modules import shared  # type: ignore
 
         state = getattr(shared, "state", None)
         return bool(getattr(state, "interrupted", False))
+
+    def skipped(self) -> bool:
+        from modules import shared  # type: ignore
+
+        return bool(getattr(getattr(shared, "state", None), "skipped", False))
 
     # -- a generation on p ------------------------------------------------------------------
 
@@ -310,7 +333,8 @@ class WebUIHost(Host):
         pixels = torch.stack([x.detach().to("cpu", torch.float32) for x in decoded])
         # as the host makes its 8-bit images: clamp((x + 1) / 2), then 255 * x truncated
         pixels = ((pixels + 1.0) / 2.0).clamp(0.0, 1.0).mul(255.0).floor().div(255.0)
-        gen.decode_batch(p, p.iteration * p.batch_size, latents, pixels)
+        with self.progress_scope():
+            gen.decode_batch(p, p.iteration * p.batch_size, latents, pixels)
         p.extra_generation_params.update(gen.infotext())  # the tile size a decode used
         return decoded
 
@@ -438,7 +462,8 @@ class WebUIHost(Host):
             self.show_preview(processed, image, info)
 
     def show_preview(self, processed, image, info: str) -> None:
-        """Put a preview in the gallery and the API response (after the host's own images)."""
+        """Put a preview in the gallery and the API response (after the host's own images), with
+        its infotext at the same gallery index (:func:`place_infotext`)."""
         raise NotImplementedError
 
     def register_callbacks(self) -> None:
@@ -448,10 +473,11 @@ class WebUIHost(Host):
         # options would be missing from /sdapi/v1/options), and the X/Y/Z plot builds its axis list
         # when the scripts are set up, before app_started; the host's scripts/ load before extensions
         self.add_settings()
-        add_xyz_axes()
+        add_xyz_axes(self)
         script_callbacks.on_ui_settings(self.add_settings)
-        script_callbacks.on_before_ui(add_xyz_axes)
-        script_callbacks.on_app_started(lambda *a, **k: add_xyz_axes())
+        script_callbacks.on_before_ui(lambda *a, **k: add_xyz_axes(self))
+        script_callbacks.on_app_started(lambda *a, **k: add_xyz_axes(self))
+        script_callbacks.on_image_grid(grid_on_checkerboard)
         script_callbacks.on_before_image_saved(before_image_saved)
         script_callbacks.on_image_saved(check_saved)
         script_callbacks.on_app_started(lambda *a, **k: self._started())
@@ -460,11 +486,101 @@ class WebUIHost(Host):
         """At start-up: PNG for our API images, and leftovers of interrupted writes and downloads
         in the models folder removed (A1111's downloader would take a stale .part as complete)."""
         install_api_png()
+        install_api_args_check()
         self.add_settings()  # again: a settings load after import replaces opts.data (Neo API-only)
         try:
             clean_partial_downloads(self.models_dir())
-        except WeightFileError as e:
+        except LayerDiffuseError as e:  # a bad folder setting: generations refuse it by name
             log.warning("LayerDiffuse: %s", e)
+
+
+def _make_folder(folder: str, what: str, fix: str) -> Path:
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except (OSError, ValueError) as e:  # ValueError: a NUL character
+        reason = getattr(e, "strerror", None) or e
+        raise WeightFileError(f"{what} cannot be used as the LayerDiffuse models folder ({reason}): {fix}.") from None
+    return Path(folder)
+
+
+_NOTHING = object()
+
+
+def _check_on_set(opts) -> None:
+    """Check our settings where the host stores them. ``/sdapi/v1/options``, ``override_settings``
+    and the settings page all store through ``opts.set`` (A1111 1.10, Forge2 and Neo alike; their
+    ``modules/options.py``, ``sysinfo.set_config``, ``processing.process_images``), which keeps any
+    JSON value as sent. Wrapped on this ``opts`` instance, a bad value of ours is refused by name
+    with options.check (the request fails with the reason) instead of being stored; other keys, and
+    a value equal to the stored one (no change, by the host's rule), go to the host unchanged. So
+    does the value a change replaced: Forge2 and Neo put ``override_settings`` back through
+    ``opts.set`` after the generation, and a bad value stored earlier (``config.json``) must go back
+    too; generations refuse it when they read it (DecodeOptions.read)."""
+    original = getattr(opts, "set", None)
+    if original is None or getattr(original, "_layerdiffuse", False):
+        return
+    replaced: dict = {}  # key -> the value the last change of ours replaced
+
+    def set_option(key, value, *args, **kwargs):
+        current = getattr(opts, key, None)
+        if key in BY_KEY and value != current:
+            try:
+                value = check(key, value)  # stored as used: 8.0 -> 8
+            except SettingsError as e:
+                before = replaced.get(key, _NOTHING)
+                if not (value is before or (type(value) is type(before) and value == before)):
+                    raise Refusal(str(e)) from None
+            replaced[key] = current
+        return original(key, value, *args, **kwargs)
+
+    set_option._layerdiffuse = True
+    opts.set = set_option
+
+
+def install_api_args_check() -> None:
+    """The API spreads a request's ``alwayson_scripts[...]["args"]`` over the script's positions one
+    by one, up to the script's own count (``Api.init_script_args``, the same on A1111 1.10, Forge2
+    and Neo): a 13th value is dropped and a string becomes its characters before the script sees
+    them. So the shape is checked here, where the request's own value is visible
+    (settings.check_args), and a bad one answered with HTTP 422 and the reason."""
+    try:
+        from modules.api import api  # type: ignore
+    except Exception:  # API not loaded
+        return
+    cls = getattr(api, "Api", None)
+    original = getattr(cls, "init_script_args", None)
+    if original is None or getattr(original, "_layerdiffuse", False):
+        return
+
+    def init_script_args(self, request, *args, **kwargs):
+        scripts = getattr(request, "alwayson_scripts", None)
+        for name, entry in scripts.items() if isinstance(scripts, dict) else ():
+            # the host finds a script by its title, case-insensitively
+            if str(name).lower() == TITLE.lower() and isinstance(entry, dict) and "args" in entry:
+                try:
+                    entry["args"] = check_args(entry["args"], request=True)
+                except SettingsError as e:
+                    http_error = getattr(api, "HTTPException", None)
+                    if http_error is None:
+                        raise Refusal(str(e)) from None
+                    raise http_error(status_code=422, detail=f"LayerDiffuse: {e}") from None
+        return original(self, request, *args, **kwargs)
+
+    init_script_args._layerdiffuse = True
+    cls.init_script_args = init_script_args
+
+
+def place_infotext(processed, position: int, info: str) -> None:
+    """Put ``info`` at ``processed.infotexts[position]``, the gallery index of the image it belongs
+    to. The gallery looks the infotext of a clicked image up by index and keeps the one shown
+    before when the index is past the list's end (the "previous image's infotext" on a preview);
+    images other extensions added without an infotext are padded with the generation's."""
+    infotexts = getattr(processed, "infotexts", None)
+    if infotexts is None:
+        return
+    pad = getattr(processed, "info", "") or (infotexts[0] if infotexts else "")
+    infotexts.extend([pad] * (position - len(infotexts)))
+    infotexts.insert(position, info)
 
 
 def _extend_api_options_model() -> None:
@@ -528,23 +644,29 @@ def _paste_masked(region, size, paste_to, mask, original: np.ndarray) -> np.ndar
 
 
 XYZ = "_layerdiffuse_xyz"  # the attribute of p that carries X/Y/Z plot values for the script
+XYZ_FIELD = "layerdiffuse_field"  # on our axis options: the settings field the axis sets
+MODEL_AXES = ("Checkpoint name",)  # host axes that change the model per cell (then the family is checked per cell)
 
 
 def xyz_overrides(p) -> dict | None:
     return p.__dict__.get(XYZ)
 
 
-def add_xyz_axes() -> None:
+def add_xyz_axes(host=None) -> None:
     """Method, Weight and Stop At as axes of the host's X/Y/Z plot script (found among the loaded
-    scripts, as other extensions do); they apply when LayerDiffuse is enabled. Idempotent."""
+    scripts, as other extensions do); they apply when LayerDiffuse is enabled. Their values are
+    checked before the first cell (``confirm``, :func:`_check_plot`), and the plot is guarded
+    (:func:`_guard_plot`). Idempotent."""
     from modules import scripts  # type: ignore
 
     from .. import modes as M
     from ..settings import XYZ_AXES
 
-    xyz = next((d.module for d in scripts.scripts_data if d.script_class.__module__ == "xyz_grid.py"), None)
-    if xyz is None:
+    data = next((d for d in scripts.scripts_data if d.script_class.__module__ == "xyz_grid.py"), None)
+    if data is None:
         return
+    xyz = data.module
+    _guard_plot(xyz, data.script_class, host)
     have = {getattr(o, "label", None) for o in xyz.axis_options}
     for field, label, kind in XYZ_AXES:
         label = f"[LayerDiffuse] {label}"
@@ -555,8 +677,188 @@ def add_xyz_axes() -> None:
             # a new dict per cell: the plot makes each cell's p as a shallow copy of one p
             p.__dict__[XYZ] = {**p.__dict__.get(XYZ, {}), field: x}
 
+        def confirm(p, xs, field=field, label=label):
+            for x in xs:
+                _check_cell(p, host, {field: x}, f"{label} = {x}", model=False)
+
         choices = (lambda: list(M.LABELS)) if field == "method" else None
-        xyz.axis_options.append(xyz.AxisOption(label, kind, apply, choices=choices))
+        option = xyz.AxisOption(label, kind, apply, confirm=confirm, choices=choices)
+        setattr(option, XYZ_FIELD, field)
+        xyz.axis_options.append(option)
+
+
+def _script_args(p) -> list | None:
+    """Our script's arguments in ``p`` (the host's ``ScriptRunner`` slices ``p.script_args`` the same way)."""
+    from ..settings import TITLE
+
+    for script in getattr(getattr(p, "scripts", None), "alwayson_scripts", None) or ():
+        try:
+            if script.title() == TITLE:
+                return list(p.script_args[script.args_from : script.args_to])
+        except Exception:  # another extension's script; not ours
+            continue
+    return None
+
+
+def _check_cell(p, host, overrides: dict, where: str, model: bool) -> None:
+    """Refuse the plot if a cell with ``overrides`` would be refused: the same checks as the cell's
+    own generation (settings.Settings.from_args, pipeline.check_request). ``model``: also the
+    model family (False where another axis may load another checkpoint for the cell)."""
+    from ..pipeline import check_request
+    from ..settings import Settings
+
+    args = _script_args(p)
+    if args is None:  # not found: each cell checks itself
+        return
+    try:
+        settings = Settings.from_args(args, overrides)
+        if not settings.enabled:
+            raise LayerDiffuseError(
+                "the [LayerDiffuse] axes apply only when LayerDiffuse is enabled: tick LayerDiffuse, or choose "
+                "another axis."
+            )
+        family = host.family(p) if model and host is not None else settings.mode.family
+        prompts = [getattr(p, "prompt", ""), getattr(p, "hr_prompt", "")]
+        prompts = [q for v in prompts for q in (v if isinstance(v, list) else [v])]
+        check_request(settings, family, p.batch_size, p.width, p.height, prompts)
+    except LayerDiffuseError as e:
+        raise Refusal(f"X/Y/Z plot, {where}: {e} The plot was not started.") from None
+
+
+def _axes() -> list:
+    """The plot's three ``AxisInfo(axis, values)``, which the host sets before drawing the grid."""
+    from modules import shared  # type: ignore
+
+    state = getattr(shared, "state", None)
+    return [getattr(state, f"xyz_plot_{n}", None) for n in "xyz"]
+
+
+def _check_plot(p, host) -> None:
+    """Before the first cell: every combination of our axes' values, checked as its cells will be."""
+    import itertools
+
+    axes = [a for a in _axes() if a is not None]
+    ours = [a for a in axes if getattr(a.axis, XYZ_FIELD, None)]
+    if not ours:
+        return
+    model = not any(getattr(a.axis, "label", None) in MODEL_AXES for a in axes)
+    for values in itertools.product(*(a.values for a in ours)):
+        where = ", ".join(f"{a.axis.label} = {v}" for a, v in zip(ours, values, strict=True))
+        _check_cell(p, host, {getattr(a.axis, XYZ_FIELD): v for a, v in zip(ours, values, strict=True)}, where,
+                    model)  # fmt: skip
+
+
+class _Plot:
+    """One run of the X/Y/Z plot: the refusal that stopped it, and the transparent cells to return."""
+
+    def __init__(self):
+        self.refusal: str | None = None
+        self.where = ""  # the cell that is generating
+        self.cells: list = []  # (RGBA image, infotext) of every cell, in cell order
+
+    def collect(self, processed) -> None:
+        infotexts = getattr(processed, "infotexts", None) or []
+        for i, image in enumerate(getattr(processed, "images", None) or []):
+            if getattr(image, TAG, None) is not None:
+                self.cells.append((image, infotexts[i] if i < len(infotexts) else ""))
+
+    def publish(self, processed) -> None:
+        """The transparent cells after the plot's own images (the gallery and the API show and return
+        ``processed.images`` with ``processed.infotexts`` by index); Forge's extra images follow them."""
+        shown = {id(im) for im in processed.images}
+        cells = [(im, info) for im, info in self.cells if id(im) not in shown]  # "Include Sub Images" has them
+        if not cells:
+            return
+        at = len(processed.images)
+        infotexts = list(processed.infotexts[:at])
+        infotexts += [getattr(processed, "info", "") or (infotexts[0] if infotexts else "")] * (at - len(infotexts))
+        processed.images = [*processed.images, *(im for im, _ in cells)]
+        processed.infotexts = infotexts + [info for _, info in cells]
+
+
+_PLOT = threading.local()  # .plot: the X/Y/Z run in progress on this thread (the host runs one job at a time)
+
+
+def _current_plot() -> _Plot | None:
+    return getattr(_PLOT, "plot", None)
+
+
+def _guard_plot(xyz, script_class, host) -> None:
+    """Make the host's X/Y/Z plot keep our promises (once per loaded module). The plot catches every
+    exception of a cell and draws it blank, so a refused cell would vanish into the server log, and it
+    returns only its grid: so its ``process_images`` notes our refusals and our transparent images, its
+    ``draw_xyz_grid`` checks the cells up front and stops at a refused cell (drawing and saving no
+    grid), and its ``run`` raises that refusal and returns the transparent cells after the grid."""
+    if getattr(xyz, "_layerdiffuse_guarded", False):
+        return
+    original_process, original_draw, original_run = xyz.process_images, xyz.draw_xyz_grid, script_class.run
+
+    def process_images(p, *args, **kwargs):
+        plot = _current_plot()
+        if plot is None:
+            return original_process(p, *args, **kwargs)
+        try:
+            processed = original_process(p, *args, **kwargs)
+        except LayerDiffuseError as e:
+            plot.refusal = f"X/Y/Z plot, {plot.where}: {str(e).removeprefix('LayerDiffuse: ')}"
+            raise
+        plot.collect(processed)
+        return processed
+
+    def draw_xyz_grid(p, *args, cell, **kwargs):
+        from modules.processing import Processed  # type: ignore
+
+        plot = _current_plot()
+        if plot is None:
+            return original_draw(p, *args, cell=cell, **kwargs)
+        _check_plot(p, host)
+        axes = _axes()
+
+        def guarded(x, y, z, *index):
+            if plot.refusal is not None:  # the plot failed: no more cells
+                return Processed(p, [], p.seed, "")
+            shown = [
+                (a, v) for a, v in zip(axes, (x, y, z), strict=True) if a is not None and a.axis.label != "Nothing"
+            ]
+            plot.where = ", ".join(f"{a.axis.label} = {v}" for a, v in shown) or "the cell"
+            return cell(x, y, z, *index)
+
+        processed = original_draw(p, *args, cell=guarded, **kwargs)
+        return Processed(p, []) if plot.refusal is not None else processed
+
+    def run(self, p, *args, **kwargs):
+        plot, previous = _Plot(), _current_plot()
+        _PLOT.plot = plot
+        try:
+            processed = original_run(self, p, *args, **kwargs)
+        finally:
+            _PLOT.plot = previous
+        if plot.refusal is not None:
+            raise Refusal(f"{plot.refusal} The plot was stopped; no grid is saved.")
+        if processed is not None and getattr(processed, "images", None):
+            plot.publish(processed)
+        return processed
+
+    xyz.process_images, xyz.draw_xyz_grid, script_class.run = process_images, draw_xyz_grid, run
+    xyz._layerdiffuse_guarded = True
+
+
+def grid_on_checkerboard(params) -> None:
+    """``on_image_grid``: in an X/Y/Z plot, our transparent cells are drawn on the checkerboard (the
+    hosts paste them onto an RGB grid, or an RGBA one saved as JPG: their alpha was lost, the colour
+    under transparent pixels shown)."""
+    if _current_plot() is None:
+        return
+    from PIL import Image
+
+    from ..rgba import checkerboard_preview, to_uint8
+
+    def flat(image):
+        if getattr(image, TAG, None) is None or image.mode != "RGBA":
+            return image
+        return Image.fromarray(to_uint8(checkerboard_preview(np.asarray(image, dtype=np.float32) / 255.0)))
+
+    params.imgs = [flat(im) for im in params.imgs]
 
 
 def _ensure_temp_dir() -> None:

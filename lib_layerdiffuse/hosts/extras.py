@@ -34,6 +34,8 @@ import logging
 from modules import scripts_postprocessing, shared  # type: ignore
 
 from .. import upscale as U
+from ..errors import Refusal, SettingsError
+from ..options import BY_KEY, check
 from .common import TAG
 
 log = logging.getLogger("layerdiffuse")
@@ -76,7 +78,11 @@ class LayerDiffuseExtrasAlpha(scripts_postprocessing.ScriptPostprocessing):
 
     def process_firstpass(self, pp, **args):
         pp.__dict__.pop(_KEPT, None)
-        if not getattr(shared.opts, OPTION, True):
+        try:  # the same check as every reader of the option (options.check): "false" is no boolean
+            enabled = check(OPTION, getattr(shared.opts, OPTION, BY_KEY[OPTION].default))
+        except SettingsError as e:  # before any step ran: the host's Extras fails with the reason
+            raise Refusal(str(e)) from None
+        if not enabled:
             return
         parts = U.split(pp.image)
         if parts is None:

@@ -31,7 +31,7 @@ import torch
 from ..errors import LayerDiffuseError, PatchError, Refusal
 from ..patches import PREFIX, Patch, match_keys
 from ..session import UNetBackend, UNetSession
-from .common import SamplerCapture, WebUIHost, posterior_moments, raw_decode
+from .common import SamplerCapture, WebUIHost, place_infotext, posterior_moments, raw_decode
 
 log = logging.getLogger("layerdiffuse")
 
@@ -170,20 +170,35 @@ def add_host_lora(unet, path, weight: float) -> dict:
     return patches
 
 
+def _base_weight(patcher, key: str) -> torch.Tensor | None:
+    """A weight of ``patcher``'s model as the base model has it (None: no such weight).
+
+    Both hosts merge patches into the shared model when it loads for sampling and leave them there
+    until the next load of other patches, keeping the weights from before: LoRA files in
+    ``lora_loader.backup`` (both hosts), Neo's plain patches in the patcher's ``backup`` (one dict
+    shared by its clones; entries hold ``.weight``). So when a generation starts, the model may still
+    hold what the previous one merged (a 12-channel conv_in, seen on a real Neo): the base is read
+    from those backups (docs/hosts.md §3)."""
+    for backup in (getattr(getattr(patcher, "lora_loader", None), "backup", None), getattr(patcher, "backup", None)):
+        entry = backup.get(key) if isinstance(backup, dict) else None
+        if entry is not None:
+            return getattr(entry, "weight", entry)
+    try:
+        return patcher.model.get_parameter(key)
+    except AttributeError:
+        return None
+
+
 def _probe_rows(patcher, target) -> tuple[str, slice, torch.Tensor] | None:
     """A few rows of one patched weight as the base model has them: (name, rows, values).
 
-    Both hosts merge LoRAs in place and keep the weights as they were before in
-    ``lora_loader.backup``; they merge again only when the set of patches changed. A LoRA still
-    merged from the previous generation is the base plus the LoRA now, so the base is read from
-    the backup where the key has one (docs/hosts.md §4)."""
+    The hosts merge again only when the set of patches changed: a LoRA still merged from the
+    previous generation is the base plus the LoRA now, so the base comes from the host's backup
+    (:func:`_base_weight`, docs/hosts.md §4)."""
     key, offset = (target[0], target[1]) if isinstance(target, tuple) else (target, None)
-    try:
-        param = patcher.model.get_parameter(key)
-    except AttributeError:
+    base = _base_weight(patcher, key)
+    if base is None:
         return None
-    backup = getattr(getattr(patcher, "lora_loader", None), "backup", None) or {}
-    base = backup.get(key, param)
     start = int(offset[1]) if offset is not None and int(offset[0]) == 0 else 0
     rows = slice(start, start + 8)
     return key, rows, base.detach()[rows].float().cpu().clone()
@@ -208,6 +223,9 @@ class ForgeBackend(UNetBackend):
         self.session: UNetSession | None = None
         self.message: str | None = None  # abort(): every UNet call raises this
         self.probes: list | None = None  # host_lora: base weights, to see the host merged the LoRA
+
+    def base_weight(self, name: str) -> torch.Tensor | None:
+        return _base_weight(self.original, PREFIX + name)
 
     def __deepcopy__(self, memo):
         # UnetPatcher.clone() deep-copies model_options: a copy would copy the units and the UNet
@@ -365,10 +383,12 @@ class ForgeHost(WebUIHost):
             return False
 
     def show_preview(self, processed, image, info: str) -> None:
-        """Forge shows and returns ``processed.extra_images`` (= ``p.extra_result_images``)."""
+        """Forge shows and returns ``processed.images + processed.extra_images`` (the extra ones are
+        ``p.extra_result_images``) and looks the infotext of a gallery index up in ``processed.infotexts``."""
         extra = getattr(processed, "extra_images", None)
         if extra is None:
             extra = processed.extra_images = []
+        place_infotext(processed, len(getattr(processed, "images", None) or []) + len(extra), info)
         extra.append(image)
 
 
