@@ -56,6 +56,9 @@ OPTIONS = (
     Option("layerdiffuse_keep_models", "Keep the transparent decoder and encoder in memory between generations",
            True, "checkbox", help="Off: they are released after each generation and loaded again next time."),
     Option("layerdiffuse_previews", "Save and show checkerboard previews", True, "checkbox"),
+    Option("layerdiffuse_save_psd", "Save a layered PSD of each multi-layer result", True, "checkbox",
+           help="Beside the group's images: Background, Foreground (with alpha) and Blended (hidden) as layers "
+                "of one -layers.psd file that Photoshop, Krita, GIMP and Photopea open."),
     Option("layerdiffuse_extras_alpha", "Extras: upscale images that have alpha keeping their transparency", True,
            "checkbox"),
     Option("layerdiffuse_models_dir", "Folder of the LayerDiffuse weight files", "", "text",
@@ -76,6 +79,7 @@ class DecodeOptions:
     compile: bool = False
     keep_models: bool = True
     previews: bool = True
+    save_psd: bool = True
     models_dir: str = ""
 
     @classmethod
@@ -99,7 +103,7 @@ class DecodeOptions:
 _FIELDS = {  # DecodeOptions field -> option key
     "passes": "layerdiffuse_decode_passes",
     **{name: f"layerdiffuse_{name}" for name in ("tiling", "tile_size", "extra_memory_gb", "compile", "keep_models",
-                                                 "previews", "models_dir")},
+                                                 "previews", "save_psd", "models_dir")},
 }  # fmt: skip
 assert set(VIEWS) == set(BY_KEY["layerdiffuse_decode_passes"].choices)
 assert all(isinstance(c, type(o.default)) for o in OPTIONS for c in o.choices)  # check() relies on it

@@ -277,6 +277,7 @@ class Generation:
         self.init_rgba: list = []  # img2img: the init images as RGBA PIL images
         self.previews: dict[int, np.ndarray] = {}  # checkerboard previews by image index
         self.tile_used: int | None = None  # the tile side of the last tiled decode (infotext)
+        self.layered = None  # the host's layered-PSD state of this generation (hosts/layered.py)
         self._state: dict | None = None  # the mode's UNet file, read once per generation
         self._sharing: AttentionSharing | None = None  # SD1.5 units, built once per UNet
         self._aborted: UNetBackend | None = None  # a backend that makes sampling fail (setup error)
@@ -460,6 +461,7 @@ class Generation:
             self.rgba.clear()
             self.init_rgba.clear()
             self.previews.clear()
+            self.layered = None
             if not self.options.keep_models:
                 release_models()
 

@@ -16,6 +16,7 @@ from modules import script_callbacks, scripts
 from lib_layerdiffuse import hosts
 from lib_layerdiffuse import modes as M
 from lib_layerdiffuse.errors import LayerDiffuseError
+from lib_layerdiffuse.hosts import layered
 from lib_layerdiffuse.hosts.extras import LayerDiffuseExtrasAlpha  # noqa: F401 - the Extras step the WebUI registers
 from lib_layerdiffuse.pipeline import Generation
 from lib_layerdiffuse.rgba import checkerboard_preview
@@ -89,6 +90,7 @@ def _is_checkpoint_selector(kwargs) -> bool:
 
 
 def _after_component(component, **kwargs) -> None:
+    layered.after_component(component, kwargs.get("elem_id"))
     if not _is_checkpoint_selector(kwargs):
         return
     _selectors.append(component)
@@ -121,6 +123,10 @@ def _names_method(args, overrides) -> bool:
     if args and isinstance(args[0], dict):
         return any(args[0].get(key) is not None for key in ("method", "method_label"))
     return len(args) > 1 and args[1] is not None
+
+
+def _tab(is_img2img) -> str:
+    return "img2img" if is_img2img else "txt2img"
 
 
 def _paste_method(params):
@@ -184,6 +190,7 @@ class LayerDiffuseScript(scripts.Script):
                 )  # fmt: skip
                 for which, name in (("fg", "Foreground"), ("bg", "Background"), ("blend", "Blended"))
             ]
+            layered.add_box(_tab(is_img2img))  # not an argument: filled when the tab's gallery changes
         method.change(
             _visibility, inputs=[method], outputs=columns + [resize_mode, weight] + prompts, show_progress=False
         )
@@ -234,6 +241,7 @@ class LayerDiffuseScript(scripts.Script):
         if init_images is not None:
             p.init_images = init_images
         host.attach(p, gen)
+        layered.start(p, gen, settings)
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         gen = host.generation(p) if host is not None else None
@@ -248,6 +256,7 @@ class LayerDiffuseScript(scripts.Script):
         rgba = gen.take(p.iteration * p.batch_size + p.batch_index)
         if rgba is not None:
             pp.image = host.rgba_image(p, rgba, pp.image)
+        layered.frame(gen, p.iteration * p.batch_size + p.batch_index, pp.image)
 
     def postprocess(self, p, processed, *args):
         gen = host.generation(p) if host is not None else None
@@ -256,9 +265,11 @@ class LayerDiffuseScript(scripts.Script):
         previews = [(i, checkerboard_preview(rgba)) for i, rgba in sorted(gen.previews.items())]
         gen.previews.clear()
         host.publish_previews(p, processed, previews)
+        layered.finish(p, gen, processed, _tab(self.is_img2img))
 
 
 if host is not None:
     host.register_callbacks()
     script_callbacks.on_after_component(_after_component)
+    script_callbacks.on_image_saved(lambda params: layered.image_saved(host, params))
     script_callbacks.on_infotext_pasted(_infotext_pasted)

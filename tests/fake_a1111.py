@@ -75,7 +75,8 @@ class Component:
 
 def _gradio() -> types.ModuleType:
     gr = _module("gradio")
-    for name in ("Dropdown", "Row", "Column", "Image", "Slider", "Radio", "Checkbox", "Textbox", "HTML", "Accordion"):
+    for name in ("Dropdown", "Row", "Column", "Image", "Slider", "Radio", "Checkbox", "Textbox", "HTML", "Accordion",
+                 "File"):
         setattr(gr, name, type(name, (Component,), {}))
     gr.update = lambda **kwargs: {"__type__": "update", **kwargs}
     return gr
@@ -873,9 +874,18 @@ class Processed:
         self.all_seeds = all_seeds or getattr(p, "all_seeds", None) or [seed]
         self.index_of_first_image = index_of_first_image
         self.infotexts = infotexts or [info] * len(images_list)
+        self.comments = "".join(f"{comment}\n" for comment in p.comments)  # p.comment() texts, as A1111
 
     def infotext(self, p, index):
         return create_infotext(p, index)
+
+    def js(self):
+        """The JSON the API returns as ``info`` (A1111's has more fields; ``default`` as A1111's)."""
+        import json
+
+        obj = {"seed": self.seed, "all_seeds": self.all_seeds, "infotexts": self.infotexts,
+               "index_of_first_image": self.index_of_first_image}  # fmt: skip
+        return json.dumps(obj, default=lambda o: None)
 
 
 def process_images(p: Processing, script=None, args=None) -> Processed:

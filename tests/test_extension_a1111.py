@@ -14,6 +14,7 @@ import copy
 import gc
 import importlib.util
 import io
+import json
 import logging
 import os
 import re
@@ -24,6 +25,7 @@ from types import SimpleNamespace
 
 import fake_a1111 as fa
 import numpy as np
+import psd_tools
 import pytest
 import torch
 from PIL import Image
@@ -32,10 +34,12 @@ from unet_tree import same_bits, snapshot
 from weightgen import make_state_dict, manifest_shapes
 
 import lib_layerdiffuse.hosts
+from lib_layerdiffuse import conditioning as C
 from lib_layerdiffuse import modes as M
-from lib_layerdiffuse import pipeline
+from lib_layerdiffuse import pipeline, psd
 from lib_layerdiffuse.attention_sharing import AttentionSharing
 from lib_layerdiffuse.hosts.common import TAG
+from lib_layerdiffuse.rgba import to_uint8
 from lib_layerdiffuse.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -1273,3 +1277,178 @@ def test_skip_before_the_first_step_names_the_skip(ctx, monkeypatch):
         fa.process_images(p, ctx.env.mod.LayerDiffuseScript(), positional(TRANSPARENT))
     assert "another extension" not in str(e.value)
     assert ctx.env.fake.images.saved == []
+
+
+# ---------------------------------------------------------------------------------------
+# layered PSD files of the multi-layer methods (lib_layerdiffuse/hosts/layered.py): one
+# ``-layers.psd`` per group beside the group's first saved image, read back with psd-tools
+
+
+SD15_CASES = {  # label -> (batch size, layer inputs)
+    FG2BG: (2, ("fg",)),
+    BG2FG: (2, ("bg",)),
+    JOINT: (3, ()),
+}
+SDXL_LAYER_KEYS = [m.key for m in M.MODES if m.family == "sdxl" and m.inputs]
+LAYER_OF_FRAME = {"foreground": "Foreground", "background": "Background", "blended": "Blended"}
+LAYER_OF_INPUT = {"fg": "Foreground", "bg": "Background", "blend": "Blended"}
+
+
+def mains(ctx):
+    return [f for f in saved_files(ctx) if "-checkerboard" not in f.name]
+
+
+def psd_files(ctx):
+    root = Path(ctx.env.root) / ctx.outpath
+    return sorted(root.glob("*.psd")) if root.is_dir() else []
+
+
+def pixels(path):
+    with Image.open(path) as im:
+        return np.array(im)
+
+
+def check_group_psd(path, mode, frames: list[Path], inputs: dict, size=(64, 64)):
+    """The PSD of one group: names, order, visibility, offsets; generated layers equal to their
+    PNGs (alpha included), inputs as the method used them, merged image = the visible composite."""
+    doc = psd_tools.PSDImage.open(path)
+    names = {LAYER_OF_FRAME[f] for f in mode.frames} | {LAYER_OF_INPUT[k] for k in inputs}
+    expected = [n for n in psd.ORDER if n in names]
+    assert [layer.name for layer in doc] == expected
+    assert [layer.visible for layer in doc] == [n != "Blended" for n in expected]
+    assert all(layer.bbox == (0, 0, *size) for layer in doc)
+    by_name = {layer.name: np.asarray(layer.topil().convert("RGBA")) for layer in doc}
+    for frame, png in zip(mode.frames, frames, strict=True):
+        saved = pixels(png)
+        layer = by_name[LAYER_OF_FRAME[frame]]
+        if saved.shape[-1] == 4:
+            assert np.array_equal(layer, saved), frame  # the Foreground: colour and alpha as in the PNG
+        else:
+            assert np.array_equal(layer[..., :3], saved) and (layer[..., 3] == 255).all(), frame
+    for which, image in inputs.items():
+        layer = by_name[LAYER_OF_INPUT[which]]
+        if which == "fg":
+            want = to_uint8(C.resize_image(C.as_rgba_float(image), "Crop and Resize", size[1], size[0]))
+            assert np.array_equal(layer, want)
+        else:
+            want = to_uint8(C.prepare_layer_image(image, "Crop and Resize", size[1], size[0]))
+            assert np.array_equal(layer[..., :3], want) and (layer[..., 3] == 255).all()
+    visible = [psd.Layer(n, by_name[n]) for n in expected if n != "Blended"]
+    composite = psd.composite(visible)
+    merged = np.asarray(doc.topil().convert("RGBA"), dtype=np.float64) / 255.0
+    premult = np.concatenate([merged[..., :3] * merged[..., 3:], merged[..., 3:]], axis=-1)
+    want = np.concatenate([composite[..., :3] * composite[..., 3:], composite[..., 3:]], axis=-1)
+    assert np.abs(premult - want).max() <= 1 / 255 + 1e-6
+    text = psd.read_description(path)
+    assert text is not None and "layerdiffusion_method: " in text
+    assert text == Image.open(frames[0]).info.get("parameters")  # the group's first image's infotext
+
+
+@pytest.mark.parametrize("label", list(SD15_CASES))
+@pytest.mark.parametrize("n_iter", [1, 2])
+def test_sd15_methods_write_one_psd_per_group(ctx, label, n_iter):
+    batch, inputs = SD15_CASES[label]
+    mode = M.resolve(label)
+    images = {k: rgba_image(seed=5 + i, size=80) for i, k in enumerate(inputs)}
+    p, processed = generate(ctx, positional(label, **images), batch_size=2 * batch, n_iter=n_iter)
+    assert p.scripts.errors == []
+    files, psds = mains(ctx), psd_files(ctx)
+    groups = [files[i : i + batch] for i in range(0, len(files), batch)]
+    assert len(groups) == 2 * n_iter
+    assert [f.name for f in psds] == sorted(g[0].with_suffix("").name + "-layers.psd" for g in groups)
+    for group in groups:
+        path = group[0].with_name(group[0].with_suffix("").name + "-layers.psd")
+        check_group_psd(path, mode, group, images)
+        assert f"LayerDiffuse: layered PSD {path}" in processed.comments
+    assert not [f for f in os.listdir(psds[0].parent) if f.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("key", SDXL_LAYER_KEYS)
+def test_sdxl_layer_methods_write_the_layers_they_have(ctx, sdxl_files, key):
+    mode = M.resolve(key)
+    args = sdxl_args(key)
+    images = {k: args[4 + ("fg", "bg", "blend").index(k)] for k in mode.inputs}
+    p, processed = generate(ctx, args, batch_size=2)
+    assert p.scripts.errors == []
+    files = mains(ctx)
+    assert len(files) == 2 and len(psd_files(ctx)) == 2
+    for f in files:
+        check_group_psd(f.with_name(f.with_suffix("").name + "-layers.psd"), mode, [f], images)
+
+
+def test_single_image_methods_write_no_psd(ctx):
+    generate(ctx, positional(TRANSPARENT), batch_size=2)
+    assert mains(ctx) and psd_files(ctx) == []
+
+
+def test_setting_off_writes_no_psd(ctx, monkeypatch):
+    monkeypatch.setattr(ctx.env.fake.shared.opts, "layerdiffuse_save_psd", False, raising=False)
+    _, processed = generate(ctx, positional(JOINT), batch_size=3)
+    assert len(mains(ctx)) == 3 and psd_files(ctx) == []
+    assert "layered PSD" not in processed.comments
+
+
+def test_a_failed_write_leaves_no_partial_psd_and_keeps_the_pngs(ctx, monkeypatch):
+    from psd_tools.psd import PSD
+
+    def broken(self, f, **kwargs):
+        f.write(b"8BPS")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PSD, "write", broken)
+    p, processed = generate(ctx, positional(JOINT), batch_size=3)
+    assert p.scripts.errors == [] and len(mains(ctx)) == 3
+    folder = mains(ctx)[0].parent
+    assert not [f for f in os.listdir(folder) if f.endswith((".psd", ".tmp"))]
+    assert "could not be written" in processed.comments and "No space left" in processed.comments
+
+
+def test_api_request_without_saving_gets_the_psd_in_info(ctx, monkeypatch, tmp_path):
+    monkeypatch.setattr(ctx.env.fake.shared.opts, "temp_dir", str(tmp_path / "tmp"), raising=False)
+    fg = rgba_image(seed=9, size=64)
+
+    class ApiTxt2Img(fa.Txt2Img):
+        is_api = True
+
+    p = ApiTxt2Img(ctx.model, ctx.outpath, batch_size=2, do_not_save_samples=True)
+    script = ctx.env.mod.LayerDiffuseScript()
+    script.is_img2img = False
+    processed = fa.process_images(p, script, positional(FG2BG, fg=fg))
+    assert ctx.env.fake.images.saved == []  # the API's default: nothing saved
+    entries = json.loads(processed.js())["layerdiffuse_psd"]
+    assert len(entries) == 1 and entries[0]["name"].endswith("-layers.psd")
+    doc = psd_tools.PSDImage.open(io.BytesIO(base64.b64decode(entries[0]["data"])))
+    assert [(layer.name, layer.visible) for layer in doc] == [
+        ("Background", True),
+        ("Foreground", True),
+        ("Blended", False),
+    ]
+    assert np.array_equal(np.asarray(doc[0].topil().convert("RGB")), np.asarray(processed.images[0]))
+    assert Path(entries[0]["path"]).parent == tmp_path / "tmp"
+    assert ctx.env.mod.layered.last("txt2img") == [entries[0]["path"]]  # what the accordion offers
+
+
+def test_without_psd_tools_the_pngs_are_saved_and_the_reason_said_once(ctx, monkeypatch):
+    from lib_layerdiffuse.hosts import layered
+
+    monkeypatch.setattr(psd, "available", lambda: "the psd-tools package could not be imported (test)")
+    monkeypatch.setattr(layered, "_said_unavailable", False)
+    _, first = generate(ctx, positional(JOINT), batch_size=3)
+    _, second = generate(ctx, positional(JOINT), batch_size=3)
+    assert len(mains(ctx)) == 6 and psd_files(ctx) == []
+    assert "no layered PSD file: the psd-tools package could not be imported" in first.comments
+    assert "psd-tools" not in second.comments
+
+
+def test_the_gallery_refreshes_the_accordions_psd_box(env):
+    from lib_layerdiffuse.hosts import layered
+
+    gallery = env.fake.gradio.Gallery() if hasattr(env.fake.gradio, "Gallery") else type("G", (), {})()
+    events = []
+    gallery.change = lambda fn, inputs=None, outputs=None, **kw: events.append((fn, outputs))
+    layered.add_box("txt2img")
+    layered.after_component(gallery, "txt2img_gallery")
+    ((fn, outputs),) = events
+    assert outputs == [layered._boxes["txt2img"]]
+    layered.remember("txt2img", [])
+    assert fn()["visible"] is False

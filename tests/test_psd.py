@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import psd_tools
 import pytest
 
-psd_tools = pytest.importorskip("psd_tools")
-
-from lib_layerdiffuse import psd  # noqa: E402
+from lib_layerdiffuse import psd
 
 
 def _images(h=40, w=56, seed=0):

@@ -1,0 +1,242 @@
+"""Layered PSD files of the multi-layer methods on the hosts (A1111, Forge2 and Neo alike).
+
+Each group of a multi-layer method (``modes.Mode.group`` > 1, or one with layer inputs) becomes
+one ``<first saved image>-layers.psd`` beside the group's images (:mod:`..psd` builds it):
+
+- ``frame`` (the script's ``postprocess_image_after_composite``) keeps each frame's final image
+  and tags the PIL image with its batch index;
+- ``saved`` (``on_image_saved``) keeps what was written (the saved pixels and the infotext) and,
+  once every frame of a group is saved, writes the PSD beside the group's first image;
+- ``finish`` (the script's ``postprocess``) writes the groups the host did not save (saving
+  off, API requests without ``save_images``) to the host's temporary folder, adds a line per
+  file to the comments under the gallery, lists them for the accordion's download box and, for
+  API requests, adds them as base64 to the response's ``info`` (``layerdiffuse_psd``).
+
+A PSD that cannot be written (psd-tools missing, disk full) is a comment and a log line; the
+images are already saved and no partial ``.psd`` is left (psd.write_psd is atomic).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from .. import psd
+
+log = logging.getLogger("layerdiffuse")
+INDEX = "_layerdiffuse_frame"  # attribute of a frame's PIL image: its global index in the generation
+SUFFIX = "-layers.psd"
+_last: dict[str, list[str]] = {}  # "txt2img" / "img2img" -> the PSD files of that tab's last generation
+_last_lock = threading.Lock()
+_said_unavailable = False
+
+
+def wanted(mode) -> bool:
+    """Whether a method's results are layers (several frames, or frames that fit given layers)."""
+    return mode.group > 1 or bool(mode.inputs)
+
+
+class Layered:
+    """One generation's PSD state; lives on its ``Generation`` (``gen.layered``) and ends with it."""
+
+    def __init__(self, mode, settings):
+        inputs = {k: settings.image(k) for k in mode.inputs}
+        self.groups = psd.Groups(mode.frames, inputs, settings.resize_mode)
+        self.group_size = mode.group
+        self.images: dict[int, np.ndarray] = {}  # global index -> final pixels (saved ones replace them)
+        self.files: dict[int, tuple[str, str | None]] = {}  # global index -> (saved path, infotext)
+        self.written: list[str] = []  # PSD files of this generation
+        self.errors: list[str] = []
+
+    def frame(self, index: int, image) -> None:
+        setattr(image, INDEX, index)
+        self.images[index] = np.asarray(image.convert("RGBA") if image.mode not in ("RGB", "RGBA") else image)
+
+    def saved(self, index: int, image, path: str, text: str | None) -> None:
+        if index not in self.images:
+            return
+        self.images[index] = np.asarray(image.convert("RGBA") if image.mode not in ("RGB", "RGBA") else image)
+        self.files[index] = (path, text)
+        first = index - index % self.group_size
+        members = range(first, first + self.group_size)
+        if all(i in self.files for i in members):
+            self._write(first, Path(self.files[first][0]).with_suffix("").as_posix() + SUFFIX, self.files[first][1])
+
+    def finish(self, infotexts: dict[int, str], folder: str, stem: str) -> None:
+        """Write the whole groups the host did not save (to ``folder``)."""
+        for first in sorted(i for i in self.images if i % self.group_size == 0):
+            members = range(first, first + self.group_size)
+            if all(i in self.images for i in members) and not any(i in self.files for i in members):
+                name = os.path.join(folder, f"{stem}-{first // self.group_size:03d}{SUFFIX}")
+                self._write(first, name, infotexts.get(first))
+        self.images.clear()
+        self.files.clear()
+
+    def _write(self, first: int, path: str, text: str | None) -> None:
+        members = [self.images.pop(i) for i in range(first, first + self.group_size)]
+        for offset, image in enumerate(members):
+            layers = self.groups.add(first + offset, image)
+        try:
+            psd.write_psd(path, layers, text)
+        except Exception as e:  # the images are saved; the PSD is an extra
+            log.warning("LayerDiffuse: could not write %s: %s", path, e)
+            self.errors.append(f"LayerDiffuse: the layered PSD {os.path.basename(path)} could not be written ({e}).")
+            return
+        self.written.append(str(path))
+
+
+def unavailable_once() -> str | None:
+    """The reason PSD files cannot be written, the first time only (then None)."""
+    global _said_unavailable
+    reason = psd.available()
+    if reason is None or _said_unavailable:
+        return None
+    _said_unavailable = True
+    log.warning("LayerDiffuse: no layered PSD: %s", reason)
+    return f"LayerDiffuse: no layered PSD file: {reason}"
+
+
+def temp_folder() -> str:
+    """Where unsaved PSDs go: the host's temporary folder (``opts.temp_dir``) or the system's."""
+    from modules import shared  # type: ignore
+
+    folder = getattr(shared.opts, "temp_dir", "") or os.path.join(tempfile.gettempdir(), "layerdiffuse")
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def remember(tab: str, files: list[str]) -> None:
+    with _last_lock:
+        _last[tab] = list(files)
+
+
+def last(tab: str) -> list[str]:
+    with _last_lock:
+        return [f for f in _last.get(tab, []) if os.path.isfile(f)]
+
+
+def add_to_api_info(processed, files: list[str]) -> None:
+    """API responses: the PSD files as base64 in ``info`` (``layerdiffuse_psd``: name, path, data)."""
+    original = processed.js
+
+    def js():
+        info = json.loads(original())
+        entries = []
+        for f in files:
+            with open(f, "rb") as fh:
+                entries.append({"name": os.path.basename(f), "path": f, "data": base64.b64encode(fh.read()).decode()})
+        info["layerdiffuse_psd"] = entries
+        return json.dumps(info, default=lambda o: None)
+
+    processed.js = js
+
+
+# -- the hooks the script calls -----------------------------------------------------------------
+
+
+def start(p, gen, settings) -> None:
+    """``process``: a multi-layer generation with the setting on collects its groups."""
+    if not wanted(gen.mode) or not gen.options.save_psd:
+        return
+    if psd.available() is not None:
+        reason = unavailable_once()
+        if reason:
+            p.comment(reason)
+        return
+    gen.layered = Layered(gen.mode, settings)
+
+
+def frame(gen, index: int, image) -> None:
+    """``postprocess_image_after_composite``: the frame's final image (what the host saves)."""
+    if getattr(gen, "layered", None) is not None:
+        gen.layered.frame(index, image)
+
+
+def image_saved(host, params) -> None:
+    """``on_image_saved``: a frame was written; a group whose frames are all written gets its PSD."""
+    index = getattr(params.image, INDEX, None)
+    gen = host.generation(params.p) if index is not None and params.p is not None else None
+    layered = getattr(gen, "layered", None)
+    if layered is None:
+        return
+    from modules import paths  # type: ignore
+
+    path = Path(params.filename)
+    if not path.is_absolute():
+        path = Path(paths.data_path) / path
+    pnginfo = getattr(params, "pnginfo", None)
+    text = pnginfo.get("parameters") if isinstance(pnginfo, dict) else None
+    layered.saved(index, params.image, str(path), text)
+
+
+def finish(p, gen, processed, tab: str) -> None:
+    """``postprocess``: the groups the host did not save go to the temporary folder; every PSD of
+    the generation is named in the comments, offered in the accordion and, for API requests,
+    returned in ``info``."""
+    layered = getattr(gen, "layered", None)
+    if layered is None:
+        return
+    first = getattr(processed, "index_of_first_image", 0)
+    texts = {i - first: t for i, t in enumerate(getattr(processed, "infotexts", []) or []) if i >= first}
+    import time
+
+    stem = f"layerdiffuse-{time.strftime('%Y%m%d-%H%M%S')}-{p.all_seeds[0] if p.all_seeds else 0}"
+    try:
+        layered.finish(texts, temp_folder(), stem)
+    except OSError as e:
+        layered.errors.append(f"LayerDiffuse: no temporary folder for the layered PSD ({e}).")
+    lines = [f"LayerDiffuse: layered PSD {f}" for f in layered.written] + layered.errors
+    if lines:
+        processed.comments = (getattr(processed, "comments", "") or "") + "".join(f"{line}\n" for line in lines)
+    remember(tab, layered.written)
+    if layered.written and getattr(p, "is_api", False):
+        add_to_api_info(processed, layered.written)
+    gen.layered = None
+
+
+# -- the accordion's download box, refreshed when the tab's gallery changes ----------------------
+
+_boxes: dict[str, object] = {}
+_galleries: dict[str, object] = {}
+
+
+def add_box(tab: str) -> None:
+    """The accordion's "Layered PSD files" box (not a script argument)."""
+    import gradio as gr
+
+    _boxes[tab] = gr.File(label="Layered PSD files of the last generation", file_count="multiple",
+                          interactive=False, visible=False, elem_id=f"layerdiffuse_{tab}_psd")  # fmt: skip
+    if tab in _galleries:
+        _wire(tab)
+
+
+def after_component(component, elem_id) -> None:
+    """``on_after_component``: the tabs' galleries (``txt2img_gallery``, ``img2img_gallery`` on all
+    three hosts), built after the scripts' UI; each refreshes its tab's box when it changes."""
+    tab = {"txt2img_gallery": "txt2img", "img2img_gallery": "img2img"}.get(elem_id or "")
+    if tab is None:
+        return
+    _galleries[tab] = component
+    if tab in _boxes:
+        _wire(tab)
+
+
+def box_update(tab: str):
+    import gradio as gr
+
+    files = last(tab)
+    return gr.update(value=files or None, visible=bool(files))
+
+
+def _wire(tab: str) -> None:
+    try:
+        _galleries[tab].change(lambda: box_update(tab), inputs=None, outputs=[_boxes[tab]], show_progress=False)
+    except Exception as e:  # the files are still saved and named under the gallery
+        log.warning("LayerDiffuse: cannot offer the layered PSD files in the %s tab: %s", tab, e)
