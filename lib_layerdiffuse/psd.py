@@ -65,8 +65,21 @@ def mode_layers(generated: dict[str, np.ndarray], inputs: dict[str, np.ndarray])
     return layers
 
 
+_checked: list = []  # [reason or None] once psd-tools has been tried
+
+
 def available() -> str | None:
-    """None when layered PSD files can be written, else the reason (shown to the user once)."""
+    """None when layered PSD files can be written, else the reason (shown to the user once).
+
+    Tried once per process by writing a tiny document in memory: A1111 1.10 pins Pillow 9.5,
+    older than psd-tools asks for, so install.py installs psd-tools there without its
+    dependencies, and only a real write tells whether that works."""
+    if not _checked:
+        _checked.append(_try_write())
+    return _checked[0]
+
+
+def _try_write() -> str | None:
     try:
         import psd_tools  # noqa: F401
     except Exception as e:  # ImportError, or a broken install
@@ -74,6 +87,14 @@ def available() -> str | None:
             f"the psd-tools package could not be imported ({type(e).__name__}: {e}); install it with "
             "'pip install \"psd-tools>=1.26,<2\"' in the WebUI's environment (the extension's install.py does "
             "this at start-up) to get layered PSD files. The PNGs are saved as before."
+        )
+    try:
+        tiny = np.zeros((2, 2, 4), np.uint8)
+        render([Layer("Background", tiny + 255), Layer("Foreground", tiny)], "check")
+    except Exception as e:
+        return (
+            f"psd-tools could not write a PSD here ({type(e).__name__}: {e}); update psd-tools and Pillow "
+            "('pip install -U \"psd-tools>=1.26,<2\"'). The PNGs are saved as before."
         )
     return None
 
@@ -130,9 +151,10 @@ def description_from_xmp(data: bytes) -> str | None:
     return None if item is None else (item.text or "")
 
 
-def write_psd(path: str | os.PathLike, layers: list[Layer], description: str | None = None) -> Path:
-    """Write ``layers`` (bottom to top, equal sizes) as an 8-bit RGB document with transparency,
-    atomically (a temporary file renamed into place: never a partial ``.psd``)."""
+def render(layers: list[Layer], description: str | None = None) -> bytes:
+    """``layers`` (bottom to top, equal sizes) as the bytes of an 8-bit RGB document with transparency."""
+    import io
+
     from PIL import Image
     from psd_tools import PSDImage
     from psd_tools.api import numpy_io
@@ -162,12 +184,15 @@ def write_psd(path: str | os.PathLike, layers: list[Layer], description: str | N
     record.image_data.set_data(numpy_io.encode_image_data(doc, merged[..., :3], merged[..., 3:]), record.header)
     if description is not None:
         record.image_resources[XMP_RESOURCE] = ImageResource(key=XMP_RESOURCE, data=xmp_packet(description))
+    with io.BytesIO() as f:
+        record.write(f)
+        return f.getvalue()
 
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            record.write(f)
 
-    return atomic_write(path, write)
+def write_psd(path: str | os.PathLike, layers: list[Layer], description: str | None = None) -> Path:
+    """:func:`render` written atomically (a temporary file renamed into place: never a partial ``.psd``)."""
+    data = render(layers, description)
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def read_description(path: str | os.PathLike) -> str | None:

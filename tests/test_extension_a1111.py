@@ -1389,13 +1389,13 @@ def test_setting_off_writes_no_psd(ctx, monkeypatch):
 
 
 def test_a_failed_write_leaves_no_partial_psd_and_keeps_the_pngs(ctx, monkeypatch):
-    from psd_tools.psd import PSD
+    real = Path.write_bytes
 
-    def broken(self, f, **kwargs):
-        f.write(b"8BPS")
+    def broken(self, data):
+        real(self, data[:4])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(PSD, "write", broken)
+    monkeypatch.setattr(Path, "write_bytes", broken)
     p, processed = generate(ctx, positional(JOINT), batch_size=3)
     assert p.scripts.errors == [] and len(mains(ctx)) == 3
     folder = mains(ctx)[0].parent
@@ -1452,3 +1452,120 @@ def test_the_gallery_refreshes_the_accordions_psd_box(env):
     assert outputs == [layered._boxes["txt2img"]]
     layered.remember("txt2img", [])
     assert fn()["visible"] is False
+
+
+# ---------------------------------------------------------------------------------------
+# the checkpoints people run today (#23): degenerate alpha, v-prediction, zero terminal SNR, the hint
+
+
+def forced_alpha(values):
+    """A decode whose alpha is ``values[k]`` everywhere for its k-th image (RGB from the pixels)."""
+    calls = []
+
+    def decode(decoder, pixel, latent, *args, **kwargs):
+        value = values[len(calls) % len(values)]
+        calls.append(value)
+        return torch.cat([torch.full_like(pixel[:, :1].float(), value), pixel.float()], dim=1)
+
+    return decode
+
+
+@pytest.mark.parametrize("value,word,what", [(1.0, "opaque", "opaque everywhere"),
+                                             (0.0, "empty", "transparent everywhere")])  # fmt: skip
+def test_degenerate_alpha_is_named_in_the_infotext_and_warned_once(ctx, monkeypatch, value, word, what):
+    monkeypatch.setattr(pipeline, "decode_rgba", forced_alpha([value]))
+    p, processed = generate(ctx, positional(TRANSPARENT), batch_size=2, n_iter=2)
+    assert p.scripts.errors == []  # the generation succeeds
+    mains = [f for f in saved_files(ctx) if "-checkerboard" not in f.name]
+    assert len(mains) == 4
+    for index, path in enumerate(mains):
+        mode, arr, text = read(path)
+        assert mode == "RGBA" and parse_infotext(text)[1]["layerdiffusion_alpha"] == word
+        assert parse_infotext(processed.infotexts[index])[1]["layerdiffusion_alpha"] == word
+    assert all(f"layerdiffusion_alpha: {word}" in t for t in json.loads(processed.js())["infotexts"])  # the API's
+    warnings = [line for line in processed.comments.splitlines() if line.startswith("LayerDiffuse:")]
+    assert len(warnings) == 1
+    assert f"{what} in images 1, 2, 3, 4" in warnings[0]
+    assert "simple grey background" in warnings[0] and "lower Weight" in warnings[0]
+    assert "Adapt LayerDiffuse to your checkpoint" in warnings[0]
+
+
+def test_only_the_degenerate_image_is_named(ctx, monkeypatch):
+    """Per image, across batches: the infotext callable maps the batch loop's index to the image."""
+    monkeypatch.setattr(pipeline, "decode_rgba", forced_alpha([0.5, 0.5, 1.0, 0.5]))
+    p, processed = generate(ctx, positional(TRANSPARENT), batch_size=2, n_iter=2)
+    keys = [parse_infotext(t)[1].get("layerdiffusion_alpha") for t in processed.infotexts[:4]]
+    assert keys == [None, None, "opaque", None]
+    previews = [parse_infotext(t)[1].get("layerdiffusion_alpha") for t in processed.infotexts[4:]]
+    assert previews == keys  # the previews' infotexts (Processed.infotext, global index) agree
+    assert "opaque everywhere in image 3 " in processed.comments
+
+
+def test_a_normal_alpha_writes_no_key_and_no_warning(ctx):
+    p, processed = generate(ctx, positional(TRANSPARENT), batch_size=2)
+    assert p.scripts.errors == [] and len(ctx.spy.latents) == 2
+    assert not any("layerdiffusion_alpha" in t for t in processed.infotexts)
+    assert "LayerDiffuse:" not in processed.comments
+
+
+@pytest.mark.parametrize("parameterization,written", [("v", "v"), ("eps", None)])
+def test_the_prediction_type_reaches_the_infotext(ctx, monkeypatch, parameterization, written):
+    monkeypatch.setattr(ctx.model, "parameterization", parameterization, raising=False)
+    for method, batch in ((TRANSPARENT, 1), (FG2BG, 2)):  # a decoding method and one that decodes nothing
+        p, processed = generate(ctx, positional(method, fg=b64_png(rgba_image()) if method == FG2BG else None),
+                                batch_size=batch)  # fmt: skip
+        assert p.scripts.errors == []
+        assert [parse_infotext(t)[1].get("layerdiffusion_prediction") for t in processed.infotexts[:batch]] == [
+            written
+        ] * batch
+
+
+def test_zero_terminal_snr_schedule_keeps_layerdiffuse_on_from_the_first_step(ctx, monkeypatch):
+    """A schedule ending at alphas_cumprod 0 (sigma inf at timestep 999, the first txt2img step) must
+    neither stop LayerDiffuse at that step nor refuse the image."""
+    from lib_layerdiffuse.schedules import rescale_zero_terminal_snr
+
+    monkeypatch.setattr(ctx.model, "alphas_cumprod", rescale_zero_terminal_snr(ctx.model.alphas_cumprod, 0.0))
+    p, processed = generate(ctx, positional(TRANSPARENT, stop_at=0.5), batch_size=1)
+    assert p.scripts.errors == [] and len(ctx.spy.latents) == 1
+    gen = ctx.gens[-1]
+    assert gen.zero_snr and gen.total_calls == 1  # 2 steps at t 999 and 0: on at the first, off at the last
+
+
+def test_background_hint_once_in_the_decoded_prompts_and_pastes_back(ctx, opts):
+    opts(background_hint=True)
+    p, processed = generate(ctx, positional(TRANSPARENT), batch_size=1, prompt="a glass bottle")
+    assert p.scripts.errors == []
+    assert p.all_prompts == ["a glass bottle, simple grey background"]
+    prompt, params = parse_infotext(processed.infotexts[0])
+    assert prompt == "a glass bottle, simple grey background"
+    assert params["layerdiffusion_background_hint"] == "True"
+    info = ctx.env.fake.shared.opts.data_labels["layerdiffuse_background_hint"]
+    assert info.infotext == "layerdiffusion_background_hint"
+    assert type(info.default)(params["layerdiffusion_background_hint"]) is True  # the host's cast_value on paste
+    again, processed = generate(ctx, positional(TRANSPARENT), batch_size=1, prompt=prompt)  # pasted: not twice
+    assert again.all_prompts == p.all_prompts
+    opts(background_hint=False)
+    off, processed = generate(ctx, positional(TRANSPARENT), batch_size=1, prompt="a glass bottle")
+    assert off.all_prompts == ["a glass bottle"] and "layerdiffusion_background_hint" not in processed.infotexts[0]
+
+
+def test_background_hint_only_on_the_foreground_frame_and_the_hires_prompts(ctx, opts):
+    opts(background_hint=True)
+    first, processed = generate(ctx, positional(JOINT, prompts=("a red glass", "a wooden table", "")),
+                                batch_size=3, prompt="a glass bottle")  # fmt: skip
+    hint = ", simple grey background"
+    assert first.all_prompts == ["a red glass, a glass bottle" + hint, "a wooden table, a glass bottle",
+                                 "a glass bottle"]  # fmt: skip
+    for frame in range(3):  # each frame's pasted prompt gives every frame its prompt again
+        prompt, _ = parse_infotext(processed.infotexts[frame])
+        again, _ = generate(ctx, positional(JOINT, prompts=("a red glass", "a wooden table", "")), batch_size=3,
+                            prompt=prompt)  # fmt: skip
+        assert again.all_prompts == first.all_prompts
+    p, _ = generate(ctx, positional(TRANSPARENT), batch_size=1, prompt="a cat", enable_hr=True)
+    assert p.all_prompts == p.all_hr_prompts == ["a cat" + hint]
+    p, _ = generate(ctx, positional(TRANSPARENT), batch_size=1, prompt="a cat", enable_hr=True, hr_prompt="a dog")
+    assert p.all_hr_prompts == ["a dog" + hint]
+    p, processed = generate(ctx, positional(FG2BG, fg=b64_png(rgba_image())), batch_size=2, prompt="a cat")
+    assert p.all_prompts == ["a cat", "a cat"]  # nothing decoded: no hint, no key
+    assert "layerdiffusion_background_hint" not in processed.infotexts[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import psd_tools
@@ -87,15 +88,14 @@ def test_description_round_trips_through_xmp(tmp_path):
 def test_a_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     _, fg, _ = _images(8, 8)
     target = tmp_path / "g-layers.psd"
+    real = Path.write_bytes
 
-    from psd_tools.psd import PSD
-
-    def broken(self, f, **kwargs):
-        f.write(b"8BPS partial")
+    def broken(self, data):
+        real(self, data[:10])  # part of the file is on disk when the disk fills up
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(PSD, "write", broken)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(Path, "write_bytes", broken)
+    with pytest.raises(OSError, match="No space"):
         psd.write_psd(target, [psd.Layer("Foreground", fg)])
     assert os.listdir(tmp_path) == []
 
@@ -118,9 +118,25 @@ def test_available_names_the_package_when_it_cannot_import(monkeypatch):
             raise ImportError("No module named 'psd_tools'")
         return real(name, *args, **kwargs)
 
+    monkeypatch.setattr(psd, "_checked", [])
     assert psd.available() is None
+    monkeypatch.setattr(psd, "_checked", [])
     monkeypatch.setattr(builtins, "__import__", fake)
-    assert "psd-tools" in psd.available()
+    assert "psd-tools package could not be imported" in psd.available()
+
+
+def test_available_says_when_psd_tools_cannot_write(monkeypatch):
+    """A1111 1.10 pins Pillow 9.5: psd-tools is installed there without its dependencies, and a
+    write that fails must be a reason, not an error in the middle of a generation."""
+    from psd_tools.psd import PSD
+
+    def broken(self, f, **kwargs):
+        raise AttributeError("module 'PIL.ImageMath' has no attribute 'lambda_eval'")
+
+    monkeypatch.setattr(psd, "_checked", [])
+    monkeypatch.setattr(PSD, "write", broken)
+    assert "could not write a PSD here (AttributeError" in psd.available()
+    assert "could not write" in psd.available()  # decided once per process
 
 
 @pytest.mark.parametrize("resize_mode", ["Just Resize", "Crop and Resize", "Resize and Fill"])
