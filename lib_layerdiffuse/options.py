@@ -59,6 +59,11 @@ OPTIONS = (
     Option("layerdiffuse_save_psd", "Save a layered PSD of each multi-layer result", True, "checkbox",
            help="Beside the group's images: Background, Foreground (with alpha) and Blended (hidden) as layers "
                 "of one -layers.psd file that Photoshop, Krita, GIMP and Photopea open."),
+    Option("layerdiffuse_background_hint", "Add ', simple grey background' to the prompts of the transparent methods",
+           False, "checkbox", infotext="layerdiffusion_background_hint",
+           help="Only the frames that are decoded to transparency (the foreground); helps on fine-tunes far from "
+                "SDXL base / SD1.5 (Illustrious, NoobAI, Pony), where the layer otherwise comes out opaque or "
+                "empty."),
     Option("layerdiffuse_extras_alpha", "Extras: upscale images that have alpha keeping their transparency", True,
            "checkbox"),
     Option("layerdiffuse_models_dir", "Folder of the LayerDiffuse weight files", "", "text",
@@ -81,6 +86,7 @@ class DecodeOptions:
     previews: bool = True
     save_psd: bool = True
     models_dir: str = ""
+    background_hint: bool = False
 
     @classmethod
     def read(cls, get: Callable[[str, object], object]) -> DecodeOptions:
@@ -97,13 +103,15 @@ class DecodeOptions:
         if tile_used is not None:
             out["layerdiffusion_tiling"] = "always"  # pasting reproduces the tiles on any machine
             out["layerdiffusion_tile_size"] = tile_used
+        if self.background_hint:  # pasting turns it on again; the pasted prompt is not given it twice
+            out["layerdiffusion_background_hint"] = True
         return out
 
 
 _FIELDS = {  # DecodeOptions field -> option key
     "passes": "layerdiffuse_decode_passes",
     **{name: f"layerdiffuse_{name}" for name in ("tiling", "tile_size", "extra_memory_gb", "compile", "keep_models",
-                                                 "previews", "save_psd", "models_dir")},
+                                                 "previews", "save_psd", "models_dir", "background_hint")},
 }  # fmt: skip
 assert set(VIEWS) == set(BY_KEY["layerdiffuse_decode_passes"].choices)
 assert all(isinstance(c, type(o.default)) for o in OPTIONS for c in o.choices)  # check() relies on it

@@ -49,6 +49,61 @@ from .weights import check_finite, load_decoder, load_encoder, load_unet_file
 log = logging.getLogger("layerdiffuse")
 _AND = re.compile(r"\bAND\b")  # where A1111 splits composable prompts
 
+# A degenerate alpha (#23): the published weights on a checkpoint far from the one they were trained on
+# (Illustrious, NoobAI, Pony, ...) give an image that is opaque everywhere, or nothing at all. An image
+# counts as "opaque" when more than 99.5% of its pixels have alpha >= 250/255, as "empty" when more than
+# 99.5% have alpha <= 5/255. The margins of 5/255 absorb the decoder's noise on a flat alpha; 0.5% of
+# the pixels (a 72 x 72 patch of a 1024 x 1024 image) leaves room for a few edge pixels, while a real
+# cut-out, even a large subject or a small one, keeps well over 0.5% of the frame on the other side.
+OPAQUE_FROM = 250  # alpha in 0..255 at or above which a pixel counts as opaque
+EMPTY_UP_TO = 5  # and at or below which as transparent
+DEGENERATE_SHARE = 0.995  # more than this share of the pixels on one side: degenerate
+BACKGROUND_HINT = "simple grey background"  # the phrase users found gives the decoder a usable layer
+ALPHA_KEY = "layerdiffusion_alpha"
+PREDICTION_KEY = "layerdiffusion_prediction"
+
+
+def alpha_state(alpha: np.ndarray) -> str | None:
+    """``"opaque"``, ``"empty"`` or None (a usable alpha) for an alpha plane in [0, 1]."""
+    value = np.asarray(alpha, dtype=np.float32) * 255.0
+    tolerance = 1e-3  # 250/255 in float32 times 255 is 249.99998
+    if np.mean(value >= OPAQUE_FROM - tolerance) > DEGENERATE_SHARE:
+        return "opaque"
+    if np.mean(value <= EMPTY_UP_TO + tolerance) > DEGENERATE_SHARE:
+        return "empty"
+    return None
+
+
+class AlphaNotes:
+    """The ``layerdiffusion_alpha`` value of each image, as a callable infotext entry.
+
+    A1111 1.10, Forge2 and Neo call a callable in ``p.extra_generation_params`` with
+    ``create_infotext``'s locals; in the batch loop these are the batch's own lists
+    (``all_prompts is p.prompts``) with the index in the batch, in ``Processed.infotext`` the
+    whole job's with the global index. Holds only the states (no generation, no ``p``)."""
+
+    def __init__(self):
+        self.states: dict[int, str] = {}  # global image index -> "opaque" / "empty"
+
+    def __call__(self, p=None, index=0, all_prompts=None, use_main_prompt=False, **_) -> str | None:
+        if use_main_prompt or p is None:  # the grid, or the job's first infotext
+            return self.states.get(0)
+        batch = getattr(p, "prompts", None)
+        if all_prompts is not None and all_prompts is batch and batch is not getattr(p, "all_prompts", None):
+            index = int(getattr(p, "iteration", 0)) * int(getattr(p, "batch_size", 1)) + int(index)
+        return self.states.get(int(index))
+
+
+def strip_hint(prompt: str) -> str:
+    """``prompt`` without a trailing ``", <hint>"`` (a prompt pasted from an infotext that used it)."""
+    return prompt[: -len(BACKGROUND_HINT) - 2] if prompt.endswith(f", {BACKGROUND_HINT}") else prompt
+
+
+def add_hint(prompt: str) -> str:
+    prompt = strip_hint(prompt)
+    return f"{prompt}, {BACKGROUND_HINT}" if prompt.strip() else BACKGROUND_HINT
+
+
 __all__ = ["Generation", "Host", "LayerDiffuseError", "cached_model", "check_request", "release_models"]
 
 
@@ -65,6 +120,15 @@ class Host:
     def family(self, p) -> str | None:
         """``"sd15"``, ``"sdxl"``, or a name for a model family LayerDiffuse does not drive."""
         raise NotImplementedError
+
+    def prediction(self, p) -> str | None:
+        """What the loaded model predicts: ``"eps"``, ``"v"``, another name, or None where the question
+        does not apply (flow models)."""
+        return None
+
+    def zero_terminal_snr(self, p) -> bool:
+        """Whether the model samples a zero-terminal-SNR schedule (NoobAI v-pred and the like)."""
+        return False
 
     def unet_backend(self, p) -> UNetBackend:
         """A fresh backend that installs one sampling pass's changes on the current UNet."""
@@ -277,6 +341,9 @@ class Generation:
         self.init_rgba: list = []  # img2img: the init images as RGBA PIL images
         self.previews: dict[int, np.ndarray] = {}  # checkerboard previews by image index
         self.tile_used: int | None = None  # the tile side of the last tiled decode (infotext)
+        self.alpha = AlphaNotes()  # images whose decoded alpha came out degenerate (infotext, warning)
+        self.prediction: str | None = None  # the model's prediction type, read at each sampling pass
+        self.zero_snr = False  # whether it samples a zero-terminal-SNR schedule
         self.layered = None  # the host's layered-PSD state of this generation (hosts/layered.py)
         self._state: dict | None = None  # the mode's UNet file, read once per generation
         self._sharing: AttentionSharing | None = None  # SD1.5 units, built once per UNet
@@ -294,16 +361,25 @@ class Generation:
         infotext already starts with a layer prompt of this mode: that one is taken off
         first, so generating again gives every frame the same prompt as before.
         """
-        if not self.mode.prompts:
+        hint = self.hints()
+        if not self.mode.prompts and not hint:
             return list(prompts)
         extras = [e.strip() for e in (self.settings.prompt(w) for w in self.mode.prompts) if e and e.strip()]
         out = []
         for i, prompt in enumerate(prompts):
             base = strip_layer_prompt(prompt, extras)
-            which = self.mode.prompts[i % self.mode.group]
-            out.append(C.layer_prompt(self.settings.prompt(which), base) or base)
+            if hint:  # a pasted frame prompt may end with it: only the decoded frames get it back
+                base = strip_hint(base)
+            if self.mode.prompts:
+                which = self.mode.prompts[i % self.mode.group]
+                base = C.layer_prompt(self.settings.prompt(which), base) or base
+            out.append(add_hint(base) if hint and self.mode.is_decoded(i) else base)
         check_composable(self.mode, out)
         return out
+
+    def hints(self) -> bool:
+        """Whether the decoded frames' prompts get :data:`BACKGROUND_HINT` (Settings > LayerDiffuse)."""
+        return self.options.background_hint and self.decodes()
 
     # -- sampling -------------------------------------------------------------------------
 
@@ -366,6 +442,7 @@ class Generation:
             rows, _, h, w = x.shape
             M.check_batch(self.mode, rows)
             M.check_family(self.mode, self.host.family(p))  # a hires checkpoint may be another model
+            self.prediction, self.zero_snr = self.host.prediction(p), self.host.zero_terminal_snr(p)
             device, dtype = self.host.device_dtype(p)
             stop_at = self.settings.stop_at
             sigma_end = 0.0 if stop_at >= 1.0 else float(self.host.percent_to_sigma(p, stop_at))
@@ -509,7 +586,33 @@ class Generation:
         out = self.settings.infotext()
         if self.decodes():
             out.update(self.options.infotext(self.tile_used))
+            if self.alpha.states:
+                out[ALPHA_KEY] = self.alpha  # per image (AlphaNotes)
+        if self.prediction not in (None, "eps"):
+            out[PREDICTION_KEY] = self.prediction
         return out
+
+    def alpha_warning(self) -> str | None:
+        """One line naming the images whose alpha came out degenerate and what to try, or None."""
+        states = self.alpha.states
+        if not states:
+            return None
+        parts = []
+        for word, what in (("opaque", "opaque everywhere"), ("empty", "transparent everywhere")):
+            which = [i + 1 for i, s in sorted(states.items()) if s == word]
+            if which:
+                parts.append(f"{what} in image{'s' if len(which) > 1 else ''} {', '.join(map(str, which))}")
+        model = (
+            " This model is v-prediction; the published weights were trained on eps models (SD1.5, SDXL base)."
+            if self.prediction == "v"
+            else ""
+        )
+        other = {"sdxl": " or the other SDXL method (Attention Injection / Conv Injection)"}.get(self.mode.family, "")
+        return (
+            f"LayerDiffuse: the transparency came out {'; '.join(parts)} (infotext: {ALPHA_KEY}).{model} Try: "
+            f"'{BACKGROUND_HINT}' in the prompt (Settings > LayerDiffuse can add it), a lower Weight{other}, or "
+            "adapt the weights to this checkpoint with the trainer (README: Adapt LayerDiffuse to your checkpoint)."
+        )
 
     def decodes(self) -> bool:
         """Whether the mode decodes RGBA (then the adapter decodes right after sampling)."""
@@ -567,6 +670,9 @@ class Generation:
                 if tile is not None:
                     self.tile_used = tile
                 rgba = from_decoder(out[0])
+                state = alpha_state(rgba[..., 3])
+                if state is not None:
+                    self.alpha.states[first + i] = state
                 self.rgba[first + i] = rgba
                 if o.previews:
                     self.previews[first + i] = rgba

@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .schedules import HOST_TERMINAL_ABAR
+
+ZERO_TERMINAL_ACP = 1e-6  # below this last alphas_cumprod a schedule has zero terminal SNR (SD's: ~0.0047)
+
 # attn2 context width -> family: SD1.5 768, SD2 1024, SDXL 2048
 _CONTEXT_FAMILY = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
 
@@ -22,7 +26,18 @@ def detect_family(unet: nn.Module) -> str | None:
 
 
 def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+    """``sqrt((1 - acp) / acp)``, finite everywhere: a zero-terminal-SNR schedule (NoobAI v-pred and
+    the like, schedules.rescale_zero_terminal_snr) ends at ``acp = 0``, an infinite sigma that would
+    make the log-linear interpolation below inf or NaN (0 * inf) and switch LayerDiffuse off at the
+    first step. It is floored where the hosts floor it (schedules.HOST_TERMINAL_ABAR: sigma ~ 4517)."""
+    acp = alphas_cumprod.double().clamp(min=HOST_TERMINAL_ABAR, max=1.0)
+    return (((1 - acp) / acp) ** 0.5).float()
+
+
+def is_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> bool:
+    """Whether a schedule ends at (nearly) zero SNR: SD's scaled-linear one ends at acp ~ 0.0047,
+    the rescaled one (Lin et al. 2024) at 0 or the hosts' 4.9e-8."""
+    return float(alphas_cumprod[-1]) < ZERO_TERMINAL_ACP
 
 
 def percent_to_sigma(alphas_cumprod: torch.Tensor, percent: float) -> float:

@@ -262,6 +262,9 @@ class LayerDiffuseScript(scripts.Script):
         gen = host.generation(p) if host is not None else None
         if gen is None:
             return
+        warning = gen.alpha_warning()  # once per generation, naming the images
+        if warning:
+            host.warn(processed, warning)
         previews = [(i, checkerboard_preview(rgba)) for i, rgba in sorted(gen.previews.items())]
         gen.previews.clear()
         host.publish_previews(p, processed, previews)

@@ -75,8 +75,19 @@ class Component:
 
 def _gradio() -> types.ModuleType:
     gr = _module("gradio")
-    for name in ("Dropdown", "Row", "Column", "Image", "Slider", "Radio", "Checkbox", "Textbox", "HTML", "Accordion",
-                 "File"):
+    for name in (
+        "Dropdown",
+        "Row",
+        "Column",
+        "Image",
+        "Slider",
+        "Radio",
+        "Checkbox",
+        "Textbox",
+        "HTML",
+        "Accordion",
+        "File",
+    ):
         setattr(gr, name, type(name, (Component,), {}))
     gr.update = lambda **kwargs: {"__type__": "update", **kwargs}
     return gr
@@ -714,6 +725,7 @@ class Processing:
         self.all_negative_prompts = [self.negative_prompt] * n
         self.all_seeds = [self.seed + i for i in range(n)]
         self.all_subseeds = [self.seed + i for i in range(n)]
+        self.main_prompt = self.all_prompts[0]
 
     def noise(self, shape, seeds):
         rows = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
@@ -854,12 +866,42 @@ def _quote(text):
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def create_infotext(p, index: int) -> str:
-    params = {"Steps": p.steps, "Seed": p.all_seeds[index], "Size": f"{p.width}x{p.height}"}
-    params.update(p.extra_generation_params)
+def create_infotext(
+    p,
+    all_prompts,
+    all_seeds,
+    all_subseeds,
+    comments=None,
+    iteration=0,
+    position_in_batch=0,
+    use_main_prompt=False,
+    index=None,
+    all_negative_prompts=None,
+) -> str:
+    """A1111 1.10's signature and its handling of ``extra_generation_params`` values: a list is
+    indexed by ``index``, a callable is called with the function's locals (``p``, ``index``, ...),
+    None drops the key. The batch loop passes the batch's own lists with the index in the batch;
+    ``Processed.infotext`` passes the whole job's lists with the global index."""
+    if use_main_prompt:
+        index = 0
+    elif index is None:
+        index = position_in_batch + iteration * p.batch_size
+    if all_negative_prompts is None:
+        all_negative_prompts = p.all_negative_prompts
+    prompt_text = p.main_prompt if use_main_prompt else all_prompts[index]
+    negative_prompt = all_negative_prompts[index]
+    params = {"Steps": p.steps, "Seed": p.all_seeds[0] if use_main_prompt else all_seeds[index],
+              "Size": f"{p.width}x{p.height}", **p.extra_generation_params}  # fmt: skip
+    for key, value in params.items():
+        try:
+            if isinstance(value, list):
+                params[key] = value[index]
+            elif callable(value):
+                params[key] = value(**locals())
+        except Exception:  # errors.report(...)
+            params[key] = None
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in params.items() if v is not None)
-    neg = p.all_negative_prompts[index]
-    return f"{p.all_prompts[index]}\n" + (f"Negative prompt: {neg}\n" if neg else "") + line
+    return f"{prompt_text}\n" + (f"Negative prompt: {negative_prompt}\n" if negative_prompt else "") + line
 
 
 class Processed:
@@ -877,7 +919,8 @@ class Processed:
         self.comments = "".join(f"{comment}\n" for comment in p.comments)  # p.comment() texts, as A1111
 
     def infotext(self, p, index):
-        return create_infotext(p, index)
+        return create_infotext(p, self.all_prompts, self.all_seeds, self.all_seeds, comments=[],
+                               position_in_batch=index % p.batch_size, iteration=index // p.batch_size)  # fmt: skip
 
     def js(self):
         """The JSON the API returns as ``info`` (A1111's has more fields; ``default`` as A1111's)."""
@@ -942,8 +985,9 @@ def _process_images_inner(p: Processing) -> Processed:
             pp = PostprocessImageArgs(pp.image)
             p.scripts.postprocess_image_after_composite(p, pp)
             image = pp.image
-            index = n * b + i
-            text = create_infotext(p, index)
+            text = create_infotext(
+                p, p.prompts, p.seeds, p.subseeds, index=i, all_negative_prompts=p.negative_prompts
+            )  # the batch's lists, as A1111
             if p.save_samples():
                 images.save_image(image, p.outpath_samples, "", p.seeds[i], p.prompts[i], shared.opts.samples_format,
                                   info=text, p=p)  # fmt: skip

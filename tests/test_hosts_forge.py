@@ -1103,3 +1103,68 @@ def test_flux_img2img_offset_uses_the_flux_encoder(monkeypatch):
     gen = Generation(FluxVAEHost({}), settings, "flux", 1, 64, 64, ["p"])
     adjusted = gen.encode_init(SimpleNamespace(), [np.random.default_rng(0).random((64, 64, 4), dtype=np.float32)])
     assert calls == [1] and torch.allclose(adjusted, torch.full((1, 16, 8, 8), 0.5))  # mean + std * offset
+
+
+# -- the checkpoints people run today (#23) -----------------------------------------------------
+
+
+def sdxl_run(monkeypatch, host, prediction_type=None, sigmas=None, model_config=None):
+    """One SDXL 'Only Generate Transparent Image' generation through the host contract on the stand-ins
+    (attach, the host's ``p.sample`` with the script's hook, the decode); returns ``p``."""
+    patcher_cls, _ = use_host(monkeypatch, host)
+    gen = make_gen("FG_ONLY_ATTN", sdxl_patch_state(M.resolve("FG_ONLY_ATTN")), family="sdxl")
+    sd = SimpleNamespace(is_sd1=False, is_sdxl=True)
+    if model_config is not None:
+        sd.model_config = model_config
+    p = make_p(patcher_cls, sdxl_like(), sd)
+    predictor = p.sd_model.forge_objects.unet.model.predictor
+    if prediction_type is not None:
+        predictor.prediction_type = prediction_type
+    if sigmas is not None:
+        predictor.sigmas = sigmas
+    p.extra_generation_params, p.iteration = {}, 0
+
+    def host_sample(*args, **kwargs):
+        gen = gen_host.generation(p)
+        gen.begin_sampling(p, torch.zeros(1, 4, 8, 8))
+        unet = p.sd_model.forge_objects.unet
+        unet.model_options["conditioning_modifiers"] = []  # (its model load needs the real memory manager)
+        unet.run(torch.zeros(1, 4, 8, 8), sigma=9.0)
+        return torch.zeros(1, 4, 8, 8)
+
+    gen_host = gen.host
+    p.sample = host_sample
+    gen_host.attach(p, gen)
+    p.sample()
+    p.gen = gen
+    return p
+
+
+@pytest.mark.parametrize("host", ["forge2", "neo"])
+@pytest.mark.parametrize("prediction_type,written", [("v_prediction", "v"), ("epsilon", None), (None, None)])
+def test_v_prediction_is_detected_and_written(monkeypatch, neo_adapter, host, prediction_type, written):
+    p = sdxl_run(monkeypatch, host, prediction_type)
+    assert p.extra_generation_params.get("layerdiffusion_prediction") == written
+    assert p.gen.prediction == (written or "eps")
+
+
+@pytest.mark.parametrize("host", ["forge2", "neo"])
+def test_zero_terminal_snr_is_detected(monkeypatch, neo_adapter, host):
+    from lib_layerdiffuse.schedules import rescale_zero_terminal_snr, scaled_linear_alphas_cumprod
+
+    acp = scaled_linear_alphas_cumprod()
+    assert not sdxl_run(monkeypatch, host, sigmas=((1 - acp) / acp) ** 0.5).gen.zero_snr
+    ztsnr = rescale_zero_terminal_snr(acp)
+    assert sdxl_run(monkeypatch, host, sigmas=((1 - ztsnr) / ztsnr) ** 0.5).gen.zero_snr  # Neo while it samples
+    assert sdxl_run(monkeypatch, host, model_config=SimpleNamespace(ztsnr=True)).gen.zero_snr  # the ztsnr key
+
+
+@pytest.mark.parametrize("host", ["forge2", "neo"])
+def test_degenerate_alpha_reaches_the_infotext(monkeypatch, neo_adapter, host):
+    """The stand-in decode gives alpha 0 everywhere: the image is named 'empty' through the callable
+    infotext entry the hosts' create_infotext calls with its locals."""
+    p = sdxl_run(monkeypatch, host)
+    note = p.extra_generation_params["layerdiffusion_alpha"]
+    assert note(p=p, index=0, all_prompts=["p"]) == "empty"
+    assert note(p=p, index=1, all_prompts=["p"]) is None
+    assert "transparent everywhere in image 1 " in p.gen.alpha_warning()

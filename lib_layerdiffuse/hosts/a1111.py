@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..session import ModuleBackend
-from ..unet import detect_family, percent_to_sigma, timestep_to_sigma
+from ..unet import detect_family, is_zero_terminal_snr, percent_to_sigma, timestep_to_sigma
 from .common import SamplerCapture, WebUIHost, place_infotext, posterior_moments, raw_decode
 
 
@@ -37,6 +37,16 @@ class A1111Host(WebUIHost):
 
     def family(self, p) -> str | None:
         return detect_family(p.sd_model.model.diffusion_model)
+
+    def prediction(self, p) -> str:
+        """A1111 sets ``parameterization`` on every model: ``"v"`` for SD2-v and for an SDXL checkpoint
+        loaded with a v-prediction config (sgm ``VScaling``, modules/sd_models_xl.py); else ``"eps"``."""
+        return "v" if getattr(p.sd_model, "parameterization", "eps") == "v" else "eps"
+
+    def zero_terminal_snr(self, p) -> bool:
+        """A1111 rescales ``sd_model.alphas_cumprod`` itself (Settings > Sampler parameters > Noise
+        schedule: Zero Terminal SNR) before sampling: read from the schedule it samples."""
+        return is_zero_terminal_snr(p.sd_model.alphas_cumprod)
 
     def unet_backend(self, p) -> A1111Backend:
         return A1111Backend(p)

@@ -299,6 +299,7 @@ class WebUIHost(Host):
                 gen.end_sampling()
             try:
                 gen.check_ran()
+                p.extra_generation_params.update(gen.infotext())  # what sampling learnt (the prediction type)
                 if gen.decodes():
                     return self._decode_batch(p, gen, samples)
             except LayerDiffuseError as e:
@@ -385,6 +386,15 @@ class WebUIHost(Host):
             p.comment(text)
         except Exception:
             print(text)
+
+    def warn(self, processed, text: str) -> None:
+        """A warning under the result (``processed.comments``, which the txt2img / img2img tabs show
+        below the infotext; the hosts build it from ``p.comment`` when the generation ends, before the
+        scripts' ``postprocess``), and in the console."""
+        log.warning("%s", text)
+        comments = getattr(processed, "comments", None)
+        if isinstance(comments, str) and text not in comments:
+            processed.comments = f"{comments}{text}\n"
 
     # -- img2img ----------------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ from ..session import UNetBackend, UNetSession
 from .common import SamplerCapture, WebUIHost, place_infotext, posterior_moments, raw_decode
 
 log = logging.getLogger("layerdiffuse")
+ZERO_TERMINAL_SIGMA = 1000.0  # a last sigma above: a zero-terminal-SNR schedule (SD's ends at ~14.6)
 
 
 def _detect_neo() -> bool:
@@ -331,11 +332,39 @@ class ForgeBackend(UNetBackend):
 # -- the host ---------------------------------------------------------------------------------
 
 
+def _predictor(p):
+    """The host's ``k_prediction`` object of the current UNet patcher (None if there is none)."""
+    model = getattr(getattr(getattr(p.sd_model, "forge_objects", None), "unet", None), "model", None)
+    return getattr(model, "predictor", None)
+
+
 class ForgeHost(WebUIHost):
     name = HOST_NAME
 
     def family(self, p) -> str | None:
         return _family(p.sd_model)
+
+    def prediction(self, p) -> str | None:
+        """The host's predictor says it (``prediction_type``; Neo and Forge2 set ``"v_prediction"`` from a
+        checkpoint's ``v_pred`` key or its .yaml config); flow models (``"const"``) give None."""
+        kind = getattr(_predictor(p), "prediction_type", "epsilon")
+        return {"epsilon": "eps", "v_prediction": "v", "edm": "edm"}.get(str(kind))
+
+    def zero_terminal_snr(self, p) -> bool:
+        """Neo: ``model_config.ztsnr`` (a checkpoint's ``ztsnr`` key) or the Noise schedule setting; its
+        predictor gets the rescaled sigmas only while it samples, which is when this is read too (the
+        last sigma then is ~4517 instead of ~14.6)."""
+        if getattr(getattr(p.sd_model, "model_config", None), "ztsnr", False):
+            return True
+        try:
+            from modules import shared  # type: ignore
+
+            if getattr(shared.opts, "sd_noise_schedule", None) == "Zero Terminal SNR":
+                return True
+        except ImportError:
+            pass
+        sigmas = getattr(_predictor(p), "sigmas", None)
+        return isinstance(sigmas, torch.Tensor) and sigmas.numel() > 0 and float(sigmas[-1]) > ZERO_TERMINAL_SIGMA
 
     def unet_backend(self, p) -> ForgeBackend:
         return ForgeBackend(p.sd_model.forge_objects, getattr(p, "sampler", None))
