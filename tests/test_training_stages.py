@@ -156,13 +156,14 @@ def _diffusion(tmp_path, frozen_files, **kw):
 
 def _check_patch_reproduces(out, cfg: DiffusionStageConfig):
     base = build_unet(cfg.unet_preset, cfg.seed)  # the same base the run built
-    delta = UNetDelta(base, cfg.mode, cfg.rank, cfg.targets)
+    mode = cfg.mode or "lora"  # the config's None: lora (no --init)
+    delta = UNetDelta(base, mode, cfg.rank, cfg.targets or "attn")
     delta.load_state_dict(_model_state(out), strict=True)
     trained = delta.effective()
     state = load_file(str(out / PATCH_FILE))
-    suffix = {"lora": ("::lora::0", "::lora::1"), "diff": ("::diff::0",)}[cfg.mode]
+    suffix = {"lora": ("::lora::0", "::lora::1"), "diff": ("::diff::0",)}[mode]
     assert set(state) == {f"diffusion_model.{n}{s}" for n in delta.names for s in suffix}
-    if cfg.mode == "lora":
+    if mode == "lora":
         k = f"diffusion_model.{delta.names[0]}"
         w = dict(base.named_parameters())[delta.names[0]]
         assert state[k + "::lora::0"].shape == (w.shape[0], cfg.rank) and state[k + "::lora::1"].shape == (

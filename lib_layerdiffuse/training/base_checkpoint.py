@@ -49,8 +49,13 @@ _SCHEDULE = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cump
              "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
              "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
              "logvar")  # fmt: skip
+# Marker keys of v-prediction / zero-terminal-SNR checkpoints (NoobAI-XL v-pred and others), read
+# as the hosts read them: their presence, not their value.
+V_PRED_KEY, ZTSNR_KEY = "v_pred", "ztsnr"
 KNOWN_EXTRAS = re.compile(
-    r"^(?:" + "|".join(_SCHEDULE) + r")$|^model_ema\.|\.position_ids$|\.logit_scale$|^logit_scale$|"
+    r"^(?:"
+    + "|".join((*_SCHEDULE, V_PRED_KEY, ZTSNR_KEY))
+    + r")$|^model_ema\.|\.position_ids$|\.logit_scale$|^logit_scale$|"
     r"^first_stage_model\.loss\."
 )
 
@@ -199,6 +204,7 @@ class CheckpointFile:
         self.family = detect_family(self.keys, self.path)
         unknown = [k for k in self.keys if not k.startswith(self._prefixes()) and not is_known_extra(k)]
         self.ignored = sorted(unknown)  # other top-level tensors: reported, not used
+        self.v_pred, self.ztsnr = V_PRED_KEY in self.keys, ZTSNR_KEY in self.keys
 
     def _prefixes(self) -> tuple[str, ...]:
         return (UNET, VAE, CLIP_SD15) if self.family == "sd15" else (UNET, VAE, CLIP_L_SDXL, BIGG_SDXL)
@@ -342,6 +348,8 @@ class BaseModels:
     unet: ldm_unet.UNetModel | None = None
     text: TextConditioner | None = None
     ignored: tuple[str, ...] = ()
+    v_pred: bool = False  # the checkpoint has a v_pred key (a v-prediction model)
+    ztsnr: bool = False  # the checkpoint has a ztsnr key (trained on the zero-terminal-SNR schedule)
 
 
 def load_base(path: str | Path, frozen_dtype: str = "fp32", parts: Iterable[str] = ("vae", "unet", "text"),
@@ -355,7 +363,8 @@ def load_base(path: str | Path, frozen_dtype: str = "fp32", parts: Iterable[str]
     dtype = FROZEN_DTYPES[frozen_dtype]
     ckpt = CheckpointFile(path)
     parts = set(parts)
-    out = BaseModels(ckpt.family, LATENT_SCALE[ckpt.family], ignored=tuple(ckpt.ignored))
+    out = BaseModels(ckpt.family, LATENT_SCALE[ckpt.family], ignored=tuple(ckpt.ignored), v_pred=ckpt.v_pred,
+                     ztsnr=ckpt.ztsnr)  # fmt: skip
     if "vae" in parts:
         out.vae = load_vae(ckpt, torch.bfloat16 if dtype == torch.bfloat16 else torch.float32, device)
     if "unet" in parts:

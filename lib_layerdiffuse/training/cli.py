@@ -196,6 +196,12 @@ def _vae_parser(sub) -> None:
     _frozen_vae_options(o)
     _runtime_options(o)
     o.add("--grad-checkpointing", action="store_true", help="recompute D's blocks in backward (less memory)")
+    o.add("--init-encoder", metavar="FILE",
+          help="start the encoder from this file (a published *vae_transparent_encoder.safetensors or an earlier "
+               "transparent_encoder.safetensors; widths as --widths)")  # fmt: skip
+    o.add("--init-decoder", metavar="FILE",
+          help="start the decoder from this file (a published *vae_transparent_decoder.safetensors or an earlier "
+               "transparent_decoder.safetensors; widths as --widths)")  # fmt: skip
 
 
 def _unet_common(o: _Options) -> _Options:
@@ -204,7 +210,16 @@ def _unet_common(o: _Options) -> _Options:
     src.add("--synthetic", type=positive_int, metavar="N", help="use N generated samples")
     _schedule_options(o)
     o.add("--weight-decay", type=_float_in(0.0, None), help="AdamW weight decay")
-    o.add("--rank", type=positive_int, help="LoRA rank (paper and official files: 256)")
+    o.add("--rank", type=positive_int,
+          help="LoRA rank (paper and official files: 256); default: the --init file's, else 256")  # fmt: skip
+    o.add("--init", metavar="FILE",
+          help="start from this file: a published one (layer_xl_*.safetensors for diffusion, layer_sd15_*.safetensors "
+               "for layers) or an earlier export of the same kind; its rank and layout are the run's")  # fmt: skip
+    o.add("--prediction", choices=["auto", "eps", "v"],
+          help="what the UNet predicts: eps (noise) or v; auto: v when the --checkpoint has a v_pred key, else eps")  # fmt: skip
+    o.add("--zero-terminal-snr", choices=["auto", "on", "off"],
+          help="the zero-terminal-SNR schedule (Lin et al. 2024, as the WebUI hosts rescale it); auto: on when the "
+               "--checkpoint has a ztsnr key")  # fmt: skip
     o.add("--encoder", help="latent-transparency encoder file (a vae-stage transparent_encoder.safetensors)")
     o.add("--latent-scale",
           help="VAE scaling factor, or 'auto' (1/std of the training latents); default: the --checkpoint family's "
@@ -237,12 +252,14 @@ def _diffusion_parser(sub) -> None:
     src = _unet_common(o)
     src.add("--data", help="folder of RGBA images (PNG/WebP with alpha, any size); with --layer-mode fg/, bg/ and "
                            "blend/ of matching names")  # fmt: skip
-    o.add("--mode", choices=["lora", "diff"], help="LoRA (::lora::) or full offsets (::diff::)")
+    o.add("--mode", choices=["lora", "diff"],
+          help="LoRA (::lora::) or full offsets (::diff::); default: the --init file's, else lora")  # fmt: skip
     o.add("--layer-mode", choices=["fg2ble", "fgble2bg", "bg2ble", "bgble2fg"],
           help="train an SDXL layer model (widened conv_in + --mode) on triplets; exports "
                "layer_xl_<mode>.safetensors")  # fmt: skip
     o.add("--targets", choices=["attn", "all"],
-          help="attn: to_q/to_k/to_v/to_out.0 of every attention; all: every Linear (lora) or tensor (diff)")  # fmt: skip
+          help="attn: to_q/to_k/to_v/to_out.0 of every attention; all: every Linear (lora) or tensor (diff); "
+               "default: the --init file's tensors, else attn")  # fmt: skip
 
 
 def _layers_parser(sub) -> None:

@@ -55,12 +55,17 @@ class VAEStageConfig(RunConfig):
     widths: str = "full"  # full | small | tiny
     disc_width: int = 64
     grad_checkpointing: bool = False  # recompute D's resnet/attention blocks in backward
+    init_encoder: str | None = None  # start the encoder from this file (published or an earlier export)
+    init_decoder: str | None = None  # start the decoder from this file (published or an earlier export)
 
 
 @dataclass
 class UNetStageConfig(RunConfig):
     weight_decay: float = 0.0
-    rank: int = 256  # LoRA rank (paper: 256 on all layers)
+    rank: int | None = None  # LoRA rank: the --init file's, else 256 (paper: 256 on all layers)
+    init: str | None = None  # start from this file (a published one or an earlier export of the same kind)
+    prediction: str = "auto"  # auto | eps | v (auto: v when the --checkpoint has a v_pred key)
+    zero_terminal_snr: str = "auto"  # auto | on | off (auto: on when the --checkpoint has a ztsnr key)
     encoder: str | None = None  # stage-1 export (transparent_encoder.safetensors)
     latent_scale: str | None = None  # a number or "auto"; default see resolve_latent_scale
     unet_preset: str = "tiny-sd15"  # when no --unet hook gives the model
@@ -73,8 +78,8 @@ class UNetStageConfig(RunConfig):
 
 @dataclass
 class DiffusionStageConfig(UNetStageConfig):
-    mode: str = "lora"  # lora | diff
-    targets: str = "attn"  # attn | all
+    mode: str | None = None  # lora | diff; default: the --init file's, else lora
+    targets: str | None = None  # attn | all; default: the --init file's tensors, else attn
     layer_mode: str | None = None  # fg2ble | fgble2bg | bg2ble | bgble2fg (SDXL layer models)
 
 

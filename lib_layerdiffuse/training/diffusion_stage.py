@@ -33,7 +33,7 @@ from torch.func import functional_call
 from .. import patches as core_patches
 from . import checkpoint as ckpt
 from . import data as tdata
-from . import sampling
+from . import init_files, sampling
 from .config import DiffusionStageConfig
 from .errors import TrainingError, UsageError
 from .runner import stage_entry, start_run
@@ -46,7 +46,6 @@ from .unet_training import (
     held_out_batch,
     q_sample,
     run_stage,
-    scaled_linear_alphas_cumprod,
 )
 
 PATCH_FILE = "unet_patch.safetensors"
@@ -81,13 +80,15 @@ class UNetDelta(nn.Module):
     """
 
     def __init__(self, unet: nn.Module, mode: str = "lora", rank: int = 256, targets: str = "attn",
-                 conv_in_channels: int | None = None):  # fmt: skip
+                 conv_in_channels: int | None = None, names: list[str] | None = None):  # fmt: skip
+        """``names``: the tensors to patch (an ``--init`` file's) instead of ``targets``'."""
         super().__init__()
         if mode not in ("lora", "diff"):
             raise ValueError(f"mode must be 'lora' or 'diff', got {mode!r}")
         self._unet = (unet,)  # not a submodule: never in DDP, never in the state
         self.mode, self.rank = mode, rank
-        self.names = [n for n in target_names(unet, mode, targets) if not (conv_in_channels and n == CONV_IN)]
+        names = target_names(unet, mode, targets) if names is None else names
+        self.names = [n for n in names if not (conv_in_channels and n == CONV_IN)]
         params = dict(unet.named_parameters())
         if conv_in_channels:
             # an SDXL layer model's widened conv_in: a full diff over [out, 4 + 4k, 3, 3], zero at
@@ -151,6 +152,19 @@ class UNetDelta(nn.Module):
             state[f"{core_patches.PREFIX}{CONV_IN}::diff::0"] = self.conv_in.detach().to(dtype)
         return state
 
+    @torch.no_grad()
+    def load_export_state(self, state: dict[str, torch.Tensor]) -> None:
+        """The inverse of :meth:`export_state` (an ``--init`` file; keys and shapes checked by the caller)."""
+        for n in self.names:
+            k, key = self._key(n), core_patches.PREFIX + n
+            if self.mode == "lora":
+                self.up[k].copy_(state[f"{key}::lora::0"].float())
+                self.down[k].copy_(state[f"{key}::lora::1"].float())
+            else:
+                self.delta[k].copy_(state[f"{key}::diff::0"].float())
+        if hasattr(self, "conv_in"):
+            self.conv_in.copy_(state[f"{core_patches.PREFIX}{CONV_IN}::diff::0"].float())
+
 
 @dataclass(frozen=True)
 class LayerMode:
@@ -194,6 +208,10 @@ def train_diffusion_stage(cfg: DiffusionStageConfig, frozen_vae: nn.Module | Non
     if cfg.decoder and layer is not None and layer.target != "fg":
         raise UsageError(f"--decoder: --layer-mode {cfg.layer_mode} generates the {layer.target}, an image without "
                          "alpha; RGBA samples are for the transparent model (no --layer-mode) and bgble2fg")  # fmt: skip
+    # --init: the file's header decides the layout (a conflicting --mode / --rank refused) before --out is made
+    init = init_files.patch_layout(cfg.init, cfg.mode, cfg.rank) if cfg.init else None
+    mode = init.mode if init else cfg.mode or "lora"
+    rank = (init.rank if init else None) or cfg.rank or 256
     info, _ = start_run(cfg)
     decoder = sampling.load_decoder(cfg.decoder, info) if cfg.decoder else None
     dataset = tdata.stage_dataset(cfg, triplets=layer is not None)
@@ -211,11 +229,31 @@ def train_diffusion_stage(cfg: DiffusionStageConfig, frozen_vae: nn.Module | Non
         raise TrainingError(f"--layer-mode {cfg.layer_mode} trains an SDXL layer model: give an SDXL --checkpoint "
                             "(or, for experiments, --unet-preset tiny-sdxl)")  # fmt: skip
     cond = Conditioning(cfg, frozen, info.device)
-    acp = scaled_linear_alphas_cumprod().to(info.device)
+    schedule = frozen.schedule
+    acp = schedule.alphas_cumprod.to(info.device)
 
     torch.manual_seed(cfg.seed)  # the same initial delta on every rank
     conv_in = base.input_blocks[0][0].in_channels + 4 * len(layer.concat) if layer else None
-    delta = UNetDelta(base, cfg.mode, cfg.rank, cfg.targets, conv_in).to(info.device)
+    targets = cfg.targets or "attn"
+    names = None
+    if init is not None:
+        wanted = (
+            [n for n in target_names(base, mode, cfg.targets) if not (conv_in and n == CONV_IN)]
+            if cfg.targets
+            else None
+        )
+        init_files.check_patch_names(cfg.init, init, base, wanted, cfg.targets, conv_in)
+        names = init.names
+        if cfg.targets is None:  # what the file patches, named as --targets where it is one of them
+            named = {t: sorted(n for n in target_names(base, mode, t) if not (conv_in and n == CONV_IN))
+                     for t in ("attn", "all")}  # fmt: skip
+            targets = next((t for t, n in named.items() if n == names), "init")
+    delta = UNetDelta(base, mode, rank, targets if names is None else "attn", conv_in, names).to(info.device)
+    if init is not None:
+        init_files.load_patch(cfg.init, delta)
+        if info.is_main:
+            print(f"[diffusion] --init {cfg.init}: {mode} patches of {len(delta.names)} tensors"
+                  + (f", rank {rank}" if mode == "lora" else "") + (", conv_in" if conv_in else ""), flush=True)  # fmt: skip
 
     def loss_fn(model, batch, step):
         dev = info.device
@@ -227,8 +265,8 @@ def train_diffusion_stage(cfg: DiffusionStageConfig, frozen_vae: nn.Module | Non
         x_t = q_sample(x0, t, noise, acp)
         if layer is not None:  # the concat condition, as the extension feeds it at inference
             x_t = torch.cat([x_t, *(_frame_latent(source, batch, f, dev, False) for f in layer.concat)], dim=1)
-        eps = model(x_t, t, ctx, y)
-        return F.mse_loss(eps.float(), noise), {}
+        out = model(x_t, t, ctx, y)
+        return F.mse_loss(out.float(), schedule.target(x0.float(), noise, t)), {}
 
     def sample(path: Path, batch: dict) -> None:
         """A few of the batch's prompts sampled with the trained delta; layer modes: rows =
@@ -237,11 +275,11 @@ def train_diffusion_stage(cfg: DiffusionStageConfig, frozen_vae: nn.Module | Non
         ctx, y = cond(b, -1, layer.target if layer else None)
         conds = [_frame_latent(source, b, f, dev, False) for f in layer.concat] if layer else []
 
-        def eps_fn(x, t):
+        def model_fn(x, t):
             return delta(torch.cat([x, *conds], dim=1), t, ctx, y).float()
 
         n, h = len(b["index"]), cfg.size // 8
-        z = sampling.ddim(eps_fn, (n, 4, h, h), acp, cfg.sample_steps, cfg.seed, dev)
+        z = sampling.ddim(model_fn, (n, 4, h, h), acp, cfg.sample_steps, cfg.seed, dev, schedule.prediction)
         pixels = sampling.decode(source.vae, torch.cat([*conds, z]), source.scale)
         sampling.save(path, sampling.grid(pixels, len(conds) + 1))
         if decoder is not None:  # the generated row is an adjusted latent: its RGBA
@@ -251,7 +289,7 @@ def train_diffusion_stage(cfg: DiffusionStageConfig, frozen_vae: nn.Module | Non
     export_file = f"layer_xl_{cfg.layer_mode}.safetensors" if layer else PATCH_FILE
 
     def export(out_dir: Path, step: int, meta: dict) -> Path:
-        meta = {**meta, "format": "sdxl-patch", "mode": cfg.mode, "rank": str(cfg.rank), "targets": cfg.targets,
+        meta = {**meta, "format": "sdxl-patch", "mode": mode, "rank": str(rank), "targets": targets,
                 "layer_mode": cfg.layer_mode or ""}  # fmt: skip
         return ckpt.atomic_save(delta.export_state(ckpt.DTYPES[cfg.export_dtype]), out_dir / export_file, meta)
 
@@ -265,16 +303,20 @@ def train_diffusion_stage(cfg: DiffusionStageConfig, frozen_vae: nn.Module | Non
         sample=sample,
         signature={
             "stage": "diffusion",
-            "mode": cfg.mode,
-            "rank": cfg.rank,
-            "targets": cfg.targets,
+            "mode": mode,
+            "rank": rank,
+            "targets": targets,
             "names": len(delta.names),
             **({"layer_mode": cfg.layer_mode} if layer else {}),
+            **schedule.signature,
         },  # fmt: skip
         metadata={
             "latent_scale": repr(source.scale),
             "base_family": frozen.family or "stand-in",
             **({"layer_mode": cfg.layer_mode} if layer else {}),
+            **{k: str(v).lower() if isinstance(v, bool) else v for k, v in schedule.summary.items()},
+            **({"init": init_files.describe(cfg.init)} if cfg.init else {}),
         },  # fmt: skip
+        schedule=schedule,
     )
     return run_stage(cfg, info, parts)

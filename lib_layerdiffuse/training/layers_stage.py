@@ -38,7 +38,7 @@ from torch import nn
 from .. import attention_sharing as sharing
 from . import checkpoint as ckpt
 from . import data as tdata
-from . import sampling
+from . import init_files, sampling
 from .config import LayersStageConfig
 from .errors import UsageError
 from .runner import stage_entry, start_run
@@ -51,7 +51,6 @@ from .unet_training import (
     held_out_batch,
     q_sample,
     run_stage,
-    scaled_linear_alphas_cumprod,
 )
 
 SHARING_FILE = "attention_sharing.safetensors"
@@ -197,6 +196,8 @@ def train_layers_stage(cfg: LayersStageConfig, frozen_vae: nn.Module | None = No
     if cfg.decoder and "fg" not in frames:
         raise UsageError(f"--decoder: the frames sampled here ({', '.join(frames)}) have no alpha; RGBA samples "
                          "need fg among the generated frames")  # fmt: skip
+    # --init: the file's LoRA rank (a conflicting --rank refused) from its header, before --out is made
+    rank = init_files.sharing_rank(cfg.init, cfg.rank) if cfg.init else cfg.rank or sharing.RANK
     info, _ = start_run(cfg)
     decoder = sampling.load_decoder(cfg.decoder, info) if cfg.decoder else None
     dataset = tdata.stage_dataset(cfg, triplets=True, fg_only=frames == ["fg"] and control is None)
@@ -213,12 +214,24 @@ def train_layers_stage(cfg: LayersStageConfig, frozen_vae: nn.Module | None = No
     frozen = frozen_parts(cfg, info, dataset, frozen_vae, unet, latents, "layers")
     source, base = frozen.source, frozen.unet
     cond = Conditioning(cfg, frozen, info.device)
-    acp = scaled_linear_alphas_cumprod().to(info.device)
+    schedule = frozen.schedule
+    acp = schedule.alphas_cumprod.to(info.device)
     nf = len(frames)
     zero_at = frames.index(eps_zero) if eps_zero else None
 
     torch.manual_seed(cfg.seed)  # the same initial modules on every rank
-    model = LayerSharingModel(base, nf, control is not None, cfg.rank).to(info.device)
+    model = LayerSharingModel(base, nf, control is not None, rank).to(info.device)
+    if cfg.init:
+        layout = f"--frames {','.join(frames)}" + (
+            f" with --condition {control} --condition-via control" if control else ""
+        )
+        try:
+            init_files.load_sharing(cfg.init, model, layout)
+        except BaseException:
+            model.restore()
+            raise
+        if info.is_main:
+            print(f"[layers] --init {cfg.init}: rank {rank}", flush=True)
 
     def loss_fn(m, batch, step):
         dev = info.device
@@ -233,8 +246,10 @@ def train_layers_stage(cfg: LayersStageConfig, frozen_vae: nn.Module | None = No
         cimg = None
         if control is not None:
             cimg = (batch["fg_premult"] if control == "fg" else batch["bg"]).to(dev)
-        eps = m(q_sample(x0.flatten(0, 1), t, noise, acp), t, ctx, cimg)
-        per_frame = (eps.float() - noise).pow(2).reshape(b, nf, -1).mean(dim=(0, 2))
+        x0 = x0.flatten(0, 1)
+        out = m(q_sample(x0, t, noise, acp), t, ctx, cimg)
+        # eps: the condition frame's target is its eps = 0; v: that frame's v with eps = 0
+        per_frame = (out.float() - schedule.target(x0.float(), noise, t)).pow(2).reshape(b, nf, -1).mean(dim=(0, 2))
         logs = {f"mse_{f}": float(v) for f, v in zip(frames, per_frame.detach(), strict=True)}
         return per_frame.mean(), logs
 
@@ -248,7 +263,7 @@ def train_layers_stage(cfg: LayersStageConfig, frozen_vae: nn.Module | None = No
         if control is not None:
             cimg = (b["fg_premult"] if control == "fg" else b["bg"]).to(dev)
         z = sampling.ddim(lambda x, t: model(x, t, ctx, cimg).float(), (n * nf, 4, h, h), acp, cfg.sample_steps,
-                          cfg.seed, dev)  # fmt: skip
+                          cfg.seed, dev, schedule.prediction)  # fmt: skip
         rows = z.view(n, nf, *z.shape[1:]).transpose(0, 1).flatten(0, 1)
         pixels = sampling.decode(source.vae, rows, source.scale)
         sampling.save(path, sampling.grid(pixels, nf))
@@ -263,7 +278,7 @@ def train_layers_stage(cfg: LayersStageConfig, frozen_vae: nn.Module | None = No
 
     official = OFFICIAL_NAMES.get((tuple(frames), control)) if eps_zero is None else None
     layout_meta = {"format": "sd15-attention-sharing", "frames": ",".join(frames), "control": control or "",
-                   "eps_zero_frame": eps_zero or "", "rank": str(cfg.rank),
+                   "eps_zero_frame": eps_zero or "", "rank": str(rank),
                    "official_counterpart": official or ""}  # fmt: skip
     parts = StageParts(
         label="layers",
@@ -273,8 +288,22 @@ def train_layers_stage(cfg: LayersStageConfig, frozen_vae: nn.Module | None = No
         export=export,
         eval_batch=held_out_batch(cfg, dataset, tdata.SyntheticTriplets),
         sample=sample,
-        signature={"stage": "layers", "frames": frames, "control": control, "eps_zero": eps_zero, "rank": cfg.rank},
-        metadata={"latent_scale": repr(source.scale), "base_family": frozen.family or "stand-in", **layout_meta},
+        signature={
+            "stage": "layers",
+            "frames": frames,
+            "control": control,
+            "eps_zero": eps_zero,
+            "rank": rank,
+            **schedule.signature,
+        },  # fmt: skip
+        metadata={
+            "latent_scale": repr(source.scale),
+            "base_family": frozen.family or "stand-in",
+            **layout_meta,
+            **{k: str(v).lower() if isinstance(v, bool) else v for k, v in schedule.summary.items()},
+            **({"init": init_files.describe(cfg.init)} if cfg.init else {}),
+        },  # fmt: skip
+        schedule=schedule,
     )
     try:
         return run_stage(cfg, info, parts)

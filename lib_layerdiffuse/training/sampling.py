@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .. import rgba as core_rgba
+from .. import schedules
 from .. import vae as core_vae
 from .. import weights as core_weights
 from ..errors import LayerDiffuseError
@@ -28,10 +29,12 @@ SAMPLES = 2  # images per grid (the batch's first samples)
 
 
 @torch.no_grad()
-def ddim(eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], shape: tuple[int, ...],
-         alphas_cumprod: torch.Tensor, steps: int, seed: int, device) -> torch.Tensor:  # fmt: skip
+def ddim(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], shape: tuple[int, ...],
+         alphas_cumprod: torch.Tensor, steps: int, seed: int, device, prediction: str = "eps") -> torch.Tensor:  # fmt: skip
     """Deterministic DDIM (eta 0) from pure noise, ``steps`` evenly spaced timesteps 999 .. 0;
-    ``eps_fn(x_t, t [B])`` predicts the noise. Returns the x_0 estimate."""
+    ``model_fn(x_t, t [B])`` predicts ``prediction`` (eps or v), turned into the x_0 and eps
+    estimates by :func:`lib_layerdiffuse.schedules.x0_and_eps` (finite at a zero-terminal-SNR
+    schedule's last timestep). Returns the x_0 estimate."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g).to(device)
     acp = alphas_cumprod.to(device, torch.float64)
@@ -39,8 +42,8 @@ def ddim(eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], shape: tu
     for i, t in enumerate(ts):
         a = acp[t]
         a_prev = acp[ts[i + 1]] if i + 1 < len(ts) else torch.ones((), dtype=torch.float64, device=device)
-        eps = eps_fn(x, torch.full((shape[0],), t, device=device, dtype=torch.long)).double()
-        x0 = (x.double() - (1 - a).sqrt() * eps) / a.sqrt()
+        out = model_fn(x, torch.full((shape[0],), t, device=device, dtype=torch.long)).double()
+        x0, eps = schedules.x0_and_eps(prediction, x.double(), out, a)
         x = (a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps).float()
     return x
 

@@ -3,7 +3,9 @@ draws, the text conditioning, the frozen parts and the adjusted-latent source; t
 itself is :func:`.runner.run`, shared with the VAE stage.
 
 * Noise schedule: SD's DDPM "scaled linear" betas (``linspace(sqrt(8.5e-4), sqrt(1.2e-2),
-  1000) ** 2``), ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``, epsilon target (Eq. 7).
+  1000) ** 2``), ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``, epsilon target (Eq. 7);
+  ``--prediction v`` learns ``v`` instead and ``--zero-terminal-snr`` rescales the schedule
+  (:class:`NoiseSchedule`; the formulas are in :mod:`lib_layerdiffuse.schedules`).
 * Every random draw of a step (timestep, noise) is a function of (seed, step, sample index)
   only, as stage 1's offset dropout: a DDP step on N ranks sees the draws one process sees
   on the combined batch, and a resumed run the draws of an uninterrupted one.
@@ -31,7 +33,7 @@ import torch.distributed as torch_dist
 from safetensors import safe_open
 from torch import nn
 
-from .. import ldm_unet
+from .. import ldm_unet, schedules
 from . import data as tdata
 from . import dist, embeddings
 from .base_checkpoint import FAMILY_NAMES, TextConditioner, load_base
@@ -42,7 +44,7 @@ from .models import TrainEncoder
 from .runner import Stage, autocast_factory, no_sync, run
 from .vae_stage import frozen_vae_for
 
-NUM_TIMESTEPS = 1000
+NUM_TIMESTEPS = schedules.NUM_TIMESTEPS
 SD15_LATENT_SCALE = 0.18215
 
 # Tiny UNets with the real ldm names (CPU tests, experiments). "tiny-sd15" has the SD1.5
@@ -57,16 +59,50 @@ UNET_PRESETS: dict[str, dict] = {
 }  # fmt: skip
 
 
-def scaled_linear_alphas_cumprod(n: int = NUM_TIMESTEPS, start: float = 0.00085, end: float = 0.012) -> torch.Tensor:
-    """SD's ``alphas_cumprod`` (float64 math, float32 result), as ldm ``make_beta_schedule('linear')``."""
-    betas = torch.linspace(start**0.5, end**0.5, n, dtype=torch.float64) ** 2
-    return torch.cumprod(1.0 - betas, dim=0).float()
+scaled_linear_alphas_cumprod = schedules.scaled_linear_alphas_cumprod
 
 
 def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` with one timestep per row."""
-    a = alphas_cumprod.to(x0.device)[t].view(-1, *([1] * (x0.dim() - 1)))
-    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+    return schedules.q_sample(x0, noise, alphas_cumprod.to(x0.device)[t]).to(x0.dtype)
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """The run's schedule and parameterisation: ``alphas_cumprod`` (rescaled to zero terminal
+    SNR or not) and what the UNet predicts (``eps`` or ``v``)."""
+
+    alphas_cumprod: torch.Tensor
+    prediction: str = "eps"
+    zero_terminal_snr: bool = False
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The UNet's training target for ``x_t = q_sample(x0, t, noise)``."""
+        return schedules.target(self.prediction, x0, noise, self.alphas_cumprod.to(x0.device)[t]).to(x0.dtype)
+
+    @property
+    def summary(self) -> dict:
+        return {"prediction": self.prediction, "zero_terminal_snr": self.zero_terminal_snr}
+
+    @property
+    def signature(self) -> dict:
+        """Resume-state entries: only where not SD's default, so older states still resume."""
+        return {} if self.summary == {"prediction": "eps", "zero_terminal_snr": False} else self.summary
+
+
+def noise_schedule(cfg: UNetStageConfig, v_pred: bool = False, ztsnr: bool = False) -> NoiseSchedule:
+    """``--prediction`` / ``--zero-terminal-snr`` resolved (``auto``: the checkpoint's ``v_pred``
+    / ``ztsnr`` keys, as the hosts read them; False without --checkpoint)."""
+    if cfg.prediction not in ("auto", *schedules.PREDICTIONS):
+        raise UsageError(f"--prediction must be auto, eps or v, got {cfg.prediction!r}")
+    if cfg.zero_terminal_snr not in ("auto", "on", "off"):
+        raise UsageError(f"--zero-terminal-snr must be auto, on or off, got {cfg.zero_terminal_snr!r}")
+    prediction = ("v" if v_pred else "eps") if cfg.prediction == "auto" else cfg.prediction
+    zero = ztsnr if cfg.zero_terminal_snr == "auto" else cfg.zero_terminal_snr == "on"
+    acp = scaled_linear_alphas_cumprod()
+    if zero:
+        acp = schedules.rescale_zero_terminal_snr(acp)
+    return NoiseSchedule(acp, prediction, zero)
 
 
 def _generator(*parts: int) -> torch.Generator:
@@ -212,6 +248,7 @@ class Frozen:
     unet: nn.Module
     text: TextConditioner | None = None
     family: str | None = None  # sd15 | sdxl with --checkpoint
+    schedule: NoiseSchedule | None = None  # --prediction / --zero-terminal-snr resolved
 
 
 def frozen_parts(cfg: UNetStageConfig, info: dist.DistInfo, dataset, frozen_vae: nn.Module | None,
@@ -225,6 +262,7 @@ def frozen_parts(cfg: UNetStageConfig, info: dist.DistInfo, dataset, frozen_vae:
     family's, else :func:`resolve_latent_scale` (``auto`` measures ``latents(source, batch,
     device)`` on the first 32 samples)."""
     text, family, have_vae = None, None, frozen_vae is not None
+    v_pred = ztsnr = False
     if cfg.cache_embeddings and not cfg.checkpoint:
         raise UsageError("--cache-embeddings keeps the text encoders' embeddings: it needs --checkpoint")
     if cfg.checkpoint:
@@ -238,7 +276,7 @@ def frozen_parts(cfg: UNetStageConfig, info: dist.DistInfo, dataset, frozen_vae:
         base = load_base(cfg.checkpoint, cfg.frozen_dtype, parts, info.device)
         frozen_vae = base.vae if frozen_vae is None else frozen_vae
         unet = base.unet if unet is None else unet
-        text, family = base.text, base.family
+        text, family, v_pred, ztsnr = base.text, base.family, base.v_pred, base.ztsnr
         if info.is_main:
             print(f"[{label}] {FAMILY_NAMES[family]} checkpoint {cfg.checkpoint} (frozen {cfg.frozen_dtype})"
                   + (f"; ignored {len(base.ignored)} other tensors" if base.ignored else ""), flush=True)  # fmt: skip
@@ -261,7 +299,12 @@ def frozen_parts(cfg: UNetStageConfig, info: dist.DistInfo, dataset, frozen_vae:
         return latents(source, b, info.device)
 
     source.scale = resolve_latent_scale(cfg.latent_scale, have_vae or cfg.checkpoint is not None, first_latents, info)
-    return Frozen(source, dist.freeze(unet.to(info.device)), text, family)
+    schedule = noise_schedule(cfg, v_pred, ztsnr)
+    if info.is_main:
+        print(f"[{label}] prediction {schedule.prediction}, zero terminal SNR {'on' if schedule.zero_terminal_snr else 'off'}"
+              + (" (from the checkpoint's keys)" if "auto" in (cfg.prediction, cfg.zero_terminal_snr) and cfg.checkpoint
+                 else ""), flush=True)  # fmt: skip
+    return Frozen(source, dist.freeze(unet.to(info.device)), text, family, schedule)
 
 
 def _dropped(seed: int, step: int, index: int, frame: int, p: float) -> bool:
@@ -319,6 +362,7 @@ class StageParts:
     signature: dict = dataclasses.field(default_factory=dict)  # must match to resume
     metadata: dict = dataclasses.field(default_factory=dict)  # written into every file
     sample: Callable | None = None  # (png path, CPU batch) -> None; rank 0, see .sampling
+    schedule: NoiseSchedule | None = None  # its prediction / zero-terminal-SNR go into summary.json
 
 
 def evaluate(parts: StageParts) -> float | None:
@@ -355,6 +399,8 @@ def run_stage(cfg: UNetStageConfig, info: dist.DistInfo, parts: StageParts) -> d
 
     def prepare() -> dict:  # after the resume state is loaded
         start = {"eval_loss_start": evaluate(parts) if info.is_main else None}
+        if parts.schedule is not None:  # JSON string and bool (the metadata's values are strings)
+            start.update(parts.schedule.summary)
         wrapped["model"] = dist.wrap(model, info)
         return start
 

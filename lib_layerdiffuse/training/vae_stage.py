@@ -37,7 +37,7 @@ from .. import rgba as core_rgba
 from .. import vae as core_vae
 from . import checkpoint as ckpt
 from . import data as tdata
-from . import dist
+from . import dist, init_files
 from .base_checkpoint import FAMILY_NAMES, load_base
 from .config import VAEStageConfig
 from .finite import require_finite
@@ -323,10 +323,16 @@ def _step(cfg, info, pair_t, disc, disc_t, opt_g, opt_d, alpha, padded, premult,
 @stage_entry
 def train_vae_stage(cfg: VAEStageConfig, frozen_vae: nn.Module | None = None) -> dict:
     """Run the stage (single process, or one rank of a torchrun job). Returns a summary."""
-    info, out = start_run(cfg)
     widths = Widths.named(cfg.widths)
     if cfg.size % widths.multiple:
         raise ValueError(f"--size {cfg.size} must be a multiple of {widths.multiple} for the {cfg.widths} decoder")
+    inits = [(p, f, r, c) for p, f, r, c in ((cfg.init_encoder, "--init-encoder", "encoder", TrainEncoder),
+                                             (cfg.init_decoder, "--init-decoder", "decoder", TrainDecoder)) if p]  # fmt: skip
+    for path, flag, role, cls in inits:  # the headers, before --out is made
+        with torch.device("meta"):
+            module = cls(widths.encoder) if role == "encoder" else cls(widths.decoder, widths.decoder_attn_from)
+        init_files.check_vae_file(path, flag, role, module)
+    info, out = start_run(cfg)
     dataset = tdata.stage_dataset(cfg)
     if info.is_main:
         print(f"[vae] data: {tdata.describe(dataset)}", flush=True)
@@ -342,6 +348,13 @@ def train_vae_stage(cfg: VAEStageConfig, frozen_vae: nn.Module | None = None) ->
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     encoder, decoder = TrainEncoder(widths.encoder), TrainDecoder(widths.decoder, widths.decoder_attn_from)
+    for path, flag, role, _ in inits:
+        if role == "encoder":  # a file's last conv holds lambda_offset (checkpoint.encoder_export_state)
+            init_files.load_vae_file(path, flag, role, encoder, cfg.lambda_offset)
+        else:
+            init_files.load_vae_file(path, flag, role, decoder)
+        if info.is_main:
+            print(f"[vae] {flag} {path}", flush=True)
     pair = LatentTransparencyPair(encoder, decoder, frozen_vae, cfg.lambda_offset).to(info.device)
     disc = PatchDiscriminator(4, cfg.disc_width).to(info.device)
     opt_g = torch.optim.AdamW(pair.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
@@ -376,7 +389,10 @@ def train_vae_stage(cfg: VAEStageConfig, frozen_vae: nn.Module | None = None) ->
         step=step,
         export=export,
         signature={"stage": "vae", "widths": widths.as_dict()},
-        metadata={"widths": json.dumps(widths.as_dict())},
+        metadata={
+            "widths": json.dumps(widths.as_dict()),
+            **{flag.lstrip("-"): init_files.describe(path) for path, flag, _, _ in inits},
+        },  # fmt: skip
         prepare=prepare,
         sample=lambda path, done, batch, payload: save_sample_grid(path, batch, *payload),
         finish=lambda: evaluate(pair, eval_set, info.device) if eval_set is not None else {},
