@@ -29,6 +29,7 @@ import torch
 
 from . import conditioning as C
 from . import modes as M
+from . import psd
 from .attention_sharing import AttentionSharing
 from .errors import LayerDiffuseError
 from .options import DecodeOptions
@@ -730,3 +731,44 @@ def strip_layer_prompt(prompt: str, extras: list[str]) -> str:
         if prompt.startswith(f"{extra}, "):
             return prompt[len(extra) + 2 :]
     return prompt
+
+
+# -- the layers of each group, for the layered PSD file (lib_layerdiffuse/psd.py) ------------------
+
+
+def input_layer(which: str, image, resize_mode: str, height: int, width: int) -> np.ndarray:
+    """A user's layer image as the method used it, at ``height`` x ``width``, uint8 RGBA: the
+    foreground keeps its alpha (resized with the same mode); a background or blended image is
+    flattened on grey first, as the UNet side saw it (``conditioning.prepare_layer_image``)."""
+    if which == "fg":
+        return to_uint8(C.resize_image(C.as_rgba_float(image), resize_mode, height, width))
+    rgb = to_uint8(C.prepare_layer_image(image, resize_mode, height, width))
+    return np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 255, np.uint8)], axis=-1)
+
+
+class LayerGroups:
+    """The frames of each group of one generation, as they are saved, until the group is whole.
+
+    ``frames`` are the mode's frame names in batch order (``modes.Mode.frames``), ``inputs``
+    the user's layer images by input name ("fg", "bg", "blend") and ``resize_mode`` how the
+    method resized them. :meth:`add` returns a group's layers once all its frames are in.
+    """
+
+    def __init__(self, frames: tuple[str, ...], inputs: dict, resize_mode: str):
+        self.frames, self.inputs, self.resize_mode = frames, inputs, resize_mode
+        self.pending: dict[int, dict[str, np.ndarray]] = {}  # group -> frame name -> image
+
+    def group_of(self, index: int) -> int:
+        return index // len(self.frames)
+
+    def add(self, index: int, image: np.ndarray) -> list[psd.Layer] | None:
+        group = self.pending.setdefault(self.group_of(index), {})
+        group[self.frames[index % len(self.frames)]] = np.asarray(image, dtype=np.uint8)
+        if len(group) < len(self.frames):
+            return None
+        del self.pending[self.group_of(index)]
+        height, width = next(iter(group.values())).shape[:2]
+        inputs = {
+            k: input_layer(k, v, self.resize_mode, height, width) for k, v in self.inputs.items() if v is not None
+        }
+        return psd.mode_layers(group, inputs)

@@ -9,7 +9,7 @@ import numpy as np
 import psd_tools
 import pytest
 
-from lib_layerdiffuse import psd
+from lib_layerdiffuse import pipeline, psd
 
 
 def _images(h=40, w=56, seed=0):
@@ -146,7 +146,7 @@ def test_groups_build_the_layers_of_each_whole_group(resize_mode):
 
     rng = np.random.default_rng(3)
     bg_in = rng.integers(0, 256, (30, 50, 4), dtype=np.uint8)  # a background upload with some alpha
-    groups = psd.Groups(("foreground", "blended"), {"bg": bg_in, "fg": None}, resize_mode)
+    groups = pipeline.LayerGroups(("foreground", "blended"), {"bg": bg_in, "fg": None}, resize_mode)
     fg0, bl0, fg1, bl1 = (rng.integers(0, 256, (40, 56, c), dtype=np.uint8) for c in (4, 3, 4, 3))
     assert groups.add(0, fg0) is None
     assert groups.add(2, fg1) is None  # the next group's first frame
@@ -167,7 +167,7 @@ def test_groups_build_the_layers_of_each_whole_group(resize_mode):
 def test_a_user_foreground_keeps_its_alpha():
     fg = np.zeros((16, 16, 4), np.uint8)
     fg[4:12, 4:12] = (255, 0, 0, 255)
-    layer = psd.input_layer("fg", fg, "Just Resize", 32, 32)
+    layer = pipeline.input_layer("fg", fg, "Just Resize", 32, 32)
     assert layer.shape == (32, 32, 4)
     assert layer[0, 0, 3] == 0 and layer[16, 16, 3] >= 254  # 8-bit as the official: x * 255 truncated
     assert layer[16, 16, 0] >= 254 and layer[16, 16, 1] == 0

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import psd
+from ..pipeline import LayerGroups
 
 log = logging.getLogger("layerdiffuse")
 INDEX = "_layerdiffuse_frame"  # attribute of a frame's PIL image: its global index in the generation
@@ -48,7 +49,7 @@ class Layered:
 
     def __init__(self, mode, settings):
         inputs = {k: settings.image(k) for k in mode.inputs}
-        self.groups = psd.Groups(mode.frames, inputs, settings.resize_mode)
+        self.groups = LayerGroups(mode.frames, inputs, settings.resize_mode)
         self.group_size = mode.group
         self.images: dict[int, np.ndarray] = {}  # global index -> final pixels (saved ones replace them)
         self.files: dict[int, tuple[str, str | None]] = {}  # global index -> (saved path, infotext)
