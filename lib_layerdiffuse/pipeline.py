@@ -736,13 +736,19 @@ def strip_layer_prompt(prompt: str, extras: list[str]) -> str:
 # -- the layers of each group, for the layered PSD file (lib_layerdiffuse/psd.py) ------------------
 
 
+def _round_uint8(x: np.ndarray) -> np.ndarray:
+    return np.rint(np.clip(np.asarray(x, dtype=np.float32), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
 def input_layer(which: str, image, resize_mode: str, height: int, width: int) -> np.ndarray:
     """A user's layer image as the method used it, at ``height`` x ``width``, uint8 RGBA: the
     foreground keeps its alpha (resized with the same mode); a background or blended image is
-    flattened on grey first, as the UNet side saw it (``conditioning.prepare_layer_image``)."""
+    flattened on grey first, as the UNet side saw it (``conditioning.prepare_layer_image``).
+    Rounded to 8 bits (not truncated as generated images are): an upload at the generation size
+    comes back as its own pixel values, which float error would otherwise put 1 below."""
     if which == "fg":
-        return to_uint8(C.resize_image(C.as_rgba_float(image), resize_mode, height, width))
-    rgb = to_uint8(C.prepare_layer_image(image, resize_mode, height, width))
+        return _round_uint8(C.resize_image(C.as_rgba_float(image), resize_mode, height, width))
+    rgb = _round_uint8(C.prepare_layer_image(image, resize_mode, height, width))
     return np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 255, np.uint8)], axis=-1)
 
 

@@ -1130,9 +1130,22 @@ def test_xyz_with_a_checkpoint_axis_checks_the_family_per_cell(ctx, plot):
     assert len(ctx.gens) == 1  # the first cell ran
 
 
+def test_xyz_before_the_model_is_known_leaves_the_family_to_each_cell(ctx, plot, monkeypatch):
+    """Forge2/Neo load the checkpoint in the first generation (hosts/forge.py: family() is then the
+    selected file's, or None when unreadable): None is no reason to refuse the plot up front."""
+    monkeypatch.setattr(ctx.env.host, "family", lambda p: None)
+    with pytest.raises(RuntimeError, match=r"Weight = 3.*The plot was not started"):  # values still checked
+        plot.run(positional(SDXL_ATTN), x=("[LayerDiffuse] Weight", "0.5, 3"))
+    assert ctx.gens == []
+    monkeypatch.setattr(sys.modules["lib_layerdiffuse.hosts.a1111"], "detect_family", lambda unet: "sd15")
+    monkeypatch.setattr(ctx.env.host, "family", lambda p: None if not hasattr(p, "iteration") else "sd15")
+    p, processed = plot.run(positional(TRANSPARENT), x=("[LayerDiffuse] Stop At", "0.5, 1"))
+    assert len(ctx.gens) == 2  # not refused up front; both cells ran
+
+
 @pytest.mark.parametrize("lone", [False, True])
 def test_xyz_returns_the_transparent_cells_and_draws_them_on_the_checkerboard(ctx, plot, lone):
-    from lib_layerdiffuse.rgba import checkerboard_preview, to_uint8
+    from lib_layerdiffuse.rgba import checkerboard_preview
 
     p, processed = plot.run(positional(TRANSPARENT), x=("[LayerDiffuse] Stop At", "0.5, 1"), include_lone_images=lone)
     grid, cells = processed.images[0], processed.images[1:]
@@ -1308,6 +1321,10 @@ def pixels(path):
         return np.array(im)
 
 
+def rounded(x):
+    return np.rint(np.clip(x, 0, 1) * 255).astype(np.uint8)
+
+
 def check_group_psd(path, mode, frames: list[Path], inputs: dict, size=(64, 64)):
     """The PSD of one group: names, order, visibility, offsets; generated layers equal to their
     PNGs (alpha included), inputs as the method used them, merged image = the visible composite."""
@@ -1328,10 +1345,10 @@ def check_group_psd(path, mode, frames: list[Path], inputs: dict, size=(64, 64))
     for which, image in inputs.items():
         layer = by_name[LAYER_OF_INPUT[which]]
         if which == "fg":
-            want = to_uint8(C.resize_image(C.as_rgba_float(image), "Crop and Resize", size[1], size[0]))
+            want = rounded(C.resize_image(C.as_rgba_float(image), "Crop and Resize", size[1], size[0]))
             assert np.array_equal(layer, want)
         else:
-            want = to_uint8(C.prepare_layer_image(image, "Crop and Resize", size[1], size[0]))
+            want = rounded(C.prepare_layer_image(image, "Crop and Resize", size[1], size[0]))
             assert np.array_equal(layer[..., :3], want) and (layer[..., 3] == 255).all()
     visible = [psd.Layer(n, by_name[n]) for n in expected if n != "Blended"]
     composite = psd.composite(visible)
@@ -1440,15 +1457,29 @@ def test_without_psd_tools_the_pngs_are_saved_and_the_reason_said_once(ctx, monk
     assert "psd-tools" not in second.comments
 
 
-def test_the_gallery_refreshes_the_accordions_psd_box(env):
+@pytest.mark.parametrize("gallery_has_change", [True, False])
+def test_the_tabs_output_refreshes_the_accordions_psd_box(env, monkeypatch, gallery_has_change):
+    """Gradio 4 (Forge2, Neo): the gallery's change event; A1111's gradio 3.41 Gallery has none
+    (seen on a real A1111: "'Gallery' object has no attribute 'change'"): the infotext's."""
     from lib_layerdiffuse.hosts import layered
 
-    gallery = env.fake.gradio.Gallery() if hasattr(env.fake.gradio, "Gallery") else type("G", (), {})()
+    monkeypatch.setattr(layered, "_boxes", {})
+    monkeypatch.setattr(layered, "_triggers", {})
     events = []
-    gallery.change = lambda fn, inputs=None, outputs=None, **kw: events.append((fn, outputs))
+
+    class Output:
+        def __init__(self, name):
+            self.name = name
+
+    gallery, info = Output("gallery"), Output("info")
+    if gallery_has_change:
+        gallery.change = lambda fn, inputs=None, outputs=None, **kw: events.append(("gallery", fn, outputs))
+    info.change = lambda fn, inputs=None, outputs=None, **kw: events.append(("info", fn, outputs))
     layered.add_box("txt2img")
-    layered.after_component(gallery, "txt2img_gallery")
-    ((fn, outputs),) = events
+    layered.after_component(gallery, "txt2img_gallery")  # the hosts build the gallery first
+    layered.after_component(info, "html_info_txt2img")
+    ((which, fn, outputs),) = events
+    assert which == ("gallery" if gallery_has_change else "info")
     assert outputs == [layered._boxes["txt2img"]]
     layered.remember("txt2img", [])
     assert fn()["visible"] is False

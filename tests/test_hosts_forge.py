@@ -676,6 +676,27 @@ def test_family_refusals_before_weights(monkeypatch, neo_adapter, host, files_in
         M.check_family(M.resolve("FG_ONLY_ATTN"), "SD3")
 
 
+class FakeInitialModel:  # both hosts' placeholder until the first generation loads the checkpoint
+    pass
+
+
+@pytest.mark.parametrize("host", ["forge2", "neo"])
+def test_family_before_the_first_load_comes_from_the_selected_checkpoint(monkeypatch, neo_adapter, host):
+    """Found on a real Neo: an X/Y/Z plot as the first generation checked its cells against the
+    placeholder model and refused a valid SD1.5 plot ("the loaded model is FakeInitialModel")."""
+    import lib_layerdiffuse.hosts as hosts_pkg
+
+    use_host(monkeypatch, host)
+    seen = []
+    monkeypatch.setattr(hosts_pkg, "checkpoint_family", lambda title=None: seen.append(title) or "sd15")
+    p = SimpleNamespace(sd_model=FakeInitialModel())
+    assert forge.ForgeHost().family(p) == "sd15" and seen == [None]
+    monkeypatch.setattr(hosts_pkg, "checkpoint_family", lambda title=None: None)  # unreadable file
+    assert forge.ForgeHost().family(p) is None  # not "FakeInitialModel": each cell then checks itself
+    p.sd_model = SimpleNamespace(is_sd1=False, is_sdxl=True)
+    assert forge.ForgeHost().family(p) == "sdxl"
+
+
 # -- outputs ----------------------------------------------------------------------------------
 
 

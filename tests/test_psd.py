@@ -142,7 +142,6 @@ def test_available_says_when_psd_tools_cannot_write(monkeypatch):
 @pytest.mark.parametrize("resize_mode", ["Just Resize", "Crop and Resize", "Resize and Fill"])
 def test_groups_build_the_layers_of_each_whole_group(resize_mode):
     from lib_layerdiffuse import conditioning as C
-    from lib_layerdiffuse.rgba import to_uint8
 
     rng = np.random.default_rng(3)
     bg_in = rng.integers(0, 256, (30, 50, 4), dtype=np.uint8)  # a background upload with some alpha
@@ -156,7 +155,7 @@ def test_groups_build_the_layers_of_each_whole_group(resize_mode):
         ("Foreground", True),
         ("Blended", False),
     ]
-    expected_bg = to_uint8(C.prepare_layer_image(bg_in, resize_mode, 40, 56))  # as the method used it
+    expected_bg = np.rint(np.clip(C.prepare_layer_image(bg_in, resize_mode, 40, 56), 0, 1) * 255).astype(np.uint8)
     assert np.array_equal(layers[0].rgba[..., :3], expected_bg) and (layers[0].rgba[..., 3] == 255).all()
     assert np.array_equal(layers[1].rgba, fg0)
     assert np.array_equal(layers[2].rgba[..., :3], bl0)
@@ -171,3 +170,15 @@ def test_a_user_foreground_keeps_its_alpha():
     assert layer.shape == (32, 32, 4)
     assert layer[0, 0, 3] == 0 and layer[16, 16, 3] >= 254  # 8-bit as the official: x * 255 truncated
     assert layer[16, 16, 0] >= 254 and layer[16, 16, 1] == 0
+
+
+def test_an_input_at_the_generation_size_keeps_its_pixel_values():
+    """Found on the real hosts: (30, 30, 200) became (29, 29, 200) (grey flattening in float32 gave
+    29.99998, then truncated)."""
+    bg = np.zeros((16, 24, 4), np.uint8)
+    bg[...] = (30, 30, 200, 255)
+    bg[:8, :, :3] = np.arange(24, dtype=np.uint8)[None, :, None] * 10
+    for mode in ("Just Resize", "Crop and Resize", "Resize and Fill"):
+        layer = pipeline.input_layer("bg", bg, mode, 16, 24)
+        assert np.array_equal(layer[..., :3], bg[..., :3]) and (layer[..., 3] == 255).all(), mode
+        assert np.array_equal(pipeline.input_layer("fg", bg, mode, 16, 24), bg), mode

@@ -727,7 +727,9 @@ def _check_cell(p, host, overrides: dict, where: str, model: bool) -> None:
                 "the [LayerDiffuse] axes apply only when LayerDiffuse is enabled: tick LayerDiffuse, or choose "
                 "another axis."
             )
-        family = host.family(p) if model and host is not None else settings.mode.family
+        family = host.family(p) if model and host is not None else None
+        if family is None:  # another axis loads the cell's model, or the model is not known yet: each cell checks
+            family = settings.mode.family
         prompts = [getattr(p, "prompt", ""), getattr(p, "hr_prompt", "")]
         prompts = [q for v in prompts for q in (v if isinstance(v, list) else [v])]
         check_request(settings, family, p.batch_size, p.width, p.height, prompts)

@@ -342,6 +342,12 @@ class ForgeHost(WebUIHost):
     name = HOST_NAME
 
     def family(self, p) -> str | None:
+        if type(p.sd_model).__name__ == "FakeInitialModel":
+            # both hosts load the checkpoint inside the first generation; before it (an X/Y/Z plot's
+            # check of its cells) the selected checkpoint's file header tells the family
+            from . import checkpoint_family
+
+            return checkpoint_family()
         return _family(p.sd_model)
 
     def prediction(self, p) -> str | None:

@@ -202,10 +202,14 @@ def finish(p, gen, processed, tab: str) -> None:
     gen.layered = None
 
 
-# -- the accordion's download box, refreshed when the tab's gallery changes ----------------------
+# -- the accordion's download box, refreshed when the tab's output changes ---------------------------
 
 _boxes: dict[str, object] = {}
-_galleries: dict[str, object] = {}
+_triggers: dict[str, object] = {}  # tab -> the output component whose change refreshes the box
+# what changes after every generation, by elem_id on all three hosts: the gallery (gradio 4: Forge2,
+# Neo), else the infotext under it (A1111's gradio 3.41 Gallery has no change event)
+_OUTPUTS = {"txt2img_gallery": "txt2img", "img2img_gallery": "img2img",
+            "html_info_txt2img": "txt2img", "html_info_img2img": "img2img"}  # fmt: skip
 
 
 def add_box(tab: str) -> None:
@@ -214,19 +218,18 @@ def add_box(tab: str) -> None:
 
     _boxes[tab] = gr.File(label="Layered PSD files of the last generation", file_count="multiple",
                           interactive=False, visible=False, elem_id=f"layerdiffuse_{tab}_psd")  # fmt: skip
-    if tab in _galleries:
-        _wire(tab)
+    if tab in _triggers:
+        _wire(tab, _triggers[tab])
 
 
 def after_component(component, elem_id) -> None:
-    """``on_after_component``: the tabs' galleries (``txt2img_gallery``, ``img2img_gallery`` on all
-    three hosts), built after the scripts' UI; each refreshes its tab's box when it changes."""
-    tab = {"txt2img_gallery": "txt2img", "img2img_gallery": "img2img"}.get(elem_id or "")
-    if tab is None:
-        return
-    _galleries[tab] = component
+    """``on_after_component``: the tab's outputs, built after the scripts' UI."""
+    tab = _OUTPUTS.get(elem_id or "")
+    if tab is None or not callable(getattr(component, "change", None)) or tab in _triggers:
+        return  # the first output with a change event (the gallery where it has one) wins
+    _triggers[tab] = component
     if tab in _boxes:
-        _wire(tab)
+        _wire(tab, component)
 
 
 def box_update(tab: str):
@@ -236,8 +239,8 @@ def box_update(tab: str):
     return gr.update(value=files or None, visible=bool(files))
 
 
-def _wire(tab: str) -> None:
+def _wire(tab: str, trigger) -> None:
     try:
-        _galleries[tab].change(lambda: box_update(tab), inputs=None, outputs=[_boxes[tab]], show_progress=False)
+        trigger.change(lambda: box_update(tab), inputs=None, outputs=[_boxes[tab]], show_progress=False)
     except Exception as e:  # the files are still saved and named under the gallery
         log.warning("LayerDiffuse: cannot offer the layered PSD files in the %s tab: %s", tab, e)
