@@ -1,9 +1,14 @@
+import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-from safetensors.torch import save_file
+# Idle OpenMP threads sleep instead of spinning: beside another CPU-heavy process on 2 cores, the
+# spinning second thread of every op made the reference tests 2-8x slower. Read when torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))
@@ -11,6 +16,31 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 from weightgen import DATA, make_state_dict, manifest_shapes  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+# LAYERDIFFUSE_TEST_NO_MKLDNN=1 turns oneDNN off for the session: convolutions and matmuls then run
+# ATen's own kernels, which round differently, as another CPU's do. .ci/run reruns the tests
+# marked "reference" this way and with ATEN_CPU_CAPABILITY=default (tests/tolerance.py).
+NO_MKLDNN = os.environ.get("LAYERDIFFUSE_TEST_NO_MKLDNN", "").strip() not in ("", "0")
+
+
+def pytest_report_header(config):
+    onednn = "off" if NO_MKLDNN else ("on" if torch.backends.mkldnn.is_available() else "not built")
+    return (
+        f"torch {torch.__version__}: CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"oneDNN {onednn}, {torch.get_num_threads()} threads"
+    )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _mkldnn_switch():
+    if not NO_MKLDNN:
+        yield
+        return
+    before = torch.backends.mkldnn.set_flags(False)[0]  # this flag only: flags() also sets TF32 and warns
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.set_flags(before)
 
 
 @pytest.fixture(scope="session")

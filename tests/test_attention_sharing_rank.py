@@ -3,6 +3,7 @@
 
 import pytest
 import torch
+from tolerance import assert_close_rel
 from unet_tree import build_tree
 from weightgen import make_state_dict, manifest_shapes
 
@@ -21,6 +22,7 @@ def test_official_layouts_have_the_official_rank(manifest):
     assert file_rank(manifest_shapes(manifest)) == RANK == 256
 
 
+@pytest.mark.reference
 def test_a_rank_4_file_equals_its_zero_padded_rank_256_form():
     """The same LoRA products at rank 4 and zero-padded to 256: the units compute the same."""
     state = _state(2, True, rank=4)
@@ -44,7 +46,8 @@ def test_a_rank_4_file_equals_its_zero_padded_rank_256_form():
             outs.append([u(torch.randn(4, 16, 8, generator=torch.Generator().manual_seed(i))) for i, u in
                          enumerate(sharing.units)])  # fmt: skip
     for a, b in zip(*outs, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        # zero rows and columns take other matmul shapes and kernels: the same maths, not the same sums
+        assert_close_rel(a, b)
 
 
 def test_mixed_ranks_are_refused_by_name():

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerance import ROUNDING, assert_close_rel
 from torch import nn
 
 from lib_layerdiffuse import fastnorm, tiling
@@ -32,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # FastGroupNorm
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("shape", [(2, 32, 16, 24), (1, 64, 33, 7), (3, 8, 5, 5), (2, 12, 40)])
 @pytest.mark.parametrize("offset", [0.0, 20.0])
 @pytest.mark.parametrize("affine", [True, False])
@@ -46,10 +48,11 @@ def test_plain_matches_nn_groupnorm_fp32(shape, offset, affine):
             ref.bias.normal_(generator=g)
         fast.load_state_dict(ref.state_dict())
     with torch.no_grad():
-        torch.testing.assert_close(fast(x), ref(x), atol=1e-5, rtol=0)
-        torch.testing.assert_close(fast(x, silu=True), F.silu(ref(x)), atol=1e-5, rtol=0)
+        assert_close_rel(fast(x), ref(x))
+        assert_close_rel(fast(x, silu=True), F.silu(ref(x)))
 
 
+@pytest.mark.reference
 def test_plain_half_uses_fp32_statistics(monkeypatch):
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(2, 32, 16, 16, generator=g) * 0.5 + 8).half()
@@ -75,32 +78,40 @@ def test_fastgroupnorm_is_a_groupnorm_with_the_same_keys():
         FastGroupNorm(4, 32, mode="fused")
 
 
+@pytest.mark.reference
 def test_plain_norm_keeps_autograd():
-    x = torch.randn(2, 8, 4, 4, requires_grad=True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 4, 4, generator=g, requires_grad=True)
+    # a random projection: the gradient of square().sum() through a norm is ~0 (noise against noise)
+    proj = torch.randn(2, 8, 4, 4, generator=g)
     m = FastGroupNorm(4, 8, mode="plain")
     ref = nn.GroupNorm(4, 8)
-    (gx,) = torch.autograd.grad(m(x).square().sum(), x)
-    (rx,) = torch.autograd.grad(ref(x).square().sum(), x)
-    torch.testing.assert_close(gx, rx, atol=1e-5, rtol=0)
+    (gx,) = torch.autograd.grad((m(x) * proj).sum(), x)
+    (rx,) = torch.autograd.grad((ref(x) * proj).sum(), x)
+    assert rx.abs().max() > 0.1
+    assert_close_rel(gx, rx)
 
 
+@pytest.mark.reference
 @torch.no_grad()
 def test_decoder_in_plain_mode_matches_official(decoder, reference):
     assert sum(isinstance(m, FastGroupNorm) for m in decoder.modules()) == 91
     try:
         set_group_norm_mode(decoder, "plain")
         out = decoder(reference["dec_pixel"], reference["dec_latent"])
-        torch.testing.assert_close(out, reference["dec_out"], atol=1e-4, rtol=0)
+        assert_close_rel(out, reference["dec_out"])
         tta = decode_rgba(decoder, reference["tta_pixel"], reference["tta_latent"], views_per_batch=4)
-        torch.testing.assert_close(tta, reference["tta_out"], atol=1e-4, rtol=0)
+        assert_close_rel(tta, reference["tta_out"])
     finally:
         set_group_norm_mode(decoder, "auto")
 
 
 TRITON_SCRIPT = textwrap.dedent(
     """
-    import torch, torch.nn.functional as F
+    import sys, torch, torch.nn.functional as F
     from lib_layerdiffuse import fastnorm as fn
+    sys.path.insert(0, "tests")
+    from tolerance import FP32
     assert fn.HAS_TRITON
     g = torch.Generator().manual_seed(0)
     for shape, silu in [((2, 32, 16, 24), False), ((1, 64, 33, 7), True), ((3, 8, 100, 50), True)]:
@@ -109,7 +120,7 @@ TRITON_SCRIPT = textwrap.dedent(
         ref = F.group_norm(x, 4, w, b, 1e-5)
         ref = F.silu(ref) if silu else ref
         y = fn.group_norm_triton(x, 4, w, b, 1e-5, silu, block=256)
-        assert (y - ref).abs().max() < 1e-5, (shape, (y - ref).abs().max())
+        assert (y - ref).abs().max() <= FP32 * ref.abs().max(), (shape, (y - ref).abs().max())
         yh = fn.group_norm_triton(x.half(), 4, w, b, 1e-5, silu, block=256)
         assert yh.dtype == torch.float16 and (yh.float() - ref).abs().max() < 1e-2
     print("ok")
@@ -132,8 +143,8 @@ def test_triton_matches_nn_groupnorm_on_cuda():
     fast = FastGroupNorm(4, 64, mode="triton").cuda()
     fast.load_state_dict(ref.state_dict())
     with torch.no_grad():
-        torch.testing.assert_close(fast(x), ref(x), atol=1e-5, rtol=0)
-        torch.testing.assert_close(fast(x, silu=True), F.silu(ref(x)), atol=1e-5, rtol=0)
+        assert_close_rel(fast(x), ref(x))
+        assert_close_rel(fast(x, silu=True), F.silu(ref(x)))
 
 
 # ---------------------------------------------------------------------------------------
@@ -176,6 +187,7 @@ class CountingDecoder(nn.Module):
         return torch.cat([pixel.mean(1, keepdim=True) * ramp, pixel], 1) * self.w + 0.1 * lat
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize(("per", "batches"), [(1, [1] * 8), (3, [2] * 4), (4, [4, 4]), (8, [4, 4])])
 def test_views_are_chunked_evenly(per, batches):
     d = CountingDecoder()
@@ -236,6 +248,7 @@ def test_tile_plan_covers_on_the_latent_grid(size, tile, overlap):
     assert tiling.tile_plan(size, size + 64) == [0]
 
 
+@pytest.mark.reference
 def test_tiled_blend_is_a_partition_of_unity():
     """A per-pixel decode comes back exactly: only the blending is under test."""
 
@@ -245,7 +258,7 @@ def test_tiled_blend_is_a_partition_of_unity():
     g = torch.Generator().manual_seed(5)
     pixel, latent = torch.rand(2, 3, 256, 192, generator=g), torch.randn(2, 4, 32, 24, generator=g)
     out = tiling.decode_tiled(pointwise, pixel, latent, 128, 32)
-    torch.testing.assert_close(out, pointwise(pixel, latent), atol=1e-6, rtol=0)
+    assert_close_rel(out, pointwise(pixel, latent), ROUNDING)
 
 
 @torch.no_grad()
@@ -271,6 +284,7 @@ def test_tiled_decode_error_against_whole(decoder):
         decode_rgba(decoder, pixel, latent, passes=1, tile_size=100)
 
 
+@pytest.mark.reference
 def test_one_tile_is_the_whole_decode():
     d = CountingDecoder()
     pixel, latent = torch.rand(1, 3, 128, 64), torch.randn(1, 4, 16, 8)

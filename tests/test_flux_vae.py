@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from tolerance import assert_close_rel
 from weightgen import DATA, make_state_dict, manifest_shapes
 
 from lib_layerdiffuse import flux
 from lib_layerdiffuse import rgba as R
 from lib_layerdiffuse import vae as V
 from lib_layerdiffuse.tiling import decode_tiled
-
-TOL = 1e-4
 
 
 def shapes(module):
@@ -83,19 +82,21 @@ def test_manifests_are_the_pth_entries():
 # --- decode against the reference -----------------------------------------------------------
 
 
+@pytest.mark.reference
 def test_decoder_forward_matches_reference(decoder16, ref):
     with torch.no_grad():
         out = decoder16(flux.to_pixel(ref["pixel_raw"]), ref["latent"])
-    torch.testing.assert_close(out, ref["decoder_raw"], atol=TOL, rtol=0)
+    assert_close_rel(out, ref["decoder_raw"])
 
 
+@pytest.mark.reference
 def test_decode_rgba_matches_reference_tta(decoder16, ref):
     pixel = flux.to_pixel(ref["pixel_raw"])
     assert pixel.max() > 1 and pixel.min() < 0  # the overshoot reaches the decoder as it is
     out = flux.decode_rgba(decoder16, pixel, ref["latent"])
     assert out.shape == (1, 4, 64, 64) and out.dtype == torch.float32
     # the reference writes R, G, B, alpha; ours is alpha first
-    torch.testing.assert_close(out, ref["decode_tta"][:, [3, 0, 1, 2]], atol=TOL, rtol=0)
+    assert_close_rel(out, ref["decode_tta"][:, [3, 0, 1, 2]])
 
 
 # --- decode logic on a narrow instance of the same class ----------------------------------------
@@ -135,12 +136,19 @@ def reference_tta(decoder, pixel, latent):
     return torch.cat(out)
 
 
+def raw_scale(decoder, pixel, latent):
+    """The largest raw output before the clip to [0, 1], the size the rounding noise follows."""
+    with torch.no_grad():
+        return float(decoder(pixel, latent).abs().max())
+
+
 def inputs(b=2, h=64, w=128, seed=0):
     g = torch.Generator().manual_seed(seed)
     pixel = torch.randn(b, 3, h, w, generator=g) * 0.4 + 0.5  # about [-0.7, 1.7]: not clipped
     return pixel, torch.randn(b, 16, h // 8, w // 8, generator=g)
 
 
+@pytest.mark.reference
 @torch.no_grad()
 def test_decode_rgba_is_the_reference_tta_alpha_first(narrow16):
     pixel, latent = inputs(b=1)  # 64x128: odd k swap H and W
@@ -148,9 +156,11 @@ def test_decode_rgba_is_the_reference_tta_alpha_first(narrow16):
     assert ((want == 0) | (want == 1)).any()  # the clip is exercised
     # 3 views per forward (views with odd k batch apart from the others)
     out = flux.decode_rgba(narrow16, pixel, latent, views_per_batch=3)
-    torch.testing.assert_close(out, want[:, [3, 0, 1, 2]], atol=TOL, rtol=0)  # CPU channels-last: ~3e-5
+    # channels-last against contiguous convolutions: the noise follows the raw outputs (up to ~12), not the clip
+    assert_close_rel(out, want[:, [3, 0, 1, 2]], scale=raw_scale(narrow16, pixel, latent))
 
 
+@pytest.mark.reference
 @torch.no_grad()
 def test_speed_knobs(narrow16):
     pixel, latent = inputs(b=1)
@@ -159,13 +169,14 @@ def test_speed_knobs(narrow16):
         return narrow16(p, lat).clip(0, 1)[:, [3, 0, 1, 2]]
 
     raw = one_pass(pixel, latent)
-    torch.testing.assert_close(flux.decode_rgba(narrow16, pixel, latent, passes=1), raw, atol=TOL, rtol=0)
-    torch.testing.assert_close(flux.decode_rgba(narrow16, pixel, latent, augment=False), raw, atol=TOL, rtol=0)
+    scale = raw_scale(narrow16, pixel, latent)
+    assert_close_rel(flux.decode_rgba(narrow16, pixel, latent, passes=1), raw, scale=scale)
+    assert_close_rel(flux.decode_rgba(narrow16, pixel, latent, augment=False), raw, scale=scale)
     calls = []
     tiled = flux.decode_rgba(
         narrow16, pixel, latent, passes=1, tile_size=64, tile_overlap=16, callback=lambda d, t: calls.append((d, t))
     )
-    torch.testing.assert_close(tiled, decode_tiled(one_pass, pixel, latent, 64, 16), atol=TOL, rtol=0)
+    assert_close_rel(tiled, decode_tiled(one_pass, pixel, latent, 64, 16), scale=scale)
     assert calls == [(1, 3), (2, 3), (3, 3)]  # 3 tiles of 64 over 128 px with 16 px overlap
     assert flux.decode_rgba(narrow16, pixel, latent, passes=1, tile_size="auto").shape == (1, 4, 64, 128)
     # any multiple of 8, as for SD: replicate-padded and cropped back
@@ -219,24 +230,27 @@ def hwc(ref):
     return ref["rgba"][0].permute(1, 2, 0).contiguous().numpy()
 
 
+@pytest.mark.reference
 @torch.no_grad()
 def test_encoder_module_matches_reference(encoder16, ref):
     img = hwc(ref)
     feed = np.concatenate([R.pad_rgb(img), img[..., 3:]], axis=2)  # alpha last
     out = encoder16(torch.from_numpy(feed).permute(2, 0, 1)[None])
-    torch.testing.assert_close(out, ref["encoder_raw"], atol=1e-5, rtol=0)
+    assert_close_rel(out, ref["encoder_raw"])
 
 
+@pytest.mark.reference
 def test_encode_offset_matches_reference(encoder16, ref):
     img = hwc(ref)
     want = ref["encoder_raw"] * 300.0
     for given in (img, [img], ref["rgba"]):
         out = flux.encode_offset(encoder16, given)
         assert out.shape == (1, 16, 8, 16)
-        torch.testing.assert_close(out, want, atol=TOL, rtol=0)
+        # x300: values near 45, and 300 times the absolute rounding noise of the raw output
+        assert_close_rel(out, want)
     two = flux.encode_offset(encoder16, [img, img[::-1].copy()])
     assert two.shape == (2, 16, 8, 16)
-    torch.testing.assert_close(two[:1], want, atol=5 * TOL, rtol=0)  # batch 2 may round differently
+    assert_close_rel(two[:1], want)  # batch 2 takes other kernels: the same rule
 
 
 def test_vae_input_matches_reference_and_is_per_image(ref):
@@ -250,10 +264,11 @@ def test_vae_input_matches_reference_and_is_per_image(ref):
     torch.testing.assert_close(both[1], want, atol=1e-6, rtol=0)
 
 
+@pytest.mark.reference
 def test_apply_offset_gives_the_reference_init_latent(encoder16, ref):
     mean, logvar = ref["moments"].chunk(2, dim=1)
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
     z = flux.apply_offset(mean, std, flux.encode_offset(encoder16, hwc(ref)))
-    torch.testing.assert_close(z, ref["init_latent"], atol=TOL, rtol=1e-5)
+    assert_close_rel(z, ref["init_latent"])
     torch.testing.assert_close(flux.unscale_latent(flux.scale_latent(mean)), mean, atol=1e-5, rtol=0)
     torch.testing.assert_close(flux.scale_latent(torch.tensor(1.1159)), torch.tensor(0.3611))

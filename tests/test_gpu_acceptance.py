@@ -11,13 +11,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tolerance import FP32
+
 from lib_layerdiffuse import modes
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_acceptance.py"
 # fp32 on a CPU, ours (plain / torch GroupNorm, channels-last weights) against the official
-# 8-pass scheme: measured up to 1.3e-5 at 64 and 128 px.
-DIFF_TOL = 1e-4
+# 8-pass scheme. The outputs are clipped to [0, 1], but the rounding follows the raw outputs,
+# which reach 2.5 on these generated weights and inputs: measured up to 1.3e-5 at 64 and 128 px
+# (1 or 2 threads, oneDNN off, ATEN_CPU_CAPABILITY default / avx2 / avx512), ~20x under this.
+DIFF_TOL = FP32 * 2.5
 
 DECODE_FIELDS = ("seconds", "peak_gib", "max_abs_diff_vs_official")
 FIELDS = {

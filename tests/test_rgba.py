@@ -5,12 +5,12 @@ import os
 import numpy as np
 import pytest
 from PIL import Image
+from tolerance import assert_close_rel
 
 from lib_layerdiffuse import rgba as R
 
-TOL = 1e-4
 
-
+@pytest.mark.reference
 @pytest.mark.parametrize(
     "src,out",
     [("rgba_u8", "pad_rgb_out"), ("transparent_u8", "pad_rgb_transparent_out"), ("opaque_u8", "pad_rgb_opaque_out")],
@@ -19,7 +19,7 @@ def test_pad_rgb_matches_official(reference, src, out):
     img = reference[src].numpy().astype(np.float32) / 255.0
     got = R.pad_rgb(img)
     assert got.dtype == np.float32 and got.shape == img.shape[:2] + (3,)
-    np.testing.assert_allclose(got, reference[out].numpy(), atol=TOL, rtol=0)
+    assert_close_rel(got, reference[out].numpy())
 
 
 def test_pad_rgb_keeps_visible_and_fills_transparent():
@@ -33,10 +33,11 @@ def test_pad_rgb_keeps_visible_and_fills_transparent():
     assert np.abs(out[:, 30:] - [1.0, 0.2, 0.1]).max() < 0.05
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("size", ["128x192", "100x130"])
 def test_checkerboard_matches_official(reference, size):
     got = R.checkerboard_preview(reference[f"cb_rgba_{size}"].numpy())
-    np.testing.assert_allclose(got, reference[f"cb_out_{size}"].numpy(), atol=TOL, rtol=0)
+    assert_close_rel(got, reference[f"cb_out_{size}"].numpy())
 
 
 def test_checkerboard_cells_and_small_images():
