@@ -182,7 +182,10 @@ def test_second_run_on_one_out_is_refused_and_a_killed_ones_lock_taken_over(tmp_
         line = _one_error_line(capsys.readouterr().err)
         assert f"PID {first.pid}" in line and "train.lock" in line, line
         assert first.poll() is None  # the first run goes on
-        assert not (out / "summary.json").exists() and set(os.listdir(out)) <= before | {"loss.png"}
+        # the refused run wrote nothing (the first one goes on writing: its own files and temporaries)
+        new = set(os.listdir(out)) - before
+        assert not (out / "summary.json").exists() and not any(f".{os.getpid()}." in n for n in new), new
+        assert {n for n in new if f".{first.pid}." not in n} <= {"loss.png"}, new
         first.send_signal(signal.SIGKILL)
         first.communicate(timeout=60)
     finally:
