@@ -1517,6 +1517,7 @@ def test_degenerate_alpha_is_named_in_the_infotext_and_warned_once(ctx, monkeypa
     warnings = [line for line in processed.comments.splitlines() if line.startswith("LayerDiffuse:")]
     assert len(warnings) == 1
     assert f"{what} in images 1, 2, 3, 4" in warnings[0]
+    assert json.loads(processed.js())["layerdiffuse_warnings"] == warnings  # API clients see it too
     assert "simple grey background" in warnings[0] and "lower Weight" in warnings[0]
     assert "Adapt LayerDiffuse to your checkpoint" in warnings[0]
 

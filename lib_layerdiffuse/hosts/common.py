@@ -395,6 +395,7 @@ class WebUIHost(Host):
         comments = getattr(processed, "comments", None)
         if isinstance(comments, str) and text not in comments:
             processed.comments = f"{comments}{text}\n"
+            add_info(processed, "layerdiffuse_warnings", text)  # the API's info has no comments (seen on Neo)
 
     # -- img2img ----------------------------------------------------------------------------
 
@@ -619,6 +620,29 @@ def _extend_api_options_model() -> None:
             models.OptionsModel = create_model("Options", __base__=model, **missing)
     except Exception as e:  # the settings still work; only the API listing lacks them
         log.warning("LayerDiffuse: could not add the settings to the API's options model: %s", e)
+
+
+_INFO = "_layerdiffuse_info"  # the attribute of a Processed that holds our additions to its info JSON
+
+
+def add_info(processed, key: str, value) -> None:
+    """Append ``value`` (or what a callable returns when the JSON is made) to the list ``key`` of
+    the ``info`` JSON the API returns (``processed.js()``; on every host it carries neither the
+    comments under the gallery nor anything of ours otherwise)."""
+    extra = processed.__dict__.get(_INFO)
+    if extra is None:
+        import json
+
+        extra = processed.__dict__[_INFO] = {}
+        original = processed.js
+
+        def js():
+            info = json.loads(original())
+            info.update({k: [v() if callable(v) else v for v in values] for k, values in extra.items()})
+            return json.dumps(info, default=lambda o: None)
+
+        processed.js = js
+    extra.setdefault(key, []).append(value)
 
 
 def _init_rgba(gen, index: int, size) -> np.ndarray:

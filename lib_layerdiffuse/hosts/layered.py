@@ -19,7 +19,6 @@ images are already saved and no partial ``.psd`` is left (psd.write_psd is atomi
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import os
 import tempfile
@@ -123,20 +122,9 @@ def last(tab: str) -> list[str]:
         return [f for f in _last.get(tab, []) if os.path.isfile(f)]
 
 
-def add_to_api_info(processed, files: list[str]) -> None:
-    """API responses: the PSD files as base64 in ``info`` (``layerdiffuse_psd``: name, path, data)."""
-    original = processed.js
-
-    def js():
-        info = json.loads(original())
-        entries = []
-        for f in files:
-            with open(f, "rb") as fh:
-                entries.append({"name": os.path.basename(f), "path": f, "data": base64.b64encode(fh.read()).decode()})
-        info["layerdiffuse_psd"] = entries
-        return json.dumps(info, default=lambda o: None)
-
-    processed.js = js
+def _entry(path: str) -> dict:
+    with open(path, "rb") as f:
+        return {"name": os.path.basename(path), "path": path, "data": base64.b64encode(f.read()).decode()}
 
 
 # -- the hooks the script calls -----------------------------------------------------------------
@@ -198,7 +186,10 @@ def finish(p, gen, processed, tab: str) -> None:
         processed.comments = (getattr(processed, "comments", "") or "") + "".join(f"{line}\n" for line in lines)
     remember(tab, layered.written)
     if layered.written and getattr(p, "is_api", False):
-        add_to_api_info(processed, layered.written)
+        from .common import add_info
+
+        for f in layered.written:  # read when the response is made: no copy in memory until then
+            add_info(processed, "layerdiffuse_psd", lambda f=f: _entry(f))
     gen.layered = None
 
 
