@@ -598,7 +598,8 @@ def test_real_decoder_end_to_end(ctx, monkeypatch):
 
 
 LIFETIME_TYPES = ("Generation", "Recorded", "UNetSession", "ModuleBackend", "A1111Backend", "AttentionSharing",
-                  "AttentionSharingUnit", "ModulePatcher", "SharingState")  # fmt: skip
+                  "AttentionSharingUnit", "ModulePatcher", "SharingState",
+                  "Layered", "LayerGroups")  # the layered PSD's state holds the group's images  # fmt: skip
 
 
 def live_objects() -> dict[str, int]:
