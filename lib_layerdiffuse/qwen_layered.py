@@ -1,0 +1,200 @@
+"""Qwen-Image-Layered (image in, N RGBA layers out): the host-free math around the transformer.
+
+Everything here is plain torch/numpy and follows the released model's pipeline
+(``QwenImageLayeredPipeline`` and ``QwenEmbedLayer3DRope`` in diffusers 0.42.1, read for facts,
+not copied). The RGBA VAE lives in
+``lib_layerdiffuse/qwen_vae.py``. Conventions:
+
+- a latent video is ``[B, F, 16, h, w]`` (frame axis before channels) when packed, and the
+  unpacked result is ``[B, 16, F, h, w]`` as the pipeline hands it to the VAE;
+- there are ``layers + 1`` generated frames (frame 0 is the re-generated composite, dropped
+  before decoding) followed by one condition frame (the encoded input image);
+- images are ``[1, 4, H, W]`` RGBA (straight alpha) in [-1, 1].
+
+Tests: tests/test_qwen_layered.py, against numbers computed from the reference implementation
+(tests/data/qwen_layered_refs.safetensors).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .errors import SettingsError
+
+LATENT_CHANNELS = 16
+PATCH = 2  # the transformer sees 2x2 latent patches: 16 * 2 * 2 = 64 channels per token
+VAE_SCALE = 8
+ROPE_AXES = (16, 56, 56)  # head_dim 128 split over (frame, row, column), the released axes_dims_rope
+ROPE_THETA = 10000
+RESOLUTIONS = (640, 1024)  # the pipeline's only buckets
+TOKENS_PER_MU = 256  # mu = sqrt(condition tokens / 256): 2.5 at 640x640, 4.0 at 1024x1024
+
+
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """``[B, F, C, h, w]`` -> ``[B, F*(h/2)*(w/2), C*4]`` tokens, as the pipeline's packing.
+
+    Token order is frame-major, then patch row, then patch column; inside a token the channel
+    index is ``c*4 + dy*2 + dx`` for the pixel (dy, dx) of the 2x2 patch.
+    """
+    if x.ndim != 5:
+        raise SettingsError(f"pack_latents expects [B, F, C, h, w], got shape {tuple(x.shape)}.")
+    b, f, c, h, w = x.shape
+    if h % PATCH or w % PATCH:
+        raise SettingsError(f"pack_latents needs an even latent height and width, got {h}x{w}.")
+    # axes: b, f, c, row, dy, col, dx -> b, f, row, col, c, dy, dx
+    patches = x.reshape(b, f, c, h // PATCH, PATCH, w // PATCH, PATCH).permute(0, 1, 3, 5, 2, 4, 6)
+    return patches.reshape(b, f * (h // PATCH) * (w // PATCH), c * PATCH * PATCH)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int, layers: int) -> torch.Tensor:
+    """Inverse of :func:`pack_latents` for ``layers + 1`` frames -> ``[B, C, layers+1, h, w]``.
+
+    ``height``/``width`` are the image size in pixels; like the pipeline, the latent size is
+    ``2 * (pixels // 16)`` (8x VAE times the 2x2 patch).
+    """
+    h = PATCH * (int(height) // (VAE_SCALE * PATCH))
+    w = PATCH * (int(width) // (VAE_SCALE * PATCH))
+    frames = int(layers) + 1
+    if tokens.ndim != 3 or tokens.shape[2] % (PATCH * PATCH):
+        raise SettingsError(f"unpack_latents expects [B, tokens, C*4] tokens, got shape {tuple(tokens.shape)}.")
+    b, n, packed = tokens.shape
+    if layers < 1 or h < PATCH or w < PATCH or n != frames * (h // PATCH) * (w // PATCH):
+        raise SettingsError(
+            f"unpack_latents: {n} tokens do not make {frames} frames of a {width}x{height} image "
+            f"({frames * max(h // PATCH, 0) * max(w // PATCH, 0)} expected)."
+        )
+    c = packed // (PATCH * PATCH)
+    # axes: b, f, row, col, c, dy, dx -> b, c, f, row, dy, col, dx
+    grid = tokens.reshape(b, frames, h // PATCH, w // PATCH, c, PATCH, PATCH).permute(0, 4, 1, 2, 5, 3, 6)
+    return grid.reshape(b, c, frames, h, w)
+
+
+def _axis_angles(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """RoPE angles ``position * theta^(-2i/dim)`` for one axis, ``[len(positions), dim/2]``.
+
+    Computed in float32 exactly as the reference tables are (an angle of several hundred radians
+    rounds differently in float64), so the factors agree to float32 precision.
+    """
+    inv_freq = 1.0 / torch.pow(ROPE_THETA, torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    return positions.to(torch.float32)[:, None] * inv_freq[None, :]
+
+
+def _centred(n: int) -> torch.Tensor:
+    """Qwen-Image's centred positions for a side of ``n`` patches: ``-(n - n//2) .. n//2 - 1``."""
+    return torch.arange(n, dtype=torch.int64) - (n - n // 2)
+
+
+def rope_frequencies(img_shapes: Sequence[Sequence[int]], max_txt_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer-3D RoPE of Qwen-Image-Layered: ``(image, text)`` complex64 factors ``[tokens, 64]``.
+
+    ``img_shapes`` lists ``(1, h/2, w/2)`` per frame: the ``layers + 1`` generated frames first,
+    the condition image last. As ``QwenEmbedLayer3DRope`` (axes (16, 56, 56), theta 10000):
+
+    - frame axis: generated frame k sits at position k, the condition image at -1;
+    - row/column axes: Qwen-Image's centred positions (see :func:`_centred`);
+    - text token j sits at ``start + j`` on all three axes, where ``start`` is the largest of
+      ``max(rows // 2, cols // 2)`` over all entries and the number of generated frames.
+    """
+    shapes = [tuple(int(v) for v in s) for s in img_shapes]
+    if len(shapes) < 2 or any(len(s) != 3 or s[0] != 1 or s[1] < 1 or s[2] < 1 for s in shapes):
+        raise SettingsError(
+            f"rope_frequencies expects (1, rows, cols) per generated frame and one for the condition image, got {shapes}."
+        )
+    generated = len(shapes) - 1
+    blocks = []
+    for index, (_, rows, cols) in enumerate(shapes):
+        frame_pos = -1 if index == generated else index
+        frame = _axis_angles(torch.tensor([frame_pos]), ROPE_AXES[0]).expand(rows * cols, -1)
+        row = _axis_angles(_centred(rows), ROPE_AXES[1]).repeat_interleave(cols, dim=0)
+        col = _axis_angles(_centred(cols), ROPE_AXES[2]).repeat(rows, 1)
+        blocks.append(torch.cat([frame, row, col], dim=1))
+    image_angles = torch.cat(blocks, dim=0)
+
+    start = max(max(max(rows // 2, cols // 2) for _, rows, cols in shapes), generated)
+    text_pos = torch.arange(start, start + int(max_txt_seq_len))
+    text_angles = torch.cat([_axis_angles(text_pos, d) for d in ROPE_AXES], dim=1)
+    return (
+        torch.polar(torch.ones_like(image_angles), image_angles),
+        torch.polar(torch.ones_like(text_angles), text_angles),
+    )
+
+
+def flow_sigmas(steps: int, image_tokens: int) -> torch.Tensor:
+    """Flow-matching sigmas ``[steps + 1]`` (float32, trailing 0) for one generation.
+
+    The pipeline starts from ``linspace(1, 0, steps + 1)[:-1]`` and the scheduler
+    (FlowMatchEulerDiscreteScheduler: dynamic shifting, linear time shift, no terminal stretch in
+    the released scheduler config) maps each sigma to ``mu / (mu + 1/sigma - 1)`` with
+    ``mu = sqrt(image_tokens / 256)``, ``image_tokens`` being the condition image's token count.
+    """
+    steps, image_tokens = int(steps), int(image_tokens)
+    if steps < 1 or image_tokens < 1:
+        raise SettingsError(f"flow_sigmas needs steps >= 1 and image_tokens >= 1, got {steps} and {image_tokens}.")
+    mu = math.sqrt(image_tokens / TOKENS_PER_MU)
+    sigma = np.linspace(1.0, 0.0, steps + 1)[:-1].astype(np.float32)
+    shifted = mu / (mu + (1.0 / sigma - 1.0))
+    return torch.cat([torch.from_numpy(np.asarray(shifted, dtype=np.float32)), torch.zeros(1)])
+
+
+def true_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float, normalize: bool) -> torch.Tensor:
+    """True classifier-free guidance of the Layered pipeline.
+
+    ``uncond + scale * (cond - uncond)``; with ``normalize``, each token of the result is
+    rescaled to the norm of the conditional prediction (norms over the last, channel axis).
+    """
+    combined = uncond + scale * (cond - uncond)
+    if not normalize:
+        return combined
+    ratio = torch.linalg.vector_norm(cond, dim=-1, keepdim=True) / torch.linalg.vector_norm(
+        combined, dim=-1, keepdim=True
+    )
+    return combined * ratio
+
+
+def bucket_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """The pipeline's working size ``(w, h)`` for an input of ``width`` x ``height``.
+
+    Area ``resolution**2`` at the input's aspect ratio, each side rounded (Python's
+    round-half-even) to a multiple of 32 and then floored to a multiple of 16, as
+    ``calculate_dimensions`` and the pipeline do. Only the 640 and 1024 buckets exist.
+    """
+    if resolution not in RESOLUTIONS:
+        raise SettingsError(f"Qwen-Image-Layered resolution must be 640 or 1024, got {resolution!r}.")
+    if width < 1 or height < 1:
+        raise SettingsError(f"Qwen-Image-Layered needs an image of at least 1x1 pixels, got {width}x{height}.")
+    ratio = width / height
+    w = math.sqrt(resolution * resolution * ratio)
+    h = w / ratio
+    multiple = VAE_SCALE * PATCH
+    return round(w / 32) * 32 // multiple * multiple, round(h / 32) * 32 // multiple * multiple
+
+
+def preprocess(image: np.ndarray) -> torch.Tensor:
+    """uint8 ``H x W x 4`` (or ``x 3``, taken as opaque) -> ``[1, 4, H, W]`` float32 in [-1, 1].
+
+    ``v / 255`` in float32, then ``2 x - 1``, as the pipeline's image processor does.
+    """
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise SettingsError(
+            f"Qwen-Image-Layered expects a uint8 HxWx3 or HxWx4 image, got {image.dtype} {tuple(image.shape)}."
+        )
+    if image.shape[2] == 3:
+        image = np.concatenate([image, np.full(image.shape[:2] + (1,), 255, dtype=np.uint8)], axis=2)
+    unit = image.astype(np.float32) / 255.0
+    return 2.0 * torch.from_numpy(unit).permute(2, 0, 1)[None].contiguous() - 1.0
+
+
+def postprocess(x: torch.Tensor) -> np.ndarray:
+    """``[1, 4, H, W]`` in [-1, 1] -> uint8 ``H x W x 4``.
+
+    ``clamp(x * 0.5 + 0.5, 0, 1) * 255`` rounded half-to-even, as the image processor's PIL output.
+    """
+    if x.ndim != 4 or x.shape[0] != 1 or x.shape[1] != 4:
+        raise SettingsError(f"postprocess expects one [1, 4, H, W] RGBA image, got shape {tuple(x.shape)}.")
+    unit = (x.detach().to("cpu", torch.float32) * 0.5 + 0.5).clamp(0, 1)
+    return torch.round(unit[0].permute(1, 2, 0) * 255).numpy().astype(np.uint8)
