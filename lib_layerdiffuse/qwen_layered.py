@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .errors import SettingsError
+from .qwen_vae import load_vae  # noqa: F401 - the RGBA VAE, named here with the rest of the model side
 
 LATENT_CHANNELS = 16
 PATCH = 2  # the transformer sees 2x2 latent patches: 16 * 2 * 2 = 64 channels per token
