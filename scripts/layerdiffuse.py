@@ -213,6 +213,11 @@ class LayerDiffuseScript(scripts.Script):
     # -- hooks ------------------------------------------------------------------------
 
     def process(self, p, *args):
+        # an X/Y/Z cell is a shallow copy of the plot's p: its infotext dict is the previous cell's
+        p.extra_generation_params = {
+            k: v for k, v in p.extra_generation_params.items() if not str(k).startswith("layerdiffusion_")
+        }
+        layered.new_generation(p, _tab(self.is_img2img))
         try:
             settings = Settings.from_args(args, host.xyz_overrides(p) if host is not None else None)
         except LayerDiffuseError as e:  # a bad key or enabled, or a bad value while enabled
@@ -274,5 +279,6 @@ class LayerDiffuseScript(scripts.Script):
 if host is not None:
     host.register_callbacks()
     script_callbacks.on_after_component(_after_component)
+    script_callbacks.on_before_ui(layered.reset_ui)
     script_callbacks.on_image_saved(lambda params: layered.image_saved(host, params))
     script_callbacks.on_infotext_pasted(_infotext_pasted)

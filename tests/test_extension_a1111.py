@@ -1442,8 +1442,52 @@ def test_api_request_without_saving_gets_the_psd_in_info(ctx, monkeypatch, tmp_p
         ("Blended", False),
     ]
     assert np.array_equal(np.asarray(doc[0].topil().convert("RGB")), np.asarray(processed.images[0]))
-    assert Path(entries[0]["path"]).parent == tmp_path / "tmp"
-    assert ctx.env.mod.layered.last("txt2img") == [entries[0]["path"]]  # what the accordion offers
+    assert entries[0]["path"] is None and not (tmp_path / "tmp").exists()  # rendered in memory: nothing left
+    assert ctx.env.mod.layered.last("txt2img") == []  # API requests do not fill the UI's box
+
+
+def test_ui_without_saving_offers_the_psd_and_deletes_it_when_replaced(ctx, monkeypatch, tmp_path):
+    monkeypatch.setattr(ctx.env.fake.shared.opts, "temp_dir", str(tmp_path / "tmp"), raising=False)
+    _, first = generate(ctx, positional(JOINT), batch_size=3, do_not_save_samples=True)
+    offered = ctx.env.mod.layered.last("txt2img")
+    assert len(offered) == 1 and Path(offered[0]).parent == tmp_path / "tmp" and Path(offered[0]).is_file()
+    _, second = generate(ctx, positional(JOINT), batch_size=3, do_not_save_samples=True)
+    now = ctx.env.mod.layered.last("txt2img")
+    assert len(now) == 1 and now != offered and not Path(offered[0]).exists()  # the old unsaved PSD is gone
+    generate(ctx, positional(TRANSPARENT), batch_size=1)  # a generation without layers
+    assert ctx.env.mod.layered.last("txt2img") == [] and not Path(now[0]).exists()
+
+
+def test_xyz_cells_do_not_inherit_each_others_infotext_keys(ctx):
+    """An X/Y/Z cell is a shallow copy of the plot's p, sharing its extra_generation_params."""
+    p = fa.Txt2Img(ctx.model, ctx.outpath)
+    p.extra_generation_params.update({"layerdiffusion_alpha": "opaque", "layerdiffusion_tiling": "always", "Other": 1})
+    script = ctx.env.mod.LayerDiffuseScript()
+    script.is_img2img = False
+    processed = fa.process_images(p, script, positional(TRANSPARENT))
+    text = processed.infotexts[0]
+    assert "layerdiffusion_alpha" not in text and "layerdiffusion_tiling" not in text and "Other: 1" in text
+
+
+def test_img2img_batch_tab_runs_process_once_per_file_on_one_p(ctx):
+    """A1111's and Neo's img2img Batch tab: one p, process_images per file, p.close once at the end."""
+    p = fa.Img2Img(ctx.model, ctx.outpath, init_images=[rgba_image(3)])
+    script = ctx.env.mod.LayerDiffuseScript()
+    script.is_img2img = True
+    p.scripts = fa.Runner(script, positional(TRANSPARENT))
+    p.script_args = positional(TRANSPARENT)
+    modes = []
+    try:
+        for seed in (3, 4, 5):
+            p.init_images = [rgba_image(seed)]
+            with torch.no_grad():
+                processed = fa._process_images_inner(p)
+            assert p.scripts.errors == []
+            modes.append(processed.images[0].mode)
+    finally:
+        p.close()
+    assert modes == ["RGBA"] * 3
+    assert "_layerdiffuse" not in p.__dict__ and "sample" not in p.__dict__ and "close" not in p.__dict__
 
 
 def test_without_psd_tools_the_pngs_are_saved_and_the_reason_said_once(ctx, monkeypatch):

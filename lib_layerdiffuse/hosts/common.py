@@ -30,6 +30,7 @@ log = logging.getLogger("layerdiffuse")
 MODELS_DIR = "layerdiffuse_models_dir"  # the option, and the flag's attribute in cmd_opts (preload.py)
 TAG = "layerdiffuse_rgba"  # attribute on our PIL images: their straight alpha, for the saved-file checks
 _GEN = "_layerdiffuse"  # the attribute of p that carries its Generation while it runs
+_OWN = "_layerdiffuse_own"  # p's own sample / close instance attributes, put back when the generation ends
 
 
 def posterior_moments(first_stage, rgb: torch.Tensor):
@@ -289,6 +290,7 @@ class WebUIHost(Host):
         pass, runs the never-silent check and, for modes that decode RGBA, decodes the batch
         (docs/hosts.md §1); ``p.close`` (runs on every path) closes ``gen`` and takes every
         reference to it off ``p`` again, so nothing outlives the generation."""
+        self.detach(p)  # img2img's Batch tab runs process() once per file on one p, closed once at the end
         original_sample, original_close = p.sample, p.close
         own = {name: p.__dict__[name] for name in ("sample", "close") if name in p.__dict__}  # instance attributes
 
@@ -315,15 +317,27 @@ class WebUIHost(Host):
 
         def close(*args, **kwargs):
             try:
-                gen.close()
+                self.detach(p)
             finally:
-                for name in ("sample", "close", _GEN, XYZ):
-                    p.__dict__.pop(name, None)
-                p.__dict__.update(own)
+                p.__dict__.pop(XYZ, None)
             return original_close(*args, **kwargs)
 
         p.sample, p.close = sample, close
         p.__dict__[_GEN] = gen
+        p.__dict__[_OWN] = own
+
+    def detach(self, p) -> None:
+        """Close ``p``'s generation, if any, and give ``p`` back its own ``sample`` and ``close``."""
+        gen = p.__dict__.get(_GEN)
+        if gen is None:
+            return
+        try:
+            gen.close()
+        finally:
+            own = p.__dict__.pop(_OWN, {})
+            for name in ("sample", "close", _GEN):
+                p.__dict__.pop(name, None)
+            p.__dict__.update(own)
 
     def _decode_batch(self, p, gen: Generation, samples):
         """Decode the batch the host's way once, hand those pixels to the transparent decode, and

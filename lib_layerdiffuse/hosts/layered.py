@@ -23,6 +23,7 @@ import logging
 import os
 import tempfile
 import threading
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,8 @@ log = logging.getLogger("layerdiffuse")
 INDEX = "_layerdiffuse_frame"  # attribute of a frame's PIL image: its global index in the generation
 SUFFIX = "-layers.psd"
 _last: dict[str, list[str]] = {}  # "txt2img" / "img2img" -> the PSD files of that tab's last generation
+_temp: dict[str, list[str]] = {}  # of those, the unsaved ones in the temporary folder (deleted when replaced)
+TEMP_PREFIX = "layerdiffuse-"  # unsaved PSDs: layerdiffuse-<unique>-<group>-layers.psd
 _last_lock = threading.Lock()
 _said_unavailable = False
 
@@ -53,6 +56,7 @@ class Layered:
         self.images: dict[int, np.ndarray] = {}  # global index -> final pixels (saved ones replace them)
         self.files: dict[int, tuple[str, str | None]] = {}  # global index -> (saved path, infotext)
         self.written: list[str] = []  # PSD files of this generation
+        self.rendered: list[tuple[str, bytes]] = []  # (name, file) of the PSDs an API request gets, not on disk
         self.errors: list[str] = []
 
     def frame(self, index: int, image) -> None:
@@ -69,21 +73,29 @@ class Layered:
         if all(i in self.files for i in members):
             self._write(first, Path(self.files[first][0]).with_suffix("").as_posix() + SUFFIX, self.files[first][1])
 
-    def finish(self, infotexts: dict[int, str], folder: str, stem: str) -> None:
-        """Write the whole groups the host did not save (to ``folder``)."""
+    def finish(self, infotexts: dict[int, str], folder: str | None, stem: str) -> None:
+        """The whole groups the host did not save: written to ``folder``, or, with no folder (an
+        API request), rendered in memory only (:attr:`rendered`), so nothing is left on disk."""
         for first in sorted(i for i in self.images if i % self.group_size == 0):
             members = range(first, first + self.group_size)
             if all(i in self.images for i in members) and not any(i in self.files for i in members):
-                name = os.path.join(folder, f"{stem}-{first // self.group_size:03d}{SUFFIX}")
-                self._write(first, name, infotexts.get(first))
+                name = f"{stem}-{first // self.group_size:03d}{SUFFIX}"
+                self._write(first, os.path.join(folder, name) if folder else name, infotexts.get(first), folder is None)
         self.images.clear()
         self.files.clear()
 
-    def _write(self, first: int, path: str, text: str | None) -> None:
-        members = [self.images.pop(i) for i in range(first, first + self.group_size)]
-        for offset, image in enumerate(members):
-            layers = self.groups.add(first + offset, image)
+    def _write(self, first: int, path: str, text: str | None, in_memory: bool = False) -> None:
+        members = [self.images.pop(i, None) for i in range(first, first + self.group_size)]
         try:
+            layers = None
+            for offset, image in enumerate(members):
+                if image is not None:
+                    layers = self.groups.add(first + offset, image)
+            if layers is None:
+                raise ValueError("the group's frames are incomplete")
+            if in_memory:
+                self.rendered.append((path, psd.render(layers, text)))
+                return
             psd.write_psd(path, layers, text)
         except Exception as e:  # the images are saved; the PSD is an extra
             log.warning("LayerDiffuse: could not write %s: %s", path, e)
@@ -113,8 +125,17 @@ def temp_folder() -> str:
 
 
 def remember(tab: str, files: list[str]) -> None:
+    """The tab's box offers ``files`` now; the unsaved PSDs it offered before (ours, in the
+    temporary folder) are deleted: they existed only to be downloaded from that box."""
     with _last_lock:
         _last[tab] = list(files)
+        stale, _temp[tab] = _temp.get(tab, []), [f for f in files if os.path.basename(f).startswith(TEMP_PREFIX)]
+    for f in stale:
+        if f not in files:
+            try:
+                os.remove(f)
+            except OSError:
+                pass
 
 
 def last(tab: str) -> list[str]:
@@ -125,6 +146,10 @@ def last(tab: str) -> list[str]:
 def _entry(path: str) -> dict:
     with open(path, "rb") as f:
         return {"name": os.path.basename(path), "path": path, "data": base64.b64encode(f.read()).decode()}
+
+
+def _memory_entry(name: str, data: bytes) -> dict:
+    return {"name": name, "path": None, "data": base64.b64encode(data).decode()}
 
 
 # -- the hooks the script calls -----------------------------------------------------------------
@@ -166,31 +191,39 @@ def image_saved(host, params) -> None:
 
 
 def finish(p, gen, processed, tab: str) -> None:
-    """``postprocess``: the groups the host did not save go to the temporary folder; every PSD of
-    the generation is named in the comments, offered in the accordion and, for API requests,
-    returned in ``info``."""
+    """``postprocess``: the groups the host did not save are written to the temporary folder (UI)
+    or rendered in memory (API); every PSD of the generation is named in the comments, offered in
+    the accordion (UI) and, for API requests, returned in ``info``."""
     layered = getattr(gen, "layered", None)
     if layered is None:
         return
+    gen.layered = None
+    api = bool(getattr(p, "is_api", False))
     first = getattr(processed, "index_of_first_image", 0)
     texts = {i - first: t for i, t in enumerate(getattr(processed, "infotexts", []) or []) if i >= first}
-    import time
-
-    stem = f"layerdiffuse-{time.strftime('%Y%m%d-%H%M%S')}-{p.all_seeds[0] if p.all_seeds else 0}"
+    stem = f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}"  # unique: cells and requests may share a seed and a second
     try:
-        layered.finish(texts, temp_folder(), stem)
+        layered.finish(texts, None if api else temp_folder(), stem)
     except OSError as e:
         layered.errors.append(f"LayerDiffuse: no temporary folder for the layered PSD ({e}).")
     lines = [f"LayerDiffuse: layered PSD {f}" for f in layered.written] + layered.errors
     if lines:
         processed.comments = (getattr(processed, "comments", "") or "") + "".join(f"{line}\n" for line in lines)
-    remember(tab, layered.written)
-    if layered.written and getattr(p, "is_api", False):
-        from .common import add_info
+    if not api:
+        remember(tab, layered.written)
+        return
+    from .common import add_info
 
-        for f in layered.written:  # read when the response is made: no copy in memory until then
-            add_info(processed, "layerdiffuse_psd", lambda f=f: _entry(f))
-    gen.layered = None
+    for f in layered.written:  # read when the response is made: no copy in memory until then
+        add_info(processed, "layerdiffuse_psd", lambda f=f: _entry(f))
+    for name, data in layered.rendered:
+        add_info(processed, "layerdiffuse_psd", _memory_entry(name, data))
+
+
+def new_generation(p, tab: str) -> None:
+    """``process`` of every UI generation: the box no longer offers the previous generation's files."""
+    if not getattr(p, "is_api", False):
+        remember(tab, [])
 
 
 # -- the accordion's download box, refreshed when the tab's output changes ---------------------------
@@ -201,6 +234,12 @@ _triggers: dict[str, object] = {}  # tab -> the output component whose change re
 # Neo), else the infotext under it (A1111's gradio 3.41 Gallery has no change event)
 _OUTPUTS = {"txt2img_gallery": "txt2img", "img2img_gallery": "img2img",
             "html_info_txt2img": "txt2img", "html_info_img2img": "img2img"}  # fmt: skip
+
+
+def reset_ui() -> None:
+    """``on_before_ui``: a rebuilt UI (Reload UI) has new components; the old ones are let go."""
+    _boxes.clear()
+    _triggers.clear()
 
 
 def add_box(tab: str) -> None:
