@@ -106,12 +106,15 @@ def _is_ours_not_live(path: Path) -> bool:
         return str(path.absolute()) not in _live
 
 
-def remove_temps(folder: str | os.PathLike, also: tuple[str, ...] = ()) -> list[Path]:
+def remove_temps(folder: str | os.PathLike, also: tuple[str, ...] = (), skip_marked: str | None = None) -> list[Path]:
     """Remove every temporary file of ours under ``folder`` (recursively), whatever its age or
     writer, except those this process is writing, and the plain files named in ``also``; for
-    a caller that knows no other process writes there. Best effort; returns the paths removed."""
+    a caller that knows no other process writes there. Subfolders that hold a file named
+    ``skip_marked`` (another run's lock) are not entered. Best effort; returns the paths removed."""
     removed = []
-    for sub, _, _ in os.walk(folder):
+    for sub, dirs, _ in os.walk(folder):
+        if skip_marked:
+            dirs[:] = [d for d in dirs if not os.path.exists(os.path.join(sub, d, skip_marked))]
         removed += remove_where(sub, lambda p, now: p.name in also or _is_ours_not_live(p))
     return removed
 

@@ -269,3 +269,60 @@ def test_caption_not_in_utf8_is_refused_naming_the_file(tmp_path, capsys):
     (t / "img0.txt").write_bytes("déjà vu".encode("cp1252"))
     with pytest.raises(tdata.NoUsableImagesError, match="img0.txt.*UTF-8"):
         tdata.TripletFolder(t, 32)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="fork and flock")
+@pytest.mark.parametrize("worker_closes", [True, False])
+def test_a_forked_worker_does_not_keep_the_lock_of_a_dead_run(tmp_path, worker_closes):
+    """DataLoader workers are forked and share the lock's open file: after the run itself dies they
+    kept --out locked for seconds (a rerun was refused naming the dead PID). Their worker_init_fn
+    closes it (outdir.close_inherited_locks)."""
+    import fcntl
+    import time
+
+    from lib_layerdiffuse.training import outdir
+
+    out = tmp_path / "run"
+    outdir.open_out(out, None)
+    lock = outdir._held[str(outdir._real(out))]
+    child = os.fork()
+    if child == 0:  # the worker
+        if worker_closes:
+            outdir.close_inherited_locks(0)
+        time.sleep(3)
+        os._exit(0)
+    try:
+        time.sleep(0.5)
+        os.close(lock.fd)  # the run dies (its worker lives on)
+        lock.fd = None
+        fd = os.open(out / outdir.LOCK_FILE, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            free = True
+        except OSError:
+            free = False
+        finally:
+            os.close(fd)
+        assert free is worker_closes
+    finally:
+        os.waitpid(child, 0)
+        outdir._held.pop(str(outdir._real(out)), None)
+
+
+def test_the_start_leaves_a_nested_runs_temporary_files_alone(tmp_path, capsys):
+    """--out may hold another run's --out (its own train.lock): that run's files are not ours to clean."""
+    out = tmp_path / "runs"
+    inner = out / "a"
+    inner.mkdir(parents=True)
+    (inner / "train.lock").write_text("pid 1\n")
+    theirs = inner / f".{ckpt.STATE_FILE}.{os.getpid()}.abcd1234.tmp"
+    theirs.write_bytes(b"being written")
+    ours = out / f".{ckpt.STATE_FILE}.{os.getpid()}.efgh5678.tmp"
+    ours.write_bytes(b"left by a killed run")
+    from lib_layerdiffuse.training import outdir
+
+    outdir.open_out(out, None)
+    try:
+        assert theirs.exists() and not ours.exists()
+    finally:
+        outdir.release(out)

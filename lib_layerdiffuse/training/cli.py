@@ -402,9 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:  # Ctrl-C in the training loop: the step and the state kept
         print(e, file=sys.stderr, flush=True)
         return 130
-    except KeyboardInterrupt:  # Ctrl-C before the first step: nothing trained
-        print("interrupted before training started; run the same command to start again", file=sys.stderr,
-              flush=True)  # fmt: skip
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (loading, resuming, the summary at the end)
+        print("interrupted outside the training steps; what was saved in --out is kept (run the same command to "
+              "resume or start again)", file=sys.stderr, flush=True)  # fmt: skip
         return 130
     finally:
         dist.cleanup()

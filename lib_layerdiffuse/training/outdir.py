@@ -165,7 +165,7 @@ def open_out(out: str | os.PathLike, data: str | os.PathLike | None, label: str 
     except OSError as e:
         raise _os_error(out, e) from None
     _held[str(_real(out))] = lock
-    removed = remove_temps(folder, also=LEGACY_TEMPS)
+    removed = remove_temps(folder, also=LEGACY_TEMPS, skip_marked=LOCK_FILE)  # a nested --out is another run's
     if previous is not None:
         who = f"PID {previous.get('pid', '?')} on host {previous.get('host', '?')}"
         print(f"[{label}] note: the previous run on {folder} ({who}) ended without releasing it (killed?); "
@@ -180,3 +180,15 @@ def release(out: str | os.PathLike) -> None:
     lock = _held.pop(str(_real(out)), None)
     if lock is not None:
         lock.release()
+
+
+def close_inherited_locks(_worker_id: int = 0) -> None:
+    """A DataLoader worker's ``worker_init_fn``: forked workers share the lock's open file, which
+    would keep ``--out`` locked after the run itself was killed until they notice; they close it."""
+    for lock in list(_held.values()):
+        if getattr(lock, "fd", None) is not None:
+            try:
+                os.close(lock.fd)
+            except OSError:
+                pass
+            lock.fd = None

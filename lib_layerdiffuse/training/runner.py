@@ -77,7 +77,13 @@ def stage_entry(fn):
 
 
 def loader(dataset, batches: tdata.StepBatches, num_workers: int) -> DataLoader:
-    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, persistent_workers=False)
+    return DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=num_workers,
+        persistent_workers=False,
+        worker_init_fn=outdir.close_inherited_locks if num_workers else None,
+    )
 
 
 def no_sync(module: nn.Module, sync: bool):
