@@ -228,10 +228,12 @@ def test_diffusion_init_exports_the_file_after_a_tiny_step(tmp_path, files, mode
     other = "diff" if mode == "lora" else "lora"
     assert cli.main([*run, "--out", str(tmp_path / "m"), "--mode", other]) == 2
     assert f"--mode {other} conflicts with --init" in capsys.readouterr().err
+    assert cli.main([*run, "--out", str(tmp_path / "r"), "--rank", "8"]) == 2
+    err = capsys.readouterr().err
     if mode == "lora":
-        assert cli.main([*run, "--out", str(tmp_path / "r"), "--rank", "8"]) == 2
-        err = capsys.readouterr().err
         assert "--rank 8" in err and "rank 5" in err
+    else:  # a diff file has no rank to conflict with: --rank is refused, not recorded
+        assert "--rank 8 has no meaning with --init" in err and not (tmp_path / "r").exists()
     assert cli.main([*run, "--out", str(tmp_path / "t"), "--targets", "all"]) == 2
     assert "--targets all conflicts with --init" in capsys.readouterr().err
 
@@ -255,3 +257,27 @@ def test_vae_init_exports_the_pair_after_a_tiny_step(tmp_path):
     small = Widths.named("small")
     run[4] = "small"
     assert cli.main([*run, "--out", str(tmp_path / "w")]) == 1 and small.encoder != widths.encoder
+
+
+@pytest.mark.parametrize(("made", "run_mode", "refused"), [
+    ("fg2ble", "bg2ble", True),  # the same conv_in width: only the file's own word tells them apart
+    ("fg2ble", "fg2ble", False),
+    ("", "fg2ble", True),  # a transparent-model export given to a layer run
+])  # fmt: skip
+def test_diffusion_init_of_another_layer_mode_is_refused(tmp_path, made, run_mode, refused, capsys):
+    from lib_layerdiffuse.training import init_files
+    from lib_layerdiffuse.training.errors import UsageError
+
+    path = tmp_path / "export.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path), metadata={"layer_mode": made})
+    published = tmp_path / f"layer_xl_{made or 'transparent_attn'}.safetensors"
+    save_file({"x": torch.zeros(1)}, str(published))  # a published file: its name says its mode
+    for file in (path, published):
+        if refused:
+            with pytest.raises(UsageError, match=f"made for .*this run trains --layer-mode {run_mode}"):
+                init_files.check_layer_mode(str(file), run_mode)
+        else:
+            init_files.check_layer_mode(str(file), run_mode)
+    unknown = tmp_path / "my_patch.safetensors"  # no metadata, no published name: the shapes decide
+    save_file({"x": torch.zeros(1)}, str(unknown))
+    init_files.check_layer_mode(str(unknown), run_mode)

@@ -210,6 +210,8 @@ def train_diffusion_stage(cfg: DiffusionStageConfig, frozen_vae: nn.Module | Non
                          "alpha; RGBA samples are for the transparent model (no --layer-mode) and bgble2fg")  # fmt: skip
     # --init: the file's header decides the layout (a conflicting --mode / --rank refused) before --out is made
     init = init_files.patch_layout(cfg.init, cfg.mode, cfg.rank) if cfg.init else None
+    if cfg.init:
+        init_files.check_layer_mode(cfg.init, cfg.layer_mode)
     mode = init.mode if init else cfg.mode or "lora"
     rank = (init.rank if init else None) or cfg.rank or 256
     info, _ = start_run(cfg)

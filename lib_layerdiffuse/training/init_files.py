@@ -105,12 +105,39 @@ def patch_layout(path: str, mode: str | None, rank: int | None) -> PatchLayout:
         raise UsageError(f"--mode {mode} conflicts with --init {path}, a {kind} patch file: leave --mode out "
                          "(the run takes the file's) or start without --init")  # fmt: skip
     file_rank = None
+    if kind == "diff" and rank is not None:
+        raise UsageError(f"--rank {rank} has no meaning with --init {path}, a diff patch file (whole weight "
+                         "offsets, no LoRA): leave --rank out")  # fmt: skip
     if kind == "lora":
         if len(ranks) != 1:
             (r1, k1), (r2, k2) = sorted(ranks.items())[:2]
             raise TrainingError(f"--init {path} mixes LoRA ranks ({k1}: {r1}, {k2}: {r2}); the trainer needs one rank")
         file_rank = resolve_rank(rank, next(iter(ranks)), path)
     return PatchLayout(kind, sorted(names), file_rank, conv_in)
+
+
+def check_layer_mode(path: str, layer_mode: str | None) -> None:
+    """A file made for another layer mode is refused: fg2ble and bg2ble (and fgble2bg and bgble2fg)
+    have the same conv_in width, so the shapes alone cannot tell. The file says its mode in our
+    exports' metadata ("" for the transparent model); a published file, in its name."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # the header was checked already; no metadata is no claim
+        meta = {}
+    found = meta.get("layer_mode")
+    if found is None:
+        stem = Path(path).name.removesuffix(".safetensors")
+        published = {f"layer_xl_{m}": m for m in ("fg2ble", "fgble2bg", "bg2ble", "bgble2fg")}
+        published.update({"layer_xl_transparent_attn": "", "layer_xl_transparent_conv": ""})
+        found = published.get(stem)
+    if found is None or found == (layer_mode or ""):
+        return
+    made = f"--layer-mode {found}" if found else "the transparent model (no --layer-mode)"
+    run = f"--layer-mode {layer_mode}" if layer_mode else "the transparent model (no --layer-mode)"
+    raise UsageError(f"--init {path} was made for {made}; this run trains {run}: give the file of this mode")
 
 
 def check_patch_names(path: str, layout: PatchLayout, unet: nn.Module, expected: list[str] | None,
