@@ -111,6 +111,22 @@ def test_a_loss_that_becomes_nan_stops_the_run_keeping_the_last_good_state(tmp_p
     assert not (out / "summary.json").exists()
 
 
+def test_an_update_that_breaks_the_weights_stops_at_its_step_before_its_sample(tmp_path, capsys):
+    # step 2's loss is finite, its optimizer step makes the weights NaN: no sample, state or
+    # metrics line of step 2 (a sample drawn from NaN weights is a black image)
+    out = tmp_path / "run"
+    args = ["vae", "--frozen-vae", "training_helpers:vae_nan_gradient_from_step_2", "--out", str(out),
+            *TINY_VAE_RUN, "--steps", "4", "--save-every", "5", "--sample-every", "1", "--log-every", "1"]  # fmt: skip
+    assert cli.main(args) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "stopped at step 2" in line and "weights no longer finite" in line, line
+    assert "no state was saved yet" in line, line
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_0000001.png"]
+    steps = [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1]
+    assert not (out / ckpt.STATE_FILE).exists() and not (out / "summary.json").exists()
+
+
 # ---------------------------------------------------------------------------------------
 # Items 7 and 11: the output folder
 
@@ -151,6 +167,28 @@ def test_out_in_a_read_only_folder_is_one_error_line(tmp_path, capsys):
             assert line.startswith("error: --out") and "Permission denied" in line, line
     finally:
         ro.chmod(0o755)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="flock is the POSIX lock")
+@pytest.mark.parametrize("code", ["ENOLCK", "ENOSYS", "EOPNOTSUPP"])
+@pytest.mark.parametrize("fresh", [True, False])
+def test_out_on_a_file_system_without_locks_is_refused_naming_it(tmp_path, capsys, monkeypatch, code, fresh):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    out = tmp_path / "run"
+    if not fresh:
+        out.mkdir()
+    assert cli.main(["vae", "--out", str(out), *TINY_VAE_RUN]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: --out {out}") and "does not support file locks" in line, line
+    assert "local disk" in line and "cannot create" not in line, line
+    # nothing left: no empty train.lock, and a folder the refused run made is removed
+    assert (list(out.iterdir()) == []) if not fresh else not out.exists()
 
 
 # ---------------------------------------------------------------------------------------

@@ -236,6 +236,12 @@ def test_diffusion_init_exports_the_file_after_a_tiny_step(tmp_path, files, mode
         assert "--rank 8 has no meaning with --init" in err and not (tmp_path / "r").exists()
     assert cli.main([*run, "--out", str(tmp_path / "t"), "--targets", "all"]) == 2
     assert "--targets all conflicts with --init" in capsys.readouterr().err
+    # refused from the file's header and the UNet's layout, before --out is made or anything trained
+    assert not (tmp_path / "t").exists()
+    assert cli.main([*run, "--out", str(tmp_path / "l"), "--layer-mode", "fg2ble"]) == 2
+    err = capsys.readouterr().err
+    assert "has no conv_in" in err and "--layer-mode" in err and "[tiny-vae]" not in err, err
+    assert not (tmp_path / "l").exists()
 
 
 def test_vae_init_exports_the_pair_after_a_tiny_step(tmp_path):
@@ -257,6 +263,37 @@ def test_vae_init_exports_the_pair_after_a_tiny_step(tmp_path):
     small = Widths.named("small")
     run[4] = "small"
     assert cli.main([*run, "--out", str(tmp_path / "w")]) == 1 and small.encoder != widths.encoder
+
+
+def test_init_paths_that_are_no_file_are_worded_for_the_trainer(tmp_path, files, capsys):
+    # the extension's advice ("remove it and put the weight file there") is for its own models
+    # folder, not a folder the user named; the --widths hint is for shape mismatches alone
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("x")
+    assert _layers(files, tmp_path / "o", "--init", str(folder)) == 1
+    err = capsys.readouterr().err
+    assert f"--init {folder}" in err and "is a directory" in err and "remove" not in err.lower(), err
+    assert (folder / "keep.txt").exists() and not (tmp_path / "o").exists()
+    vae = ["vae", "--synthetic", "4", "--widths", "tiny", "--disc-width", "8", "--vae-width", "8", "--steps", "1",
+           "--batch-size", "2", "--size", "32", "--eval-count", "0", "--sample-every", "0"]  # fmt: skip
+    missing = tmp_path / "missing.safetensors"
+    for flag in ("--init-encoder", "--init-decoder"):
+        assert cli.main([*vae, "--out", str(tmp_path / "v"), flag, str(missing)]) == 1
+        err = capsys.readouterr().err
+        assert f"{flag} {missing}" in err and "widths" not in err, err
+        assert cli.main([*vae, "--out", str(tmp_path / "v"), flag, str(folder)]) == 1
+        err = capsys.readouterr().err
+        assert "is a directory" in err and "remove" not in err.lower() and "widths" not in err, err
+    assert not (tmp_path / "v").exists()
+    # a file of other widths: the hint says which option to match
+    widths = Widths.named("small")
+    ckpt.export(TrainEncoder(widths.encoder), TrainDecoder(widths.decoder, widths.decoder_attn_from), tmp_path / "s",
+                0.1, "fp16")  # fmt: skip
+    assert (
+        cli.main([*vae, "--out", str(tmp_path / "v"), "--init-decoder", str(tmp_path / "s" / ckpt.DECODER_FILE)]) == 1
+    )
+    assert "--widths" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("made", "run_mode", "refused"), [

@@ -135,3 +135,35 @@ def vae_nan_from_call_3():
 
     torch.manual_seed(0)
     return NaNFromCall3(8)
+
+
+class _NaNGradient(torch.autograd.Function):
+    """The identity whose backward is NaN: a finite loss whose update breaks the weights."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def vae_nan_gradient_from_step_2():
+    """``--frozen-vae training_helpers:vae_nan_gradient_from_step_2``: a finite stand-in VAE
+    whose ``decode`` passes NaN gradients back from the second training step on: the loss of
+    step 2 is finite but its optimizer step makes the trained weights NaN."""
+    from lib_layerdiffuse.training.models import TinyKLVAE
+
+    class NaNGradientFromStep2(TinyKLVAE):
+        calls = 0
+
+        def decode(self, latents):
+            out = super().decode(latents)
+            if not out.requires_grad:  # samples, evaluation, the robust decoder's plain half
+                return out
+            self.calls += 1
+            return _NaNGradient.apply(out) if self.calls >= 2 else out
+
+    torch.manual_seed(0)
+    return NaNGradientFromStep2(8)

@@ -22,6 +22,7 @@ weights bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from .unet_training import (
     draw_noise_and_timesteps,
     frozen_parts,
     held_out_batch,
+    layout_unet,
     q_sample,
     run_stage,
 )
@@ -197,6 +199,28 @@ def _transparent_latents(source: LatentSource, batch: dict, device) -> torch.Ten
     return source.transparent(*(batch[k].to(device) for k in ("alpha", "padded", "premult")))
 
 
+def _conv_in(base: nn.Module, layer) -> int | None:
+    """The widened conv_in's channels of a --layer-mode run (None: the UNet's own conv_in)."""
+    return base.input_blocks[0][0].in_channels + 4 * len(layer.concat) if layer else None
+
+
+def _init_names(cfg: DiffusionStageConfig, init: init_files.PatchLayout, base: nn.Module, mode: str,
+                layer) -> tuple[list[str], str]:  # fmt: skip
+    """The ``--init`` file's names checked against ``base`` (a meta UNet before the run, the
+    loaded one after), ``--targets`` and ``--layer-mode``; returns them and the targets' name."""
+    conv_in = _conv_in(base, layer)
+    wanted = (
+        [n for n in target_names(base, mode, cfg.targets) if not (conv_in and n == CONV_IN)] if cfg.targets else None
+    )
+    init_files.check_patch_names(cfg.init, init, base, wanted, cfg.targets, conv_in)
+    targets = cfg.targets or "attn"
+    if cfg.targets is None:  # what the file patches, named as --targets where it is one of them
+        named = {t: sorted(n for n in target_names(base, mode, t) if not (conv_in and n == CONV_IN))
+                 for t in ("attn", "all")}  # fmt: skip
+        targets = next((t for t, n in named.items() if n == init.names), "init")
+    return init.names, targets
+
+
 @stage_entry
 def train_diffusion_stage(cfg: DiffusionStageConfig, frozen_vae: nn.Module | None = None,
                           unet: nn.Module | None = None) -> dict:  # fmt: skip
@@ -214,6 +238,10 @@ def train_diffusion_stage(cfg: DiffusionStageConfig, frozen_vae: nn.Module | Non
         init_files.check_layer_mode(cfg.init, cfg.layer_mode)
     mode = init.mode if init else cfg.mode or "lora"
     rank = (init.rank if init else None) or cfg.rank or 256
+    if init is not None:  # its names and conv_in against --targets / --layer-mode, on the UNet's layout
+        layout = layout_unet(cfg, unet)
+        if layout is not None:
+            _init_names(cfg, dataclasses.replace(init, names=list(init.names)), layout, mode, layer)
     info, _ = start_run(cfg)
     decoder = sampling.load_decoder(cfg.decoder, info) if cfg.decoder else None
     dataset = tdata.stage_dataset(cfg, triplets=layer is not None)
@@ -235,21 +263,11 @@ def train_diffusion_stage(cfg: DiffusionStageConfig, frozen_vae: nn.Module | Non
     acp = schedule.alphas_cumprod.to(info.device)
 
     torch.manual_seed(cfg.seed)  # the same initial delta on every rank
-    conv_in = base.input_blocks[0][0].in_channels + 4 * len(layer.concat) if layer else None
+    conv_in = _conv_in(base, layer)
     targets = cfg.targets or "attn"
     names = None
     if init is not None:
-        wanted = (
-            [n for n in target_names(base, mode, cfg.targets) if not (conv_in and n == CONV_IN)]
-            if cfg.targets
-            else None
-        )
-        init_files.check_patch_names(cfg.init, init, base, wanted, cfg.targets, conv_in)
-        names = init.names
-        if cfg.targets is None:  # what the file patches, named as --targets where it is one of them
-            named = {t: sorted(n for n in target_names(base, mode, t) if not (conv_in and n == CONV_IN))
-                     for t in ("attn", "all")}  # fmt: skip
-            targets = next((t for t, n in named.items() if n == names), "init")
+        names, targets = _init_names(cfg, init, base, mode, layer)
     delta = UNetDelta(base, mode, rank, targets if names is None else "attn", conv_in, names).to(info.device)
     if init is not None:
         init_files.load_patch(cfg.init, delta)

@@ -35,6 +35,19 @@ def first_nonfinite(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
     return None
 
 
+def first_nonfinite_fast(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """:func:`first_nonfinite` for a check after every optimizer step (runner.py): one sum per
+    tensor and a single device sync for all of them; the tensors are scanned one by one only
+    where a sum is not finite (a NaN or inf, or finite values whose sum overflowed)."""
+    items = [(n, t) for n, t in tensors if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())]
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for _, t in items:
+        by_device.setdefault(t.device, []).append(t.detach().sum().abs().float())
+    if all(bool(torch.isfinite(torch.stack(sums)).all()) for sums in by_device.values()):
+        return None
+    return first_nonfinite(items)
+
+
 def require_finite(weights: Mapping[str, torch.Tensor] | nn.Module, source: str) -> None:
     """:class:`TrainingError` naming ``source`` (the file or option) and the first tensor of
     ``weights`` (a state dict or a module's parameters and buffers) that holds NaN or inf."""

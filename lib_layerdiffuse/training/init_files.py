@@ -29,12 +29,23 @@ from .finite import require_finite
 CONV_IN = "input_blocks.0.0.weight"
 
 
-def _header(path: str, flag: str, role: str, hint: str) -> dict[str, tuple[list[int], str]]:
-    """The file's header (keys -> shape, dtype), refused unless it is a ``role`` file."""
+def _read_header(path: str, flag: str) -> dict[str, tuple[list[int], str]]:
+    """The file's header; a path that is no file is worded here, for an option the user gave
+    (the extension's words in weights.py are about its own models folder)."""
+    problem = core_weights.not_a_file(path)
+    if problem is not None:
+        raise TrainingError(f"{flag} {path}: {problem}; give the path of the weight file itself")
+    if not Path(path).is_file():
+        raise TrainingError(f"{flag} {path}: no such file; check the path")
     try:
-        found = core_weights.read_header(path)
+        return core_weights.read_header(path)
     except LayerDiffuseError as e:
         raise TrainingError(f"{flag} {path}: {e}") from None
+
+
+def _header(path: str, flag: str, role: str, hint: str) -> dict[str, tuple[list[int], str]]:
+    """The file's header (keys -> shape, dtype), refused unless it is a ``role`` file."""
+    found = _read_header(path, flag)
     kind = core_weights.guess_role(found)
     if kind != role:
         what = core_weights.ROLE_NAMES.get(kind, "not a LayerDiffuse file")
@@ -221,12 +232,15 @@ def load_sharing(path: str, model: nn.Module, layout: str) -> None:
 
 def check_vae_file(path: str, flag: str, role: str, module: nn.Module) -> None:
     """The header of ``--init-encoder`` / ``--init-decoder`` against the module of ``--widths``."""
-    hint = "its widths must be --widths's (published files: --widths full)"
+    found = _read_header(path, flag)
+    expected = core_weights.expected_shapes(module)
     try:
-        found = core_weights.read_header(path)
-        core_weights.check_state(path, found, core_weights.expected_shapes(module), role)
+        core_weights.check_state(path, found, expected, role)
     except LayerDiffuseError as e:
-        raise TrainingError(f"{flag} {path}: {e} ({hint})") from None
+        # the hint only where a tensor's shape differs: other widths; not for another kind of file
+        other_widths = any(list(found[k][0]) != list(v) for k, v in expected.items() if k in found)
+        hint = " (its widths must be --widths's; published files: --widths full)" if other_widths else ""
+        raise TrainingError(f"{flag} {path}: {e}{hint}") from None
 
 
 def load_vae_file(path: str, flag: str, role: str, module: nn.Module, lambda_offset: float | None = None) -> None:

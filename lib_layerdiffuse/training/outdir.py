@@ -8,7 +8,9 @@
   byte-range ``msvcrt`` lock) that the OS drops when its process ends, even by SIGKILL, so it
   can never outlive its run on a local disk; the file holds the run's PID, host and start
   time for the refusal of a second run. A clean end removes the file: one still there when
-  a run takes the lock is the record of a run that was killed, and the run says so.
+  a run takes the lock is the record of a run that was killed, and the run says so. A file
+system without ``flock`` support is refused naming that (no unlocked mode), and the lock file
+and folder the refused run made are removed.
 
 Every problem with the folder is a :class:`UsageError` (one ``error:`` line, exit 2) naming
 ``--out``; a folder in use by another run is a :class:`TrainingError` (exit 1).
@@ -16,6 +18,7 @@ Every problem with the folder is a :class:`UsageError` (one ``error:`` line, exi
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -76,9 +79,20 @@ class _Lock:
         """Take the lock; returns the record a killed run left in the file (None after a clean
         end). :class:`TrainingError` naming the holder where another run holds it."""
         for _ in range(20):  # the file may be removed by a run that ends between open and lock
+            created = not os.path.lexists(self.path)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o666)
             try:
-                if not _try_lock(fd):
+                try:
+                    locked = _try_lock(fd)
+                except OSError as e:
+                    if e.errno not in _NO_LOCKS:
+                        raise
+                    if created:  # no empty train.lock left behind
+                        os.unlink(self.path)
+                    raise UsageError(f"--out {self.path.parent}: its file system does not support file locks "
+                                     f"({e.strerror or e}), which keep a second run off the folder; put --out on "
+                                     "a local disk") from None  # fmt: skip
+                if not locked:
                     raise self._in_use(_read(fd))
                 if os.name == "posix" and os.fstat(fd).st_ino != _inode(self.path):
                     os.close(fd)  # we locked a file that its holder removed as it ended: again
@@ -117,6 +131,10 @@ class _Lock:
             pass
         os.close(self.fd)  # drops the lock
         self.fd = None
+
+
+# flock's errors on a file system without lock support (some network and FUSE mounts)
+_NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, getattr(errno, "EOPNOTSUPP", -1), getattr(errno, "ENOTSUP", -1)}
 
 
 def _try_lock(fd: int) -> bool:
@@ -159,11 +177,15 @@ def open_out(out: str | os.PathLike, data: str | os.PathLike | None, label: str 
     check_folders(out, data)
     folder = Path(out)
     lock = _Lock(folder)
+    made = not os.path.lexists(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         previous = lock.acquire()
-    except OSError as e:
-        raise _os_error(out, e) from None
+    except (OSError, UsageError) as e:
+        if made:  # a refused run leaves no folder it made (only the last part of the path)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise (_os_error(out, e) if isinstance(e, OSError) else e) from None
     _held[str(_real(out))] = lock
     removed = remove_temps(folder, also=LEGACY_TEMPS, skip_marked=LOCK_FILE)  # a nested --out is another run's
     if previous is not None:

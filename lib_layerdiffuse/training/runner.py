@@ -33,7 +33,7 @@ from . import checkpoint as ckpt
 from . import data as tdata
 from . import dist, outdir, plots
 from .errors import Interrupted, TrainingError, UsageError
-from .finite import first_nonfinite
+from .finite import first_nonfinite_fast
 
 # ---------------------------------------------------------------------------------------
 # Set-up and small helpers
@@ -352,11 +352,16 @@ def run(cfg, info: dist.DistInfo, stage: Stage) -> dict:
     sample_every = getattr(cfg, "sample_every", 0)
     saved = start if start > 0 else None  # the step of the last state in --out
 
+    def broken_weights() -> str | None:
+        # what an optimizer step changes: the trained parameters (and buffers, e.g. norm statistics);
+        # the frozen weights were checked as they were loaded (finite.py)
+        return first_nonfinite_fast(
+            (f"{n}.{k}", v)
+            for n, m in stage.modules.items()
+            for k, v in [*((k, p) for k, p in m.named_parameters() if p.requires_grad), *m.named_buffers()]
+        )
+
     def save(done: int) -> None:
-        # every rank (DDP keeps their weights equal, so all decide alike): no state of a diverged step
-        bad = first_nonfinite((f"{n}.{k}", v) for n, m in stage.modules.items() for k, v in m.state_dict().items())
-        if bad is not None:
-            raise _diverged(done, f"the weights are no longer finite ({bad})", saved, out)
         if info.is_main:
             stage.export(out, done, {**meta_common, "step": str(done)})
             ckpt.save_state(state_path, stage.modules, stage.optimizers, done, meta_common)
@@ -368,9 +373,15 @@ def run(cfg, info: dist.DistInfo, stage: Stage) -> dict:
             logs, payload = stage.step(batch, step)
             done = step + 1
             bad = {k: v for k, v in logs.items() if not math.isfinite(v)}
-            if dist.any_across_ranks(bool(bad), info):  # a collective: every rank stops at this step
-                what = " ".join(f"{k}={v}" for k, v in bad.items()) if bad else "another rank's loss"
-                raise _diverged(done, f"the loss is not finite ({what})", saved, out)
+            # the weights after this step's update, before anything of it is sampled or saved
+            broken = None if bad else broken_weights()
+            if dist.any_across_ranks(bool(bad) or broken is not None, info):  # a collective: every rank stops here
+                if broken is not None:
+                    raise _diverged(done, f"its update left the weights no longer finite ({broken})", saved, out)
+                if not bad:
+                    raise _diverged(done, "another rank's loss or weights are not finite", saved, out)
+                raise _diverged(done, f"the loss is not finite ({' '.join(f'{k}={v}' for k, v in bad.items())})",
+                                saved, out)  # fmt: skip
             if records.trace is not None:
                 records.write_trace({"step": step, "rank": info.rank, "indices": [int(i) for i in batch["index"]],
                                      **logs, "params": param_digest(stage.digest or next(iter(stage.modules.values())))})  # fmt: skip

@@ -147,6 +147,25 @@ def build_unet(preset: str, seed: int) -> nn.Module:
     return ldm_unet.UNetModel(**UNET_PRESETS[preset])
 
 
+def layout_unet(cfg: UNetStageConfig, unet: nn.Module | None) -> nn.Module | None:
+    """The base UNet's layout without its weights, for refusals before ``--out`` is made: the
+    ``--unet`` hook's module, else one built on the meta device from ``--checkpoint``'s header
+    or ``--unet-preset``. None where it cannot be built so: loading the model reports why."""
+    if unet is not None:
+        return unet
+    from .base_checkpoint import UNET, CheckpointFile, unet_config
+
+    try:
+        if cfg.checkpoint:
+            file = CheckpointFile(cfg.checkpoint)
+            with torch.device("meta"):
+                return ldm_unet.UNetModel(**unet_config(file.shapes(UNET), file.family))
+        with torch.device("meta"):
+            return ldm_unet.UNetModel(**UNET_PRESETS[cfg.unet_preset])
+    except (TrainingError, KeyError, StopIteration, ValueError, ZeroDivisionError):
+        return None
+
+
 # ---------------------------------------------------------------------------------------
 # Latents
 
