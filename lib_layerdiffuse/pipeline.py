@@ -79,9 +79,11 @@ class AlphaNotes:
     """The ``layerdiffusion_alpha`` value of each image, as a callable infotext entry.
 
     A1111 1.10, Forge2 and Neo call a callable in ``p.extra_generation_params`` with
-    ``create_infotext``'s locals; in the batch loop these are the batch's own lists
-    (``all_prompts is p.prompts``) with the index in the batch, in ``Processed.infotext`` the
-    whole job's with the global index. Holds only the states (no generation, no ``p``)."""
+    ``create_infotext``'s locals. In the batch loop ``all_prompts`` is one batch's list (``p.prompts``,
+    or with Neo's "save prompt comments" a new slice of ``p._all_prompts_c``) and ``index`` the
+    index in the batch (``p.iteration`` is the batch); ``Processed.infotext`` and the hires-fix
+    "before" save pass the whole job's list and get the global index. So the list's length tells
+    them apart: with one batch the two indices are the same. Holds only the states (no ``p``)."""
 
     def __init__(self):
         self.states: dict[int, str] = {}  # global image index -> "opaque" / "empty"
@@ -89,8 +91,12 @@ class AlphaNotes:
     def __call__(self, p=None, index=0, all_prompts=None, use_main_prompt=False, **_) -> str | None:
         if use_main_prompt or p is None:  # the grid, or the job's first infotext
             return self.states.get(0)
-        batch = getattr(p, "prompts", None)
-        if all_prompts is not None and all_prompts is batch and batch is not getattr(p, "all_prompts", None):
+        job = getattr(p, "all_prompts", None)
+        try:
+            one_batch = all_prompts is not None and job is not None and len(all_prompts) < len(job)
+        except TypeError:  # not lists: take the index as global
+            one_batch = False
+        if one_batch:
             index = int(getattr(p, "iteration", 0)) * int(getattr(p, "batch_size", 1)) + int(index)
         return self.states.get(int(index))
 

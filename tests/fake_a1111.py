@@ -424,6 +424,7 @@ class Options(SimpleNamespace):
 def _images(shared, paths, script_callbacks) -> types.ModuleType:
     images = _module("modules.images")
     images.counter = 0
+    images.neo_names = False  # True: Neo's save_image, which names the file written in already_saved_as
 
     def save_image_with_geninfo(image, geninfo, filename, extension=None, pnginfo_section_name="parameters"):
         """A1111's: PNG keeps the mode (RGBA stays RGBA) with a tEXt chunk; jpg/webp drop alpha."""
@@ -444,20 +445,30 @@ def _images(shared, paths, script_callbacks) -> types.ModuleType:
     def save_image(image, path, basename, seed=None, prompt=None, extension="png", info=None, short_filename=False,
                    no_prompt=False, grid=False, pnginfo_section_name="parameters", p=None, existing_info=None,
                    forced_filename=None, suffix="", save_to_dirs=None):  # fmt: skip
-        """``modules.images.save_image``: a relative path is relative to the WebUI folder (data_path)."""
+        """``modules.images.save_image``: the path is used as given, so a relative one is relative to
+        the current directory (the hosts' output folders are relative to it). "Add number suffix when
+        the file exists" writes ``<name>-1.png`` but leaves ``params.filename`` and
+        ``already_saved_as`` at ``<name>.png`` (A1111 1.10); Neo names the written file in
+        ``already_saved_as`` (``images.neo_names``)."""
         images.counter += 1
         name = forced_filename or f"{images.counter:05}-{seed}{'-' + basename if basename else ''}{suffix}"
         fullfn = os.path.join(path, f"{name}.{extension}")
         params = ImageSaveParams(image, p, fullfn, {pnginfo_section_name: info})
         script_callbacks.before_image_saved_callback(params)
         image, fullfn = params.image, params.filename
-        on_disk = fullfn if os.path.isabs(fullfn) else os.path.join(paths.data_path, fullfn)
-        os.makedirs(os.path.dirname(on_disk), exist_ok=True)
-        tmp = on_disk + ".tmp"
-        save_image_with_geninfo(image, params.pnginfo.get(pnginfo_section_name), tmp, "." + extension)
-        os.replace(tmp, on_disk)
-        image.already_saved_as = fullfn
-        images.saved.append(on_disk)
+        os.makedirs(os.path.dirname(fullfn) or ".", exist_ok=True)
+        stem, ext = os.path.splitext(fullfn)
+        tmp = stem + ".tmp"
+        save_image_with_geninfo(image, params.pnginfo.get(pnginfo_section_name), tmp, ext)
+        written = fullfn
+        if shared.opts.save_images_replace_action != "Replace":
+            n = 0
+            while os.path.exists(written):
+                n += 1
+                written = f"{stem}-{n}{ext}"
+        os.replace(tmp, written)
+        image.already_saved_as = written if images.neo_names else fullfn
+        images.saved.append(os.path.abspath(written))
         script_callbacks.image_saved_callback(params)
         return fullfn, None
 
@@ -555,7 +566,8 @@ def install(models_dir, data_path) -> SimpleNamespace:
     shared.OptionInfo = OptionInfo
     shared.opts = Options(samples_format="png", enable_pnginfo=True, samples_save=True,
                           img2img_background_color="#ffffff", jpeg_quality=95, return_grid=True, grid_save=True,
-                          grid_format="png", grid_background_color="#ffffff")  # fmt: skip
+                          grid_format="png", grid_background_color="#ffffff", save_images_replace_action="Replace",
+                          save_prompt_comments=False)  # fmt: skip
     paths = _module("modules.paths")
     paths.models_path = os.path.join(str(data_path), "models")
     paths.data_path = str(data_path)
@@ -950,6 +962,8 @@ def _process_images_inner(p: Processing) -> Processed:
 
     p.scripts.before_process(p)
     p.setup_prompts()
+    if shared.opts.save_prompt_comments:  # Neo keeps the prompts with their comments beside all_prompts
+        p._all_prompts_c = list(p.all_prompts)
     p.scripts.process(p)
     p.init(p.all_prompts, p.all_seeds, p.all_subseeds)
     output_images, infotexts = [], []
@@ -985,9 +999,13 @@ def _process_images_inner(p: Processing) -> Processed:
             pp = PostprocessImageArgs(pp.image)
             p.scripts.postprocess_image_after_composite(p, pp)
             image = pp.image
-            text = create_infotext(
-                p, p.prompts, p.seeds, p.subseeds, index=i, all_negative_prompts=p.negative_prompts
-            )  # the batch's lists, as A1111
+            if shared.opts.save_prompt_comments and hasattr(p, "_all_prompts_c"):  # Neo: a new slice of the job's
+                text = create_infotext(p, p._all_prompts_c[n * b : (n + 1) * b], p.seeds, p.subseeds, index=i,
+                                       all_negative_prompts=p.negative_prompts)  # fmt: skip
+            else:
+                text = create_infotext(
+                    p, p.prompts, p.seeds, p.subseeds, index=i, all_negative_prompts=p.negative_prompts
+                )  # the batch's lists, as A1111
             if p.save_samples():
                 images.save_image(image, p.outpath_samples, "", p.seeds[i], p.prompts[i], shared.opts.samples_format,
                                   info=text, p=p)  # fmt: skip
@@ -1040,6 +1058,32 @@ class Api:
         call through ``sysinfo.set_config``, with ``is_api=False``)."""
         for k, v in req.items():
             self.shared.opts.set(k, v, is_api=True)
+
+
+def run_settings(opts, values: dict) -> list:
+    """The settings page's "Apply settings" (A1111 1.10 ``ui_settings.run_settings``; Neo's is the
+    same loop): ``opts.set(key, value)`` for every setting, then the options are saved; a setting
+    whose ``opts.set`` returns False counts as unchanged. Returns the changed keys."""
+    return [key for key, value in values.items() if opts.set(key, value)]
+
+
+class Route:
+    """A FastAPI ``APIRoute`` as far as used: the host's ``Api.__init__`` registers bound methods
+    (``self.set_config``) before ``app_started``; a request calls ``dependant.call``."""
+
+    def __init__(self, path, endpoint, methods):
+        self.path, self.endpoint, self.methods = path, endpoint, set(methods)
+        self.dependant = SimpleNamespace(call=endpoint)
+
+
+_HOST_SET_CONFIG = Api.set_config  # the host's own, as the routes bind it at start-up
+
+
+def app_with_api(shared):
+    """The FastAPI app as ``app_started`` gets it: the API and its routes made before (``create_api``
+    runs before ``app_started_callback``), bound to the host's own ``set_config``."""
+    api = Api(shared)
+    return SimpleNamespace(routes=[Route("/sdapi/v1/options", types.MethodType(_HOST_SET_CONFIG, api), ["POST"])])
 
 
 def api_script_args(api, script, args_list_or_value, defaults):

@@ -132,6 +132,7 @@ def ctx(env, monkeypatch, request):
     spy = DecodeSpy()
     monkeypatch.setattr(pipeline, "decode_rgba", spy)
     monkeypatch.setattr(env.fake.images, "saved", [])
+    monkeypatch.chdir(env.root)  # the WebUI's working directory: relative output folders are under it
     torch.manual_seed(0)
     unet = fa.tiny_unet().eval()
     out = f"outputs/{re.sub(r'[^A-Za-z0-9_]', '_', request.node.name)}"  # relative, as A1111's default
@@ -1399,6 +1400,56 @@ def test_single_image_methods_write_no_psd(ctx):
     assert mains(ctx) and psd_files(ctx) == []
 
 
+def test_the_psd_lies_beside_a_file_saved_relative_to_the_current_directory(ctx, monkeypatch, tmp_path):
+    """The hosts write a relative output folder under the current directory (not the WebUI
+    folder): the PSD and the alpha check follow the file where it was written."""
+    monkeypatch.chdir(tmp_path)
+    images = {"fg": rgba_image(seed=5, size=80)}
+    p, processed = generate(ctx, positional(FG2BG, **images), batch_size=2)
+    files = mains(ctx)
+    assert len(files) == 2 and all(f.parent == tmp_path / ctx.outpath for f in files)
+    path = files[0].with_name(files[0].stem + "-layers.psd")
+    check_group_psd(path, M.resolve(FG2BG), files, images)
+    assert not (Path(ctx.env.root) / ctx.outpath).exists()
+
+
+@pytest.mark.parametrize("neo", [False, True], ids=["a1111", "neo"])
+def test_the_psd_is_named_after_the_numbered_file_and_overwrites_none(ctx, monkeypatch, neo):
+    """ "Add number suffix when the file exists": the host writes ``<name>-1.png`` but hands
+    ``<name>.png`` over (Neo names the real file in ``already_saved_as``, A1111 nowhere); the PSD
+    is named after the file written, and an existing PSD is never replaced."""
+    opts, images_module = ctx.env.fake.shared.opts, ctx.env.fake.images
+    monkeypatch.setattr(opts, "save_images_replace_action", "Add number suffix when the file exists")
+    monkeypatch.setattr(images_module, "neo_names", neo)
+    mode, images = M.resolve(FG2BG), {"fg": rgba_image(seed=5, size=80)}
+    counter = images_module.counter
+    generate(ctx, positional(FG2BG, **images), batch_size=2)
+    first_files, first_psds = mains(ctx), psd_files(ctx)
+    assert len(first_psds) == 1
+    kept = first_psds[0].read_bytes()
+    monkeypatch.setattr(images_module, "counter", counter)  # the same names again: the files get "-1"
+    images_module.saved.clear()
+    other = {"fg": rgba_image(seed=6, size=80)}
+    p, processed = generate(ctx, positional(FG2BG, **other), batch_size=2)
+    files = mains(ctx)
+    assert [f.name for f in files] == [f.stem + "-1.png" for f in first_files]
+    path = files[0].with_name(files[0].stem + "-layers.psd")
+    check_group_psd(path, mode, files, other)
+    assert first_psds[0].read_bytes() == kept
+    # a PSD already at the target (another run's) is kept; ours gets the next free number
+    stray = first_files[0].with_name(first_files[0].stem + "-2-layers.psd")
+    stray.write_bytes(b"another run's PSD")
+    monkeypatch.setattr(images_module, "counter", counter)
+    images_module.saved.clear()
+    p, processed = generate(ctx, positional(FG2BG, **images), batch_size=2)
+    files = mains(ctx)
+    assert [f.name for f in files] == [f.stem + "-2.png" for f in first_files]
+    assert stray.read_bytes() == b"another run's PSD" and first_psds[0].read_bytes() == kept
+    path = files[0].with_name(files[0].stem + "-layers-1.psd")
+    check_group_psd(path, mode, files, images)
+    assert f"LayerDiffuse: layered PSD {path}" in processed.comments
+
+
 def test_setting_off_writes_no_psd(ctx, monkeypatch):
     monkeypatch.setattr(ctx.env.fake.shared.opts, "layerdiffuse_save_psd", False, raising=False)
     _, processed = generate(ctx, positional(JOINT), batch_size=3)
@@ -1576,6 +1627,18 @@ def test_only_the_degenerate_image_is_named(ctx, monkeypatch):
     previews = [parse_infotext(t)[1].get("layerdiffusion_alpha") for t in processed.infotexts[4:]]
     assert previews == keys  # the previews' infotexts (Processed.infotext, global index) agree
     assert "opaque everywhere in image 3 " in processed.comments
+
+
+def test_only_the_degenerate_image_is_named_with_neo_prompt_comments(ctx, monkeypatch):
+    """Neo's "save prompt comments" hands the batch loop's infotext a new slice of the job's
+    prompts (not ``p.prompts``) with the index in the batch; the note still names the right image."""
+    monkeypatch.setattr(ctx.env.fake.shared.opts, "save_prompt_comments", True)
+    monkeypatch.setattr(pipeline, "decode_rgba", forced_alpha([0.5, 0.5, 1.0, 0.5]))
+    p, processed = generate(ctx, positional(TRANSPARENT), batch_size=2, n_iter=2)
+    keys = [parse_infotext(t)[1].get("layerdiffusion_alpha") for t in processed.infotexts[:4]]
+    assert keys == [None, None, "opaque", None]
+    saved = [parse_infotext(read(f)[2])[1].get("layerdiffusion_alpha") for f in mains(ctx)]
+    assert saved == keys
 
 
 def test_a_normal_alpha_writes_no_key_and_no_warning(ctx):

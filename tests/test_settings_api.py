@@ -82,13 +82,50 @@ BAD = [  # issue 21, item 4: each was stored and used (1 pass, 2 passes, a 1024 
 
 @pytest.mark.parametrize("key,value,message", BAD)
 def test_options_api_refuses_a_bad_value_by_name_and_stores_nothing(ctx, key, value, message):
+    """The whole request is checked before the host stores any of it: 422 naming the value, and
+    none of its keys stored, not even the good ones before the bad one."""
     api = ctx.env.fake.api_api.Api(ctx.env.fake.shared)
-    before = getattr(ctx.opts, key)
-    with pytest.raises(RuntimeError) as info:
-        api.set_config({key: value})
-    assert str(info.value).startswith("LayerDiffuse: " + message)
-    assert getattr(ctx.opts, key) == before and type(getattr(ctx.opts, key)) is type(before)
+    before = {k: getattr(ctx.opts, k) for k in ("layerdiffuse_tile_size", "layerdiffuse_tiling", key)}
+    request = {"layerdiffuse_tile_size": 512, key: value, "layerdiffuse_tiling": "never"}
+    with pytest.raises(ctx.env.fake.api_api.HTTPException) as info:
+        api.set_config(request)
+    assert info.value.status_code == 422 and info.value.detail.startswith("LayerDiffuse: " + message)
+    for k, v in before.items():
+        assert getattr(ctx.opts, k) == v and type(getattr(ctx.opts, k)) is type(v)
     assert sorted(os.listdir(ctx.cwd)) == []  # no folder "12345" or "missing" made
+
+
+def test_the_options_route_made_before_start_up_is_checked(ctx):
+    """The host's ``Api`` registers its bound ``set_config`` before ``app_started``: the route a
+    request reaches is checked too, once."""
+    fake = ctx.env.fake
+    app = fa.app_with_api(fake.shared)
+    fake.script_callbacks.app_started_callback(None, app)
+    fake.script_callbacks.app_started_callback(None, app)
+    route = app.routes[0]
+    with pytest.raises(fake.api_api.HTTPException) as info:
+        route.dependant.call({"layerdiffuse_tile_size": 512, "layerdiffuse_decode_passes": 3})
+    assert info.value.status_code == 422 and "layerdiffuse_decode_passes" in info.value.detail
+    assert ctx.opts.layerdiffuse_tile_size == 1024
+    route.dependant.call({"layerdiffuse_tile_size": 512})
+    assert ctx.opts.layerdiffuse_tile_size == 512
+
+
+def test_settings_page_keeps_a_refused_value_unchanged_and_applies_the_others(ctx, caplog):
+    """ "Apply settings" sets every key in turn and saves after: a bad value of ours is not stored
+    (unchanged, by the host's rule) with a warning naming it; the keys before and after it apply."""
+    with caplog.at_level("WARNING", logger="layerdiffuse"):
+        changed = fa.run_settings(
+            ctx.opts, {"layerdiffuse_tile_size": 512, "layerdiffuse_decode_passes": 3, "layerdiffuse_tiling": "never"}
+        )
+    assert changed == ["layerdiffuse_tile_size", "layerdiffuse_tiling"]
+    assert (ctx.opts.layerdiffuse_tile_size, ctx.opts.layerdiffuse_tiling) == (512, "never")
+    assert ctx.opts.layerdiffuse_decode_passes == 8
+    assert any(
+        "layerdiffuse_decode_passes must be one of 8, 4, 2, 1, got 3" in r.getMessage()
+        and "not saved" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 def test_options_api_stores_good_values_as_used(ctx, tmp_path, monkeypatch):
@@ -124,7 +161,8 @@ def test_forge_putting_back_a_bad_stored_value_is_not_refused(ctx, monkeypatch):
     with pytest.raises(
         RuntimeError, match="^LayerDiffuse: layerdiffuse_decode_passes must be one of 8, 4, 2, 1, got 3"
     ):
-        ctx.opts.set("layerdiffuse_decode_passes", 3)
+        ctx.opts.set("layerdiffuse_decode_passes", 3, is_api=True, run_callbacks=False)
+    assert ctx.opts.set("layerdiffuse_decode_passes", 3) is False  # the settings page: kept unchanged
     with pytest.raises(SettingsError, match="^layerdiffuse_decode_passes must be one of 8, 4, 2, 1, got 2.5"):
         ctx.env.host.decode_options()
 

@@ -505,13 +505,15 @@ class WebUIHost(Host):
         script_callbacks.on_image_grid(grid_on_checkerboard)
         script_callbacks.on_before_image_saved(before_image_saved)
         script_callbacks.on_image_saved(check_saved)
-        script_callbacks.on_app_started(lambda *a, **k: self._started())
+        script_callbacks.on_app_started(lambda demo=None, app=None, *a, **k: self._started(app))
 
-    def _started(self) -> None:
-        """At start-up: PNG for our API images, and leftovers of interrupted writes and downloads
-        in the models folder removed (A1111's downloader would take a stale .part as complete)."""
+    def _started(self, app=None) -> None:
+        """At start-up: PNG for our API images, the API's script arguments and options checked, and
+        leftovers of interrupted writes and downloads in the models folder removed (A1111's
+        downloader would take a stale .part as complete)."""
         install_api_png()
         install_api_args_check()
+        install_api_options_check(app)
         self.add_settings()  # again: a settings load after import replaces opts.data (Neo API-only)
         try:
             clean_partial_downloads(self.models_dir())
@@ -536,7 +538,10 @@ def _check_on_set(opts) -> None:
     and the settings page all store through ``opts.set`` (A1111 1.10, Forge2 and Neo alike; their
     ``modules/options.py``, ``sysinfo.set_config``, ``processing.process_images``), which keeps any
     JSON value as sent. Wrapped on this ``opts`` instance, a bad value of ours is refused by name
-    with options.check (the request fails with the reason) instead of being stored; other keys, and
+    with options.check instead of being stored: ``override_settings`` (``is_api``) fails with the
+    reason; the settings page (not ``is_api``) sets every key in turn and saves afterwards, so there
+    the value is kept unchanged (False, as the host's own "no change") with a warning, and the other
+    keys apply. ``/sdapi/v1/options`` is checked as a whole first (install_api_options_check). Other keys, and
     a value equal to the stored one (no change, by the host's rule), go to the host unchanged. So
     does the value a change replaced: Forge2 and Neo put ``override_settings`` back through
     ``opts.set`` after the generation, and a bad value stored earlier (``config.json``) must go back
@@ -554,12 +559,82 @@ def _check_on_set(opts) -> None:
             except SettingsError as e:
                 before = replaced.get(key, _NOTHING)
                 if not (value is before or (type(value) is type(before) and value == before)):
-                    raise Refusal(str(e)) from None
+                    if kwargs.get("is_api", args[0] if args else False):
+                        raise Refusal(str(e)) from None
+                    _refused_on_page(key, current, e)
+                    return False
             replaced[key] = current
         return original(key, value, *args, **kwargs)
 
     set_option._layerdiffuse = True
     opts.set = set_option
+
+
+def _refused_on_page(key: str, current, error: SettingsError) -> None:
+    text = f"LayerDiffuse: {error} The value was not saved; {key} stays {current!r}."
+    log.warning(text)
+    try:  # a toast where gradio has one (3.41 shows only "Error" for an exception here)
+        import gradio as gr  # type: ignore
+
+        gr.Warning(text)
+    except Exception:
+        pass
+
+
+def _check_options_request(api, req) -> None:
+    """Every key of ours in a ``/sdapi/v1/options`` request, before the host stores any (it sets
+    them one by one and saves): a bad value answers 422 naming it, and nothing is stored."""
+    from modules import shared  # type: ignore
+
+    for key, value in req.items() if isinstance(req, dict) else ():
+        if key in BY_KEY and value != getattr(shared.opts, key, None):
+            try:
+                check(key, value)
+            except SettingsError as e:
+                http_error = getattr(api, "HTTPException", None)
+                if http_error is None:
+                    raise Refusal(str(e)) from None
+                raise http_error(status_code=422, detail=f"LayerDiffuse: {e}") from None
+
+
+def install_api_options_check(app=None) -> None:
+    """``Api.set_config`` (``/sdapi/v1/options``) stores a request key by key (A1111 1.10 directly,
+    Forge2 and Neo through ``sysinfo.set_config``), so a bad value in the middle would leave the
+    keys before it stored: the request is checked first (_check_options_request). The host's
+    ``Api`` binds its ``set_config`` to the route before ``app_started``, so the route's call is
+    wrapped too, where ``app`` has it."""
+    try:
+        from modules.api import api  # type: ignore
+    except Exception:  # API not loaded
+        return
+    import functools
+
+    cls = getattr(api, "Api", None)
+    original = getattr(cls, "set_config", None)
+    if original is not None and not getattr(original, "_layerdiffuse", False):
+
+        @functools.wraps(original)
+        def set_config(self, req, *args, **kwargs):
+            _check_options_request(api, req)
+            return original(self, req, *args, **kwargs)
+
+        set_config._layerdiffuse = True
+        cls.set_config = set_config
+    for route in getattr(app, "routes", None) or ():
+        dependant = getattr(route, "dependant", None)
+        call = getattr(dependant, "call", None)
+        if getattr(route, "path", None) != "/sdapi/v1/options" or "POST" not in (getattr(route, "methods", None) or ()):
+            continue
+        if call is None or getattr(call, "_layerdiffuse", False):
+            continue
+
+        @functools.wraps(call)
+        def checked(*args, _call=call, **kwargs):
+            _check_options_request(api, kwargs["req"] if "req" in kwargs else (args[0] if args else None))
+            return _call(*args, **kwargs)
+
+        checked._layerdiffuse = True
+        dependant.call = checked
 
 
 def install_api_args_check() -> None:
@@ -974,19 +1049,43 @@ def install_api_png():
     api.encode_pil_to_base64 = encode
 
 
+def saved_path(params) -> str:
+    """The absolute path of the file ``on_image_saved`` reports. The hosts write ``params.filename``
+    as given, so a relative one is relative to the current directory (their output folders are).
+    With "Add number suffix when the file exists" they write ``<name>-1.png`` but leave
+    ``params.filename`` at ``<name>.png``: Neo names the file written in ``already_saved_as``;
+    A1111 1.10 nowhere, so there it is the newest of ``<name>.png``, ``<name>-1.png``, ... (the
+    names its loop tries in turn, all taken up to the one it wrote)."""
+    path = os.path.abspath(params.filename)
+    written = getattr(params.image, "already_saved_as", None)
+    if isinstance(written, str) and os.path.abspath(written) != path and os.path.isfile(written):
+        return os.path.abspath(written)
+    try:
+        from modules import shared  # type: ignore
+
+        numbered = getattr(shared.opts, "save_images_replace_action", "Replace") != "Replace"
+    except Exception:
+        numbered = False
+    if not numbered:
+        return path
+    stem, ext = os.path.splitext(path)
+    found, n, name = [], 0, path
+    while os.path.isfile(name):
+        found.append((os.stat(name).st_mtime_ns, n, name))
+        n += 1
+        name = f"{stem}-{n}{ext}"
+    return max(found)[2] if found else path  # same time: the last name taken
+
+
 def check_saved(params):
     """on_image_saved: the file on disk must be RGBA with our alpha; else warn with the fix.
 
     When the user's format drops alpha (jpg, webp), a PNG copy is written beside the file.
     """
-    from modules import paths  # type: ignore
-
     alpha = getattr(params.image, TAG, None)
     if alpha is None:
         return
-    path = Path(params.filename)
-    if not path.is_absolute():
-        path = Path(paths.data_path) / path
+    path = Path(saved_path(params))
     if path.suffix.lower() != ".png":
         png = path.with_suffix(".png")
         text = params.pnginfo.get("parameters") if isinstance(getattr(params, "pnginfo", None), dict) else None

@@ -96,6 +96,7 @@ class Layered:
             if in_memory:
                 self.rendered.append((path, psd.render(layers, text)))
                 return
+            path = _free_name(path)
             psd.write_psd(path, layers, text)
         except Exception as e:  # the images are saved; the PSD is an extra
             log.warning("LayerDiffuse: could not write %s: %s", path, e)
@@ -167,6 +168,17 @@ def start(p, gen, settings) -> None:
     gen.layered = Layered(gen.mode, settings)
 
 
+def _free_name(path: str) -> str:
+    """``path``, or with the hosts' kind of number (``-1``, ``-2``, ...) before the extension when a
+    file is there: another run's PSD beside a file of the same name is never replaced."""
+    stem, ext = os.path.splitext(path)
+    n = 0
+    while os.path.exists(path):
+        n += 1
+        path = f"{stem}-{n}{ext}"
+    return path
+
+
 def frame(gen, index: int, image) -> None:
     """``postprocess_image_after_composite``: the frame's final image (what the host saves)."""
     if getattr(gen, "layered", None) is not None:
@@ -180,11 +192,9 @@ def image_saved(host, params) -> None:
     layered = getattr(gen, "layered", None)
     if layered is None:
         return
-    from modules import paths  # type: ignore
+    from .common import saved_path
 
-    path = Path(params.filename)
-    if not path.is_absolute():
-        path = Path(paths.data_path) / path
+    path = saved_path(params)
     pnginfo = getattr(params, "pnginfo", None)
     text = pnginfo.get("parameters") if isinstance(pnginfo, dict) else None
     layered.saved(index, params.image, str(path), text)
