@@ -11,14 +11,14 @@ not copied). The RGBA VAE lives in
   before decoding) followed by one condition frame (the encoded input image);
 - images are ``[1, 4, H, W]`` RGBA (straight alpha) in [-1, 1].
 
-Tests: tests/test_qwen_layered.py, against numbers computed from the reference implementation
-(tests/data/qwen_layered_refs.safetensors).
+Tests: tests/test_qwen_layered.py and tests/test_qwen_layered_loop.py, against numbers computed from the reference implementation
+(tests/data/qwen_layered_refs.safetensors, tests/data/qwen_layered_loop_refs.safetensors).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -199,3 +199,69 @@ def postprocess(x: torch.Tensor) -> np.ndarray:
         raise SettingsError(f"postprocess expects one [1, 4, H, W] RGBA image, got shape {tuple(x.shape)}.")
     unit = (x.detach().to("cpu", torch.float32) * 0.5 + 0.5).clamp(0, 1)
     return torch.round(unit[0].permute(1, 2, 0) * 255).numpy().astype(np.uint8)
+
+
+def sample_layers(
+    model: Callable[..., torch.Tensor],
+    noise: torch.Tensor,
+    condition: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    cond: Mapping[str, object],
+    uncond: Mapping[str, object] | None = None,
+    true_cfg_scale: float = 1.0,
+    normalize: bool = False,
+    callback: Callable[[int, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """The Layered pipeline's denoising loop around any transformer; returns the final packed latents.
+
+    ``noise`` is the packed noise of the ``layers + 1`` generated frames ``[B, N, 64]`` and
+    ``condition`` the packed condition image ``[B, M, 64]``; ``sigmas`` the schedule with its trailing
+    0 (:func:`flow_sigmas`). Each step calls ``model(hidden_states, timestep, **cond)`` with the
+    generated tokens followed by the condition tokens and ``timestep = sigma`` per sample (the
+    pipeline's ``t / 1000``); the host's extra inputs (text, masks, ``img_shapes`` for
+    :func:`rope_frequencies`, the ``is_rgb = 0`` embedding) travel in ``cond``/``uncond``. The
+    prediction is cut back to the first ``N`` tokens. True CFG (:func:`true_cfg`) runs only when
+    ``uncond`` is given and ``true_cfg_scale > 1``, as in the pipeline. Flow-matching Euler step:
+    ``x <- x + (sigma_next - sigma) * v`` in float32, cast back to the prediction's dtype.
+    ``callback(step, latents)`` is called after each step (progress, interruption by raising).
+    """
+    if noise.ndim != 3 or condition.ndim != 3 or noise.shape[0] != condition.shape[0]:
+        raise SettingsError(
+            f"sample_layers needs packed [B, N, 64] noise and condition tokens with the same batch, got "
+            f"{tuple(noise.shape)} and {tuple(condition.shape)}."
+        )
+    if noise.shape[2] != condition.shape[2]:
+        raise SettingsError(
+            f"sample_layers needs the same token width for noise and condition, got {noise.shape[2]} and "
+            f"{condition.shape[2]}."
+        )
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float32).flatten().to(noise.device)
+    if sigmas.numel() < 2:
+        raise SettingsError(f"sample_layers needs at least 2 sigmas (one step and the final 0), got {sigmas.numel()}.")
+    guided = uncond is not None and true_cfg_scale > 1
+    latents = noise
+    generated = noise.shape[1]
+    batch = noise.shape[0]
+
+    def predict(branch: Mapping[str, object], hidden: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        out = model(hidden, timestep, **branch)
+        if out.ndim != 3 or out.shape[0] != batch or out.shape[1] < generated or out.shape[2] != noise.shape[2]:
+            raise SettingsError(
+                f"sample_layers: the model returned {tuple(out.shape)}; expected [{batch}, >= {generated}, "
+                f"{noise.shape[2]}] (a prediction for every input token)."
+            )
+        # the condition image's tokens only steer; the step moves the generated frames alone
+        return out[:, :generated]
+
+    for i in range(sigmas.numel() - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        hidden = torch.cat([latents, condition.to(latents.dtype)], dim=1)
+        timestep = sigma.expand(batch).to(latents.dtype)
+        v = predict(cond, hidden, timestep)
+        if guided:
+            v = true_cfg(v, predict(uncond, hidden, timestep), true_cfg_scale, normalize)
+        latents = (latents.float() + (sigma_next - sigma) * v.float()).to(v.dtype)
+        if callback is not None:
+            callback(i, latents)
+    return latents
