@@ -43,6 +43,7 @@ from .unet_training import (
     LatentSource,
     StageParts,
     draw_noise_and_timesteps,
+    export_metadata,
     frozen_parts,
     held_out_batch,
     layout_unet,
@@ -331,11 +332,8 @@ def train_diffusion_stage(cfg: DiffusionStageConfig, frozen_vae: nn.Module | Non
             **schedule.signature,
         },  # fmt: skip
         metadata={
-            "latent_scale": repr(source.scale),
-            "base_family": frozen.family or "stand-in",
+            **export_metadata(source.scale, frozen.family, schedule, cfg.init),
             **({"layer_mode": cfg.layer_mode} if layer else {}),
-            **{k: str(v).lower() if isinstance(v, bool) else v for k, v in schedule.summary.items()},
-            **({"init": init_files.describe(cfg.init)} if cfg.init else {}),
         },  # fmt: skip
         schedule=schedule,
     )

@@ -47,6 +47,7 @@ from .unet_training import (
     LatentSource,
     StageParts,
     draw_noise_and_timesteps,
+    export_metadata,
     frozen_parts,
     held_out_batch,
     q_sample,
@@ -297,11 +298,8 @@ def train_layers_stage(cfg: LayersStageConfig, frozen_vae: nn.Module | None = No
             **schedule.signature,
         },  # fmt: skip
         metadata={
-            "latent_scale": repr(source.scale),
-            "base_family": frozen.family or "stand-in",
+            **export_metadata(source.scale, frozen.family, schedule, cfg.init),
             **layout_meta,
-            **{k: str(v).lower() if isinstance(v, bool) else v for k, v in schedule.summary.items()},
-            **({"init": init_files.describe(cfg.init)} if cfg.init else {}),
         },  # fmt: skip
         schedule=schedule,
     )

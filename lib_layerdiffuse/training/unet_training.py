@@ -90,6 +90,19 @@ class NoiseSchedule:
         return {} if self.summary == {"prediction": "eps", "zero_terminal_snr": False} else self.summary
 
 
+def export_metadata(scale, family: str | None, schedule: NoiseSchedule, init: str | None) -> dict:
+    """What both UNet stages' exports record of their run: the latent scale, the base model's family,
+    the parameterisation (as metadata text) and the --init file they started from."""
+    from . import init_files
+
+    return {
+        "latent_scale": repr(scale),
+        "base_family": family or "stand-in",
+        **{k: str(v).lower() if isinstance(v, bool) else v for k, v in schedule.summary.items()},
+        **({"init": init_files.describe(init)} if init else {}),
+    }
+
+
 def noise_schedule(cfg: UNetStageConfig, v_pred: bool = False, ztsnr: bool = False) -> NoiseSchedule:
     """``--prediction`` / ``--zero-terminal-snr`` resolved (``auto``: the checkpoint's ``v_pred``
     / ``ztsnr`` keys, as the hosts read them; False without --checkpoint)."""
