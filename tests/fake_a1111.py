@@ -16,6 +16,7 @@ callbacks included) and ``p.close()`` in a ``finally``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import importlib.machinery
 import io
@@ -622,6 +623,30 @@ def uninstall(fake: SimpleNamespace, extra=()):
     for name in (*NAMES, *extra):
         sys.modules.pop(name, None)
     sys.modules.update(fake.saved)
+
+
+@contextlib.contextmanager
+def script_under(models_dir, data_path, name: str):
+    """The fakes installed and ``scripts/layerdiffuse.py`` imported under ``name`` (as the WebUI
+    loads it); yields ``(fake, module)``; everything is taken out again afterwards."""
+    import importlib.util
+    from pathlib import Path
+
+    import lib_layerdiffuse.hosts
+
+    fake = install(models_dir, data_path)
+    try:
+        path = Path(__file__).resolve().parent.parent / "scripts" / "layerdiffuse.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+        assert mod.HOST_ID == "a1111" and mod.host is not None
+        yield fake, mod
+    finally:
+        uninstall(fake, extra=(name, "lib_layerdiffuse.hosts.a1111", "lib_layerdiffuse.hosts.extras"))
+        lib_layerdiffuse.hosts.__dict__.pop("a1111", None)
+        lib_layerdiffuse.hosts.__dict__.pop("extras", None)
 
 
 # ---------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ what reaches disk.
 import base64
 import copy
 import gc
-import importlib.util
 import io
 import json
 import logging
@@ -33,7 +32,6 @@ from safetensors.torch import save_file
 from unet_tree import same_bits, snapshot
 from weightgen import make_state_dict, manifest_shapes
 
-import lib_layerdiffuse.hosts
 from lib_layerdiffuse import conditioning as C
 from lib_layerdiffuse import modes as M
 from lib_layerdiffuse import pipeline, psd
@@ -75,20 +73,12 @@ def env(tmp_path_factory):
     models = root / "layer_model"
     models.mkdir()
     write_weights(models)
-    fake = fa.install(models, root)
     try:
-        spec = importlib.util.spec_from_file_location(SCRIPT, ROOT / "scripts" / "layerdiffuse.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[SCRIPT] = mod
-        spec.loader.exec_module(mod)
-        assert mod.HOST_ID == "a1111" and mod.host is not None
-        assert "layerdiffuse_decode_passes" in fake.shared.opts.data_labels  # at import: API-only servers
-        fake.script_callbacks.ui_settings_callback()  # the host builds its settings page at start-up
-        yield SimpleNamespace(fake=fake, mod=mod, host=mod.host, root=root, models=models)
+        with fa.script_under(models, root, SCRIPT) as (fake, mod):
+            assert "layerdiffuse_decode_passes" in fake.shared.opts.data_labels  # at import: API-only servers
+            fake.script_callbacks.ui_settings_callback()  # the host builds its settings page at start-up
+            yield SimpleNamespace(fake=fake, mod=mod, host=mod.host, root=root, models=models)
     finally:
-        fa.uninstall(fake, extra=(SCRIPT, "lib_layerdiffuse.hosts.a1111", "lib_layerdiffuse.hosts.extras"))
-        lib_layerdiffuse.hosts.__dict__.pop("a1111", None)
-        lib_layerdiffuse.hosts.__dict__.pop("extras", None)
         torch.set_num_threads(threads)
 
 

@@ -3,7 +3,6 @@
 options (``config.json``), the Extras step's switch, the weight folder, and the API's spreading of
 ``alwayson_scripts[...]["args"]`` over the script's positions (issue 21, items 4 and 5)."""
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -14,7 +13,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import lib_layerdiffuse.hosts
 from lib_layerdiffuse.errors import SettingsError, WeightFileError
 from lib_layerdiffuse.options import OPTIONS
 
@@ -29,20 +27,10 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("webui")
     models = root / "layer_model"
     models.mkdir()
-    fake = fa.install(models, root)
-    try:
-        spec = importlib.util.spec_from_file_location(SCRIPT, ROOT / "scripts" / "layerdiffuse.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[SCRIPT] = mod
-        spec.loader.exec_module(mod)
-        assert mod.HOST_ID == "a1111" and mod.host is not None
+    with fa.script_under(models, root, SCRIPT) as (fake, mod):
         fake.script_callbacks.ui_settings_callback()
         fake.script_callbacks.app_started_callback(None, None)  # the host starts: API checks installed
         yield SimpleNamespace(fake=fake, mod=mod, host=mod.host, root=root, models=models)
-    finally:
-        fa.uninstall(fake, extra=(SCRIPT, "lib_layerdiffuse.hosts.a1111", "lib_layerdiffuse.hosts.extras"))
-        lib_layerdiffuse.hosts.__dict__.pop("a1111", None)
-        lib_layerdiffuse.hosts.__dict__.pop("extras", None)
 
 
 @pytest.fixture
