@@ -126,19 +126,6 @@ def compute_patched_tensors(
     return {k: patched_tensor(params[k], p, weight) for k, p in patches.items() if k in params}
 
 
-def widens_conv_in(patches: Mapping[str, Patch], root: nn.Module) -> bool:
-    """Whether the patches grow conv_in's input channels (the SDXL layer modes' concat input)."""
-    patch = patches.get(PREFIX + CONV_IN)
-    if patch is None or patch.kind != "diff" or 0 not in patch.slots:
-        return False
-    try:
-        weight = root.get_submodule(CONV_IN.rpartition(".")[0]).weight
-    except AttributeError:
-        return False
-    delta = patch.slots[0]
-    return delta.ndim == 4 and weight.ndim == 4 and delta.shape[1] > weight.shape[1]
-
-
 def check_conv_in(patches: Mapping[str, Patch], base: torch.Tensor | None, latent_channels: int, extra: int,
                   source: str, label: str) -> None:  # fmt: skip
     """The SDXL layer modes' widened conv_in: the file's conv_in diff must take the latent plus the

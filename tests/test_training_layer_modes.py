@@ -78,7 +78,7 @@ def test_layer_mode_export_loads_as_the_extension_merges_it(tmp_path, files):
     from lib_layerdiffuse.weights import load_unet_file
 
     loaded = core_patches.parse_patch_state(load_unet_file(out / "layer_xl_fg2ble.safetensors"))
-    assert core_patches.widens_conv_in(loaded, base)
+    core_patches.check_conv_in(loaded, base.input_blocks[0][0].weight, 4, 4, "layer_xl_fg2ble.safetensors", "fg2ble")
     assert conv_in.shape == (32, 8, 3, 3)
     delta = UNetDelta(base, "lora", 4, "attn", conv_in_channels=8)
     train_state = load_file(str(out / ckpt.STATE_FILE))
