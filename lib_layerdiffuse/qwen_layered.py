@@ -33,6 +33,13 @@ ROPE_AXES = (16, 56, 56)  # head_dim 128 split over (frame, row, column), the re
 ROPE_THETA = 10000
 RESOLUTIONS = (640, 1024)  # the pipeline's only buckets
 TOKENS_PER_MU = 256  # mu = sqrt(condition tokens / 256): 2.5 at 640x640, 4.0 at 1024x1024
+# the Qwen-Image (Wan-2.1) VAE's per-channel latent statistics: the pipeline normalises the encoded
+# condition image with them and undoes it before decoding (Neo's Wan21 latent format holds the same)
+LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)  # fmt: skip
+LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+               3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)  # fmt: skip
+ADDITION_KEY = "time_text_embed.addition_t_embedding.weight"  # the one tensor plain Qwen-Image lacks
 
 
 def pack_latents(x: torch.Tensor) -> torch.Tensor:
@@ -122,6 +129,105 @@ def rope_frequencies(img_shapes: Sequence[Sequence[int]], max_txt_seq_len: int) 
         torch.polar(torch.ones_like(image_angles), image_angles),
         torch.polar(torch.ones_like(text_angles), text_angles),
     )
+
+
+def position_ids(img_shapes: Sequence[Sequence[int]], txt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer-3D RoPE as integer positions ``(frame, row, column)``: ``(image [N, 3], text [T, 3])``.
+
+    The same positions :func:`rope_frequencies` turns into factors, for a host whose transformer
+    takes position ids (Forge Neo's ``pe_embedder``): rotating by ``position * theta^(-2i/dim)``
+    per axis is what both compute. Float32, image tokens in packing order, text after.
+    """
+    shapes = [tuple(int(v) for v in s) for s in img_shapes]
+    if len(shapes) < 2 or any(len(s) != 3 or s[0] != 1 or s[1] < 1 or s[2] < 1 for s in shapes):
+        raise SettingsError(
+            f"position_ids expects (1, rows, cols) per generated frame and one for the condition image, got {shapes}."
+        )
+    generated = len(shapes) - 1
+    blocks = []
+    for index, (_, rows, cols) in enumerate(shapes):
+        frame = torch.full((rows * cols,), -1 if index == generated else index, dtype=torch.int64)
+        row = _centred(rows).repeat_interleave(cols)
+        col = _centred(cols).repeat(rows)
+        blocks.append(torch.stack([frame, row, col], dim=1))
+    start = max(max(max(rows // 2, cols // 2) for _, rows, cols in shapes), generated)
+    text = torch.arange(start, start + int(txt_len)).unsqueeze(1).expand(-1, 3)
+    return torch.cat(blocks).to(torch.float32), text.to(torch.float32)
+
+
+def layered_forward(
+    model: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    timestep: torch.Tensor,
+    *,
+    context: torch.Tensor,
+    img_shapes: Sequence[Sequence[int]],
+    addition: torch.Tensor,
+    rope: Callable[[torch.Tensor], object],
+    context_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One Qwen-Image-Layered transformer call on a host's own Qwen-Image transformer ``model``.
+
+    ``model`` is used module by module as it is (nothing is added to it or changed): ``img_in``,
+    ``txt_norm``/``txt_in``, ``time_text_embed(timestep, hidden)``, each of ``transformer_blocks``
+    (keyword call, returning ``(text, image)``), ``norm_out(x, temb)``, ``proj_out``. The two
+    Layered differences are made here: the timestep embedding gets ``addition`` (row ``is_rgb = 0``
+    of the checkpoint's ``addition_t_embedding``, which a plain Qwen-Image model does not load),
+    and the rotary embedding is built by the host's ``rope`` from :func:`position_ids` (text first,
+    then image tokens, ``[1, T + N, 3]``). ``hidden_states`` are the packed generated frames then
+    the condition frame (``[B, N, 64]``), ``context`` the text encoder's states ``[B, T, D]``;
+    returns ``[B, N, 64]``.
+    """
+    image_ids, text_ids = position_ids(img_shapes, context.shape[1])
+    if image_ids.shape[0] != hidden_states.shape[1]:
+        raise SettingsError(
+            f"layered_forward: img_shapes {list(img_shapes)} give {image_ids.shape[0]} image tokens, but "
+            f"hidden_states has {hidden_states.shape[1]}."
+        )
+    pe = rope(torch.cat([text_ids, image_ids]).unsqueeze(0).to(hidden_states.device))
+    hidden = model.img_in(hidden_states)
+    text = model.txt_in(model.txt_norm(context))
+    temb = model.time_text_embed(timestep, hidden)
+    temb = temb + addition.to(temb.device, temb.dtype)
+    for block in model.transformer_blocks:
+        text, hidden = block(
+            hidden_states=hidden,
+            encoder_hidden_states=text,
+            encoder_hidden_states_mask=context_mask,
+            temb=temb,
+            image_rotary_emb=pe,
+        )
+    return model.proj_out(model.norm_out(hidden, temb))
+
+
+def addition_row(weight: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """Row ``is_rgb = 0`` of ``addition_t_embedding.weight`` (``[2, width]``): the only row the pipeline
+    uses (it passes ``is_rgb = 0`` for every sample). Checked: two rows, finite, the model's width."""
+    if weight.ndim != 2 or weight.shape[0] != 2 or (width is not None and weight.shape[1] != width):
+        raise SettingsError(
+            f"{ADDITION_KEY} must be [2, {width or 'width'}], got {list(weight.shape)}: the checkpoint is damaged or "
+            "not Qwen-Image-Layered. Download it again."
+        )
+    row = weight[0].to(torch.float32)
+    if not torch.isfinite(row).all():
+        raise SettingsError(
+            f"{ADDITION_KEY} holds NaN or infinite values: the checkpoint is damaged. Download it again."
+        )
+    return row
+
+
+def normalize_latents(z: torch.Tensor) -> torch.Tensor:
+    """The VAE's raw mean ``[B, 16, ...]`` -> the transformer's latent space: ``(z - mean) / std``."""
+    return (z - _stat(LATENTS_MEAN, z)) / _stat(LATENTS_STD, z)
+
+
+def denormalize_latents(z: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`normalize_latents`, before the VAE decodes."""
+    return z * _stat(LATENTS_STD, z) + _stat(LATENTS_MEAN, z)
+
+
+def _stat(values: tuple[float, ...], z: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=z.dtype, device=z.device).view(1, -1, *([1] * (z.ndim - 2)))
 
 
 def flow_sigmas(steps: int, image_tokens: int) -> torch.Tensor:
@@ -265,3 +371,69 @@ def sample_layers(
         if callback is not None:
             callback(i, latents)
     return latents
+
+
+def decompose(
+    image: np.ndarray,
+    *,
+    vae: torch.nn.Module,
+    transformer: Callable[..., torch.Tensor],
+    cond: Mapping[str, object],
+    uncond: Mapping[str, object] | None = None,
+    layers: int,
+    steps: int,
+    seed: int,
+    true_cfg_scale: float = 1.0,
+    normalize: bool = False,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    callback: Callable[[int, torch.Tensor], None] | None = None,
+) -> list[np.ndarray]:
+    """An image at its bucket size (uint8 ``H x W x 4``, or ``x 3`` taken as opaque) -> ``layers``
+    straight-alpha RGBA images (uint8 ``H x W x 4``), bottom layer first, as the pipeline returns them.
+
+    The pipeline's steps, once: the image is encoded (mean, normalised) and packed as the condition
+    frame; the noise of the ``layers + 1`` generated frames is drawn from a CPU generator seeded
+    with ``seed`` (float32 ``[1, layers + 1, 16, h, w]``) and packed; :func:`sample_layers` runs
+    ``transformer(hidden, timestep, **branch)`` (``img_shapes`` is added to ``cond``/``uncond``)
+    over :func:`flow_sigmas`; frame 0 (the re-generated composite) is dropped and each layer is
+    decoded on its own (the VAE treats them as separate images; one at a time keeps the memory
+    of one). ``vae`` is :func:`load_vae`'s module, on ``device``; the transformer runs in ``dtype``.
+    """
+    layers, steps = int(layers), int(steps)
+    if layers < 1:
+        raise SettingsError(f"Qwen-Image-Layered needs at least 1 layer, got {layers}.")
+    x = preprocess(image)
+    height, width = x.shape[2:]
+    multiple = VAE_SCALE * PATCH
+    if height % multiple or width % multiple:
+        raise SettingsError(
+            f"Qwen-Image-Layered works on multiples of {multiple} pixels, got {width}x{height}: resize the "
+            "image to its bucket first (bucket_size)."
+        )
+    vae_dtype = next(vae.parameters()).dtype
+    with torch.no_grad():
+        z = normalize_latents(vae.encode_mean(x.to(device, vae_dtype)).float())
+        h, w = z.shape[2:]
+        noise = torch.randn(
+            (1, layers + 1, LATENT_CHANNELS, h, w), generator=torch.Generator("cpu").manual_seed(int(seed))
+        )
+        shapes = [(1, h // PATCH, w // PATCH)] * (layers + 2)
+        branches = [{**b, "img_shapes": shapes} if b is not None else None for b in (cond, uncond)]
+        latents = sample_layers(
+            transformer,
+            pack_latents(noise).to(device, dtype),
+            pack_latents(z[:, None]).to(device, dtype),
+            flow_sigmas(steps, (h // PATCH) * (w // PATCH)),
+            cond=branches[0],
+            uncond=branches[1],
+            true_cfg_scale=true_cfg_scale,
+            normalize=normalize,
+            callback=callback,
+        )
+        frames = denormalize_latents(unpack_latents(latents.float(), height, width, layers))
+        del latents
+        out = []
+        for k in range(1, layers + 1):
+            out.append(postprocess(vae.decode(frames[:, :, k].to(device, vae_dtype)).float()))
+    return out
