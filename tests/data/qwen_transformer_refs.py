@@ -116,32 +116,49 @@ def main(path):
     for k, v in weights.items():
         assert v.float().std() > 0 and (v != 0).any(), k
     zeros = sum(int((v == 0).sum()) for v in weights.values())
-    print(f"diffusers {diffusers.__version__}, {len(weights)} tensors, "
-          f"{sum(v.numel() for v in weights.values())} params, {zeros} exact-zero elements")
+    print(
+        f"diffusers {diffusers.__version__}, {len(weights)} tensors, "
+        f"{sum(v.numel() for v in weights.values())} params, {zeros} exact-zero elements"
+    )
 
     ref = run_all(weights, 1, False)
     out = {f"weight.{k}": v.contiguous() for k, v in weights.items()}
     for i, (layers, h, w, text, t) in enumerate(CASES):
         p = f"case{i}"
         hidden, context = inputs(p, layers + 2, h // 2, w // 2, text)
-        out.update({
-            f"{p}.hidden": hidden, f"{p}.context": context, f"{p}.timestep": torch.tensor([t]),
-            f"{p}.layers": torch.tensor(layers), f"{p}.rows": torch.tensor(h // 2), f"{p}.cols": torch.tensor(w // 2),
-            f"{p}.out": ref[p].contiguous(),
-        })
+        out.update(
+            {
+                f"{p}.hidden": hidden,
+                f"{p}.context": context,
+                f"{p}.timestep": torch.tensor([t]),
+                f"{p}.layers": torch.tensor(layers),
+                f"{p}.rows": torch.tensor(h // 2),
+                f"{p}.cols": torch.tensor(w // 2),
+                f"{p}.out": ref[p].contiguous(),
+            }
+        )
     for name, h, w, text, t in PLAINS:
         hidden, context = inputs(name, 1, h // 2, w // 2, text)
-        out.update({
-            f"{name}.hidden": hidden, f"{name}.context": context, f"{name}.timestep": torch.tensor([t]),
-            f"{name}.rows": torch.tensor(h // 2), f"{name}.cols": torch.tensor(w // 2), f"{name}.out": ref[name].contiguous(),
-        })
+        out.update(
+            {
+                f"{name}.hidden": hidden,
+                f"{name}.context": context,
+                f"{name}.timestep": torch.tensor([t]),
+                f"{name}.rows": torch.tensor(h // 2),
+                f"{name}.cols": torch.tensor(w // 2),
+                f"{name}.out": ref[name].contiguous(),
+            }
+        )
     save_file(out, path, metadata={"diffusers": diffusers.__version__, "config": repr(CONFIG)})
 
     # reference noise and sanity
     back = load_file(path)
     assert all(torch.equal(back[f"{k}.out"], ref[k]) for k in ref)
-    for label, other in (("2 threads", run_all(weights, 2, False)), ("mkldnn on", run_all(weights, 1, True)),
-                         ("all-ones mask", run_all(weights, 1, False, mask=True))):
+    for label, other in (
+        ("2 threads", run_all(weights, 2, False)),
+        ("mkldnn on", run_all(weights, 1, True)),
+        ("all-ones mask", run_all(weights, 1, False, mask=True)),
+    ):
         print(label, {k: f"{rel(other[k], ref[k]):.2e}" for k in ref})
     torch.set_num_threads(1)
     # the addition embedding matters: drop it (is_rgb row 0 -> zeros) and compare
