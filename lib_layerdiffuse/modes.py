@@ -12,17 +12,20 @@ from .errors import SettingsError
 
 FLUX_VAE_FILE = "TransparentVAE"  # weights.FILES stem: decoder and encoder in one file
 
-FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "flux": "FLUX.1-dev"}
-_PREFIX = {"sd15": "(SD1.5)", "sdxl": "(SDXL)", "flux": "(FLUX)"}
+FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "flux": "FLUX.1-dev", "qwen_layered": "Qwen-Image-Layered"}
+_PREFIX = {"sd15": "(SD1.5)", "sdxl": "(SDXL)", "flux": "(FLUX)", "qwen_layered": "(Qwen-Image-Layered)"}
+QWEN_IMAGE = "Qwen-Image"  # plain Qwen-Image (no layered weights): a family with no method
 
 
 @dataclass(frozen=True)
 class Mode:
     key: str  # the official enum name
     label: str  # the official dropdown label
-    family: str  # "sd15" | "sdxl" | "flux"
+    family: str  # "sd15" | "sdxl" | "flux" | "qwen_layered"
     unet_file: str  # weight file stem of the UNet side
-    apply: str  # "attention_sharing" | "lora" | "diff" | "host_lora" (a LoRA file through the host's own loader)
+    # "attention_sharing" | "lora" | "diff" | "host_lora" (a LoRA file through the host's own loader) |
+    # "decompose" (img2img: the init image into RGBA layers by the loaded model; no UNet patch, no file)
+    apply: str
     frames: tuple[str, ...]  # what each image of a group is, in batch order
     decode: tuple[int, ...] = ()  # indices within a group that get an RGBA decode
     inputs: tuple[str, ...] = ()  # required layer images: "fg", "bg", "blend"
@@ -107,6 +110,10 @@ MODES: tuple[Mode, ...] = (
     # the Flux version of LayerDiffuse (RedAIGC): a LoRA the host loads, a 16-channel transparent VAE
     Mode("FG_ONLY_FLUX", "(FLUX) Only Generate Transparent Image", "flux",
          "layerlora", "host_lora", ("foreground",), decode=(0,)),
+    # Qwen-Image-Layered (Forge Neo, img2img): one input image -> RGBA layers; the batch's one image
+    # is the layers recomposed, the layers are extra outputs (lib_layerdiffuse/decompose.py)
+    Mode("DECOMPOSE_QWEN_LAYERED", "(Qwen-Image-Layered) Decompose Into Layers", "qwen_layered",
+         "", "decompose", ("recomposed",)),
 )  # fmt: skip
 
 DEFAULT = MODES[4]  # SDXL attention injection, as the official
@@ -124,7 +131,12 @@ for _m in MODES:
 
 # each family's "only transparent" method: the Method a new accordion (and an API request
 # without one) gets for the loaded model, so ticking the box and pressing Generate just works
-FAMILY_DEFAULTS = {"sd15": _LOOKUP["FG_ONLY_ATTN_SD15"], "sdxl": DEFAULT, "flux": _LOOKUP["FG_ONLY_FLUX"]}
+FAMILY_DEFAULTS = {
+    "sd15": _LOOKUP["FG_ONLY_ATTN_SD15"],
+    "sdxl": DEFAULT,
+    "flux": _LOOKUP["FG_ONLY_FLUX"],
+    "qwen_layered": _LOOKUP["DECOMPOSE_QWEN_LAYERED"],
+}
 
 
 def resolve(name: str) -> Mode:
@@ -166,10 +178,18 @@ def check_family(mode: Mode, model_family: str | None) -> None:
         return
     found = FAMILY_NAMES.get(model_family or "", model_family or "an unrecognised architecture")
     article = "an" if mode.family_name[0] in "AEIOS" else "a"  # "an SD1.5", "an SDXL", "a FLUX.1-dev"
+    if model_family == QWEN_IMAGE:
+        raise SettingsError(
+            f"'{mode.label}' needs {article} {mode.family_name} checkpoint, but the loaded model is plain Qwen-Image "
+            "(its file has no time_text_embed.addition_t_embedding.weight). LayerDiffuse has no method for Qwen-Image; "
+            "to split an image into layers, load the Qwen-Image-Layered checkpoint (e.g. "
+            "qwen_image_layered_bf16.safetensors) and use '(Qwen-Image-Layered) Decompose Into Layers' in img2img."
+        )
     raise SettingsError(
         f"'{mode.label}' needs {article} {mode.family_name} checkpoint, but the loaded model is {found}. "
         f"Load {article} {mode.family_name} checkpoint or pick a {_PREFIX[model_family]} method that matches {found}."
         if model_family in FAMILY_NAMES
         else f"'{mode.label}' needs {article} {mode.family_name} checkpoint, but the loaded model is {found}. "
-        f"LayerDiffuse supports SD1.5, SDXL and FLUX.1-dev models (FLUX on Forge2 and Forge Neo)."
+        f"LayerDiffuse supports SD1.5, SDXL and FLUX.1-dev models (FLUX on Forge2 and Forge Neo) and "
+        "Qwen-Image-Layered (Forge Neo, img2img)."
     )

@@ -235,6 +235,19 @@ class Host:
         """Show and save the checkerboard previews ``[(index, PIL image)]`` with the results."""
         raise NotImplementedError
 
+    # -- Qwen-Image-Layered (lib_layerdiffuse/decompose.py) --------------------------------------
+    decomposes = False  # whether the host runs Qwen-Image-Layered models (Forge Neo)
+
+    def decompose_layers(self, p, image: np.ndarray, settings: Settings, conditioning, unconditional_conditioning,
+                         seed: int) -> list[np.ndarray]:  # fmt: skip
+        """``image`` (uint8 HxWx4 at its bucket size) into ``settings.layers`` RGBA layers (uint8 HxWx4,
+        bottom first) by the loaded Qwen-Image-Layered model, with the host's text conditioning."""
+        raise NotImplementedError
+
+    def publish_layers(self, p, processed, index: int, layers: list[np.ndarray]) -> None:
+        """Show and save the layers of image ``index`` (RGBA PNGs) with the results."""
+        raise NotImplementedError
+
     def comment(self, p, text: str) -> None:
         raise NotImplementedError
 
@@ -264,6 +277,10 @@ def cached_model(kind: str, path, device, dtype):
 def _loader(kind: str, path):
     """The loader of a decoder or encoder file: the SD files, or the Flux ``TransparentVAE`` file
     that holds both (16 latent channels)."""
+    if kind == "qwen_vae":
+        from .qwen_vae import load_vae_file
+
+        return load_vae_file
     if Path(str(path)).name.startswith(M.FLUX_VAE_FILE):
         from . import weights
 

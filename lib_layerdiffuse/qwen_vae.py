@@ -457,3 +457,30 @@ def load_vae(
     flat = {k: (t.reshape(wanted[k].shape) if "gamma" in k else t).contiguous() for k, t in flat.items()}
     model.load_state_dict(flat, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+def load_vae_file(path, device="cpu", dtype: torch.dtype = torch.float32) -> QwenLayeredVAE:
+    """The Qwen-Image-Layered RGBA VAE from a ``.safetensors`` file (either layout), checked as
+    :func:`load_vae` does, and refused when it is a 3-channel (plain Qwen-Image / Wan) VAE."""
+    from pathlib import Path
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    name = Path(str(path)).name
+    try:
+        state = load_file(str(path))
+    except (OSError, SafetensorError, ValueError, RuntimeError) as e:
+        detail = f" ({type(e).__name__}: {e})" if str(e) else ""
+        raise WeightFileError(
+            f"{name} could not be read as a safetensors file{detail}: it is damaged or incomplete. Delete it (Forge "
+            f"Neo may already have renamed it to {name}.corrupted) and let LayerDiffuse download it again, or put a "
+            "good copy there."
+        ) from None
+    vae = load_vae(state, source=name, dtype=dtype)
+    if vae.config.image_channels != 4:
+        raise WeightFileError(
+            f"{name} is a {vae.config.image_channels}-channel VAE (plain Qwen-Image / Wan 2.1), not the "
+            "Qwen-Image-Layered RGBA VAE with 4 image channels (qwen_image_layered_vae.safetensors)."
+        )
+    return vae.to(device)

@@ -25,6 +25,7 @@ from .rgba import pil_to_rgba
 ARG_ORDER = (
     "enabled", "method", "weight", "stop_at", "fg_image", "bg_image", "blend_image", "resize_mode",
     "output_origin", "fg_additional_prompt", "bg_additional_prompt", "blend_additional_prompt",
+    "layers", "resolution", "true_cfg", "normalize",  # ours, after the official twelve: Qwen-Image-Layered
 )  # fmt: skip
 IMAGES = ("fg_image", "bg_image", "blend_image")
 PROMPTS = ("fg_additional_prompt", "bg_additional_prompt", "blend_additional_prompt")
@@ -40,7 +41,17 @@ INFOTEXT_KEYS = {  # field -> official infotext key
     "fg_additional_prompt": "layerdiffusion_fg_additional_prompt",
     "bg_additional_prompt": "layerdiffusion_bg_additional_prompt",
     "blend_additional_prompt": "layerdiffusion_blend_additional_prompt",
+    "layers": "layerdiffusion_layers",
+    "resolution": "layerdiffusion_resolution",
+    "true_cfg": "layerdiffusion_true_cfg",
+    "normalize": "layerdiffusion_cfg_normalize",
 }
+DECOMPOSE_FIELDS = ("layers", "resolution", "true_cfg", "normalize")  # read by the decompose method only
+# Layers: the pipeline accepts any count (frame k of the layer-3D RoPE is simply position k); its
+# default is 4 and the model's documentation speaks of 3 to 10 layers. 2 is the smallest split into
+# layers at all; above 10 nothing documents the model's behaviour, and each layer adds a frame of tokens.
+LAYERS_RANGE = (2, 10)
+TRUE_CFG_RANGE = (1.0, 20.0)  # 1 = off (no negative pass), the pipeline's default 4
 ALIASES = {"ending_step": "stop_at", "method_label": "method"}
 # Stop At's threshold is the sigma at timestep (1 - stop_at) * 999 (unet.percent_to_sigma): txt2img's
 # first step is at timestep 999, so below one timestep whether that step runs with LayerDiffuse
@@ -105,6 +116,10 @@ class Settings:
     fg_additional_prompt: str = ""
     bg_additional_prompt: str = ""
     blend_additional_prompt: str = ""
+    layers: int = 4
+    resolution: int = 640
+    true_cfg: float = 4.0
+    normalize: bool = True
 
     @property
     def mode(self) -> _modes.Mode:
@@ -157,8 +172,16 @@ class Settings:
     def _validated(self, values: dict) -> Settings:
         out = {}
         for name, value in values.items():
-            if name in ("enabled", "output_origin"):
+            if name in ("enabled", "output_origin", "normalize"):
                 out[name] = _to_bool(name, value)
+            elif name == "layers":
+                out[name] = _to_int(name, value, *LAYERS_RANGE)
+            elif name == "resolution":
+                out[name] = _to_int(name, value, 640, 1024)
+                if out[name] not in (640, 1024):
+                    raise SettingsError(f"resolution must be 640 or 1024 (the model's two buckets), got {out[name]}")
+            elif name == "true_cfg":
+                out[name] = _to_float(name, value, *TRUE_CFG_RANGE)
             elif name in ("weight", "stop_at"):
                 out[name] = _to_float(name, value, 0.0, 2.0 if name == "weight" else 1.0)
                 if name == "stop_at" and out[name] < MIN_STOP_AT:
@@ -193,6 +216,10 @@ class Settings:
             INFOTEXT_KEYS["stop_at"]: self.stop_at,
             INFOTEXT_KEYS["resize_mode"]: self.resize_mode,
         }
+        if mode.apply == "decompose":
+            del out[INFOTEXT_KEYS["weight"]], out[INFOTEXT_KEYS["stop_at"]], out[INFOTEXT_KEYS["resize_mode"]]
+            out.update({INFOTEXT_KEYS[name]: getattr(self, name) for name in DECOMPOSE_FIELDS})
+            return out
         for which in ("fg", "bg", "blend"):
             out[INFOTEXT_KEYS[f"{which}_image"]] = self.image(which) is not None
             if self.prompt(which):
@@ -227,6 +254,19 @@ def _to_float(name, value, lo, hi) -> float:
     if not lo <= x <= hi:
         raise SettingsError(f"{name} must be between {lo} and {hi}, got {x}")
     return x
+
+
+def _to_int(name, value, lo, hi) -> int:
+    """A whole number in ``[lo, hi]``: an integer, or a float / text that is one ("4", 4.0)."""
+    try:
+        x = float(value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        x = None
+    if x is None or not x.is_integer():
+        raise SettingsError(f"{name} must be a whole number between {lo} and {hi}, got {value!r}")
+    if not lo <= x <= hi:
+        raise SettingsError(f"{name} must be between {lo} and {hi}, got {int(x)}")
+    return int(x)
 
 
 def _to_resize_mode(value) -> str:

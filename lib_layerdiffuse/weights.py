@@ -31,6 +31,9 @@ REVISION = "e337e9d7a0f2a6fee6c3580374327380f88d065b"
 # its keys and shapes.
 FLUX_REPO = "RedAIGC/Flux-version-LayerDiffuse"
 FLUX_REVISION = "main"
+QWEN_REPO = "Comfy-Org/Qwen-Image-Layered_ComfyUI"
+QWEN_REVISION = "main"
+QWEN_VAE_FILE = "qwen_image_layered_vae"
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class WeightFile:
     ext: str = "safetensors"
     repo: str = REPO
     revision: str = REVISION
+    subdir: str = ""  # the folder of the file in its repository
 
     @property
     def filename(self) -> str:
@@ -50,7 +54,8 @@ class WeightFile:
 
     @property
     def url(self) -> str:
-        return f"https://huggingface.co/{self.repo}/resolve/{self.revision}/{self.filename}"
+        folder = f"{self.subdir}/" if self.subdir else ""
+        return f"https://huggingface.co/{self.repo}/resolve/{self.revision}/{folder}{self.filename}"
 
 
 _FILES = (
@@ -86,6 +91,9 @@ _FILES = (
                ext="pth", repo=FLUX_REPO, revision=FLUX_REVISION),
     WeightFile("layerlora", "flux", "flux_lora", "FLUX.1-dev LoRA for latent transparency",
                "ffa34d60e92c7bcd6414dc7a8735e27d5138bcda5248b3131329b3f405aadb53", repo=FLUX_REPO, revision=FLUX_REVISION),
+    # Qwen-Image-Layered's 4-channel (RGBA) Wan-2.1 VAE, ComfyUI's repack (Apache-2.0, about 254 MB)
+    WeightFile(QWEN_VAE_FILE, "qwen_layered", "qwen_vae", "Qwen-Image-Layered RGBA VAE (4 image channels)",
+               repo=QWEN_REPO, revision=QWEN_REVISION, subdir="split_files/vae"),
 )  # fmt: skip
 FILES: dict[str, WeightFile] = {f.name: f for f in _FILES}
 
@@ -96,6 +104,7 @@ ROLE_NAMES = {
     "unet_patch": "an SDXL UNet patch file",
     "flux_vae": "the FLUX.1 transparent VAE (TransparentVAE.pth)",
     "flux_lora": "the FLUX.1 LayerDiffuse LoRA",
+    "qwen_vae": "the Qwen-Image-Layered RGBA VAE",
 }
 
 
@@ -382,6 +391,11 @@ def verify_file(path, info: WeightFile) -> None:
         return
     if info.role == "flux_lora":
         check_flux_lora(path, read_header(path))
+        return
+    if info.role == "qwen_vae":
+        from .qwen_vae import load_vae_file
+
+        load_vae_file(path)
         return
     found = read_header(path)
     if info.role in ("decoder", "encoder"):

@@ -11,16 +11,25 @@ import dataclasses
 import logging
 
 import gradio as gr
+import numpy as np
 from modules import script_callbacks, scripts
 
 from lib_layerdiffuse import hosts
 from lib_layerdiffuse import modes as M
+from lib_layerdiffuse.decompose import Decomposition
 from lib_layerdiffuse.errors import LayerDiffuseError
 from lib_layerdiffuse.hosts import layered
 from lib_layerdiffuse.hosts.extras import LayerDiffuseExtrasAlpha  # noqa: F401 - the Extras step the WebUI registers
 from lib_layerdiffuse.pipeline import Generation
 from lib_layerdiffuse.rgba import checkerboard_preview
-from lib_layerdiffuse.settings import ARG_ORDER, INFOTEXT_KEYS, Settings
+from lib_layerdiffuse.settings import (
+    ARG_ORDER,
+    DECOMPOSE_FIELDS,
+    INFOTEXT_KEYS,
+    LAYERS_RANGE,
+    TRUE_CFG_RANGE,
+    Settings,
+)
 
 log = logging.getLogger("layerdiffuse")
 HOST_ID = hosts.detect()
@@ -36,13 +45,15 @@ def _visibility(label):
     mode = M.resolve(label)
     show = {k: k in mode.inputs for k in ("fg", "bg", "blend")}
     prompts = {k: k in mode.prompts for k in ("fg", "bg", "blend")}
+    decompose = mode.apply == "decompose"
     return (
         [gr.update(visible=show[k]) for k in ("fg", "bg", "blend")]
-        + [gr.update(visible=mode.uses_resize), gr.update(visible=mode.uses_weight)]
+        + [gr.update(visible=mode.uses_resize), gr.update(visible=mode.uses_weight), gr.update(visible=not decompose)]
         + [
             gr.update(visible=prompts[k]) if prompts[k] else gr.update(visible=False, value="")
             for k in ("fg", "bg", "blend")
         ]
+        + [gr.update(visible=decompose)]
     )
 
 
@@ -51,6 +62,10 @@ HELP = {  # shown under each control's label (gradio's info=, in gradio 3.41 and
     "'Only Generate Transparent Image'). 'need batch size N': the batch size must be a multiple of N.",
     "weight": "How strongly the SDXL / FLUX patches apply: 1 as trained, 0 off.",
     "stop_at": "LayerDiffuse turns off for the rest of sampling at this fraction of the schedule (1 = on to the end).",
+    "layers": "How many RGBA layers to split the img2img image into (layer 1 is the back).",
+    "resolution": "The model's working size: about 640x640 or 1024x1024 pixels at the image's aspect ratio.",
+    "true_cfg": "Guidance by the negative prompt (true CFG); 1 = off, one model pass per step instead of two.",
+    "normalize": "Rescale the guided prediction to the prompt's own strength (the reference example's setting).",
 }
 
 
@@ -190,11 +205,24 @@ class LayerDiffuseScript(scripts.Script):
                 )  # fmt: skip
                 for which, name in (("fg", "Foreground"), ("bg", "Background"), ("blend", "Blended"))
             ]
+            with gr.Row(visible=False) as decompose_row:  # '(Qwen-Image-Layered) Decompose Into Layers' only
+                layers = gr.Slider(label="Layers", minimum=LAYERS_RANGE[0], maximum=LAYERS_RANGE[1], step=1, value=4,
+                                   info=HELP["layers"], elem_id=self.elem_id("layers"))  # fmt: skip
+                resolution = gr.Radio(label="Resolution", choices=[640, 1024], value=640, info=HELP["resolution"],
+                                      elem_id=self.elem_id("resolution"))  # fmt: skip
+                true_cfg = gr.Slider(label="True CFG scale", minimum=TRUE_CFG_RANGE[0], maximum=TRUE_CFG_RANGE[1],
+                                     step=0.5, value=4.0, info=HELP["true_cfg"], elem_id=self.elem_id("true_cfg"))  # fmt: skip
+                normalize = gr.Checkbox(label="Normalise CFG", value=True, info=HELP["normalize"],
+                                        elem_id=self.elem_id("normalize"))  # fmt: skip
             layered.add_box(_tab(is_img2img))  # not an argument: filled when the tab's gallery changes
         method.change(
-            _visibility, inputs=[method], outputs=columns + [resize_mode, weight] + prompts, show_progress=False
+            _visibility,
+            inputs=[method],
+            outputs=columns + [resize_mode, weight, stop_at] + prompts + [decompose_row],
+            show_progress=False,
         )
-        components = [enabled, method, weight, stop_at, *layer_images, resize_mode, output_origin, *prompts]
+        components = [enabled, method, weight, stop_at, *layer_images, resize_mode, output_origin, *prompts,
+                      layers, resolution, true_cfg, normalize]  # fmt: skip
         assert len(components) == len(ARG_ORDER)
         self.infotext_fields = [
             (enabled, INFOTEXT_KEYS["enabled"]),
@@ -206,6 +234,10 @@ class LayerDiffuseScript(scripts.Script):
                 (box, INFOTEXT_KEYS[f"{w}_additional_prompt"])
                 for box, w in zip(prompts, ("fg", "bg", "blend"), strict=True)
             ],
+            *[
+                (box, INFOTEXT_KEYS[name])
+                for box, name in zip((layers, resolution, true_cfg, normalize), DECOMPOSE_FIELDS, strict=True)
+            ],  # fmt: skip
         ]
         self.paste_field_names = [k for _, k in self.infotext_fields if isinstance(k, str)]
         return components
@@ -232,10 +264,16 @@ class LayerDiffuseScript(scripts.Script):
         try:
             if not _names_method(args, overrides):
                 settings = dataclasses.replace(settings, method=M.default_for(host.family(p)).label)
-            gen = Generation(host, settings, host.family(p), p.batch_size, p.width, p.height, p.all_prompts)
+            if settings.mode.apply == "decompose":
+                gen = Decomposition(host, settings, host.family(p), p.batch_size, p.width, p.height, p.all_prompts,
+                                    img2img=self.is_img2img)  # fmt: skip
+                init_images = gen.prepare_init(getattr(p, "init_images", None) or [])
+                p.width, p.height = gen.size  # the bucket: the host's infotext and saved size say it
+            else:
+                gen = Generation(host, settings, host.family(p), p.batch_size, p.width, p.height, p.all_prompts)
+                init_images = gen.prepare_init(p.init_images) if getattr(p, "init_images", None) else None
             prompts = gen.layer_prompts(p.all_prompts)
             hr_prompts = gen.layer_prompts(p.all_hr_prompts) if getattr(p, "all_hr_prompts", None) else None
-            init_images = gen.prepare_init(p.init_images) if getattr(p, "init_images", None) else None
         except LayerDiffuseError as e:
             hosts.refuse(p, str(e))
             return
@@ -272,6 +310,12 @@ class LayerDiffuseScript(scripts.Script):
             host.warn(processed, warning)
         previews = [(i, checkerboard_preview(rgba)) for i, rgba in sorted(gen.previews.items())]
         gen.previews.clear()
+        for index in sorted(getattr(gen, "outputs", {})):  # the decompose method's layers
+            layers = gen.take_layers(index)
+            host.publish_layers(p, processed, index, layers)
+            if gen.options.previews:
+                previews += [(index, checkerboard_preview(x / np.float32(255)), f"-layer-{k}-checkerboard")
+                             for k, x in enumerate(layers, start=1)]  # fmt: skip
         host.publish_previews(p, processed, previews)
         layered.finish(p, gen, processed, _tab(self.is_img2img))
 

@@ -519,15 +519,20 @@ def test_oversized_init_image_is_refused_in_process(ctx, monkeypatch):
 def test_ui_builds_without_gradio(env):
     script = env.mod.LayerDiffuseScript()
     components = script.ui(False)
-    assert len(components) == 12
+    assert len(components) == 16
     assert type(components[0]).__name__ == "InputAccordion"
     assert components[0].kwargs["elem_id"] == "script_txt2img_layerdiffuse_enabled"
     method = components[1]
     assert method.value == M.DEFAULT.label and method.kwargs["choices"] == M.LABELS
     (_, fn, inputs, outputs), *_ = method.events
     updates = fn(FG2BG)
-    assert len(updates) == len(outputs) == 8
-    assert [u["visible"] for u in updates[:5]] == [True, False, False, True, False]
+    # fg/bg/blend columns, resize mode, weight, stop at, 3 prompts, the decompose row
+    assert len(updates) == len(outputs) == 10
+    assert [u["visible"] for u in updates[:6]] == [True, False, False, True, False, True]
+    assert updates[-1]["visible"] is False
+    decompose = fn("(Qwen-Image-Layered) Decompose Into Layers")
+    assert [u["visible"] for u in decompose[:6]] == [False, False, False, False, False, False]
+    assert decompose[-1]["visible"] is True
     assert [k for _, k in script.infotext_fields if isinstance(k, str)] == script.paste_field_names
 
 

@@ -21,7 +21,12 @@ OFFICIAL = [
 
 
 def test_labels_and_default():
-    assert M.LABELS == [*OFFICIAL, "(FLUX) Only Generate Transparent Image"]  # the official ten, then ours
+    # the official ten, then ours
+    assert M.LABELS == [
+        *OFFICIAL,
+        "(FLUX) Only Generate Transparent Image",
+        "(Qwen-Image-Layered) Decompose Into Layers",
+    ]
     assert M.DEFAULT.label == "(SDXL) Only Generate Transparent Image (Attention Injection)"
 
 
@@ -36,6 +41,9 @@ def test_legacy_and_enum_names_resolve():
 
 def test_every_file_is_in_the_weight_table():
     for m in M.MODES:
+        if m.apply == "decompose":  # the loaded model itself; only its RGBA VAE is ours
+            assert m.unet_file == "" and W.FILES[W.QWEN_VAE_FILE].family == m.family
+            continue
         assert W.FILES[m.unet_file].family == m.family
         for f in (m.decoder_file, m.encoder_file):
             # the Flux decoder and encoder are one file (role flux_vae)

@@ -23,9 +23,9 @@ def test_defaults_and_positional_official_order():
                             "Just Resize", False, "fg", "bg", "blend"])  # fmt: skip
     assert s.enabled and s.mode.key == "JOINT_SD15" and s.weight == 0.5 and s.stop_at == 0.7
     assert s.resize_mode == "Just Resize" and (s.fg_additional_prompt, s.blend_additional_prompt) == ("fg", "blend")
-    assert len(ARG_ORDER) == 12
-    with pytest.raises(SettingsError, match="at most 12 arguments"):
-        Settings.from_args([True] * 13)
+    assert len(ARG_ORDER) == 16 and ARG_ORDER[12:] == ("layers", "resolution", "true_cfg", "normalize")
+    with pytest.raises(SettingsError, match="at most 16 arguments"):
+        Settings.from_args([True] * 17)
 
 
 ORDER = "enabled, method, weight, stop_at (ending_step), fg_image, bg_image, blend_image, resize_mode, output_origin, "
@@ -37,16 +37,16 @@ ORDER = "enabled, method, weight, stop_at (ending_step), fg_image, bg_image, ble
         ("enabled", "got a string: 'enabled'"),  # was split into letters: "enabled must be ..., got 'e'"
         (None, "got null"),
         (True, "got a boolean: True"),
-        ([True] * 13, "args has 13 values, but the script takes at most 12 arguments"),
+        ([True] * 17, "args has 17 values, but the script takes at most 16 arguments"),
     ],
 )
 def test_malformed_args_say_what_they_must_be(args, got):
     """The shape is checked before any value: a string is not a list of letters (issue 21, item 5),
-    and the message lists the 12 names in order and the named form."""
+    and the message lists the 16 names in order and the named form."""
     with pytest.raises(SettingsError) as info:
         Settings.from_args(args)
     text = str(info.value)
-    assert got in text and f"a list of at most 12 values in this order: {ORDER}" in text
+    assert got in text and f"a list of at most 16 values in this order: {ORDER}" in text
     assert "or a list holding one object with those names" in text
 
 

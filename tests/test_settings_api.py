@@ -47,7 +47,7 @@ def ctx(env, monkeypatch, tmp_path):
 
 
 def positional(method=TRANSPARENT):
-    return [True, method, 1.0, 1.0, None, None, None, "Just Resize", False, "", "", ""]
+    return [True, method, 1.0, 1.0, None, None, None, "Just Resize", False, "", "", "", 4, 640, 4.0, True]
 
 
 def generate(ctx):
@@ -225,7 +225,7 @@ def api_args(ctx, value):
 @pytest.mark.parametrize(
     "value,got",
     [
-        ([*positional(), "a 13th value"], "args has 13 values, but the script takes at most 12 arguments"),
+        ([*positional(), "a 17th value"], "args has 17 values, but the script takes at most 16 arguments"),
         ("enabled", "got a string: 'enabled'"),
         (None, "got null"),
         ([{"enabled": True}, True], "args holds an object among 2 values"),
@@ -239,7 +239,7 @@ def test_api_refuses_malformed_args(ctx, value, got):
     assert info.value.status_code == 422
     detail = info.value.detail
     assert detail.startswith("LayerDiffuse: ") and got in detail
-    assert f"args must be a list of at most 12 values in this order: {ORDER}" in detail
+    assert f"args must be a list of at most 16 values in this order: {ORDER}" in detail
 
 
 def test_api_passes_good_args(ctx):
@@ -248,7 +248,7 @@ def test_api_passes_good_args(ctx):
     assert api_args(ctx, named)[0] == named  # a bare object is the named form
     assert api_args(ctx, [named])[0] == named
     short = api_args(ctx, [True])
-    assert short[0] is True and len(short) == 12  # UI defaults after
+    assert short[0] is True and len(short) == 16  # UI defaults after
     assert ctx.env.mod.Settings.from_args(api_args(ctx, named)).enabled
 
 

@@ -11,9 +11,19 @@ from lib_layerdiffuse import weights as W
 from lib_layerdiffuse.vae import TransparentVAEDecoder, TransparentVAEEncoder
 
 
+def test_qwen_layered_vae_entry():
+    info = W.FILES[W.QWEN_VAE_FILE]
+    assert (info.family, info.role, info.sha256) == ("qwen_layered", "qwen_vae", None)
+    assert info.url == (
+        "https://huggingface.co/Comfy-Org/Qwen-Image-Layered_ComfyUI/resolve/main/split_files/vae/"
+        "qwen_image_layered_vae.safetensors"
+    )
+
+
 def test_table_has_the_14_official_files():
-    sd = {k: f for k, f in W.FILES.items() if f.family != "flux"}  # the Flux pair: tests/test_pth_reader.py
-    assert len(sd) == 14 and len(W.FILES) == 16
+    # the Flux pair: tests/test_pth_reader.py; the Qwen-Image-Layered VAE: below
+    sd = {k: f for k, f in W.FILES.items() if f.family in ("sd15", "sdxl")}
+    assert len(sd) == 14 and len(W.FILES) == 17
     roles = [f.role for f in sd.values()]
     assert roles.count("decoder") == 2 and roles.count("encoder") == 2
     assert roles.count("attention_sharing") == 4 and roles.count("unet_patch") == 6

@@ -80,16 +80,37 @@ def refuse(p, message: str) -> None:
 def family_of_checkpoint(header: dict) -> str | None:
     """The model family from a checkpoint's safetensors header (key -> (shape, dtype)): "sd15",
     "sdxl", "sd2" by the UNet's cross-attention width (as :func:`unet.detect_family` reads a
-    loaded UNet), "flux" (FLUX.1-dev: it has the guidance embedder) or "FLUX.1-schnell"; None
-    where it cannot be told (a VAE, a text encoder, another architecture)."""
+    loaded UNet), "flux" (FLUX.1-dev: it has the guidance embedder) or "FLUX.1-schnell",
+    "qwen_layered" or "Qwen-Image" (:func:`qwen_family`); None where it cannot be told (a VAE, a
+    text encoder, another architecture)."""
     from ..unet import _CONTEXT_FAMILY
 
     keys = list(header)
+    qwen = qwen_family(keys)
+    if qwen is not None:
+        return qwen
     if any(k.startswith("double_blocks.") or ".double_blocks." in k for k in keys):
         return "flux" if any(k.startswith("guidance_in.") or ".guidance_in." in k for k in keys) else "FLUX.1-schnell"
     for key, (shape, _dtype) in header.items():
         if key.endswith("attn2.to_k.weight") and len(shape) == 2:
             return _CONTEXT_FAMILY.get(shape[1])
+    return None
+
+
+def qwen_family(keys) -> str | None:
+    """ "qwen_layered" for a Qwen-Image-Layered transformer (it alone has the addition timestep embedding),
+    "Qwen-Image" for another Qwen-Image one (Forge Neo's own test: ``txt_norm.weight``; any prefix, e.g.
+    ComfyUI's ``model.diffusion_model.``), None otherwise."""
+    from ..modes import QWEN_IMAGE
+    from ..qwen_layered import ADDITION_KEY
+
+    keys = list(keys)
+    if any(k == ADDITION_KEY or k.endswith("." + ADDITION_KEY) for k in keys):
+        return "qwen_layered"
+    if any(k == "txt_norm.weight" or k.endswith(".txt_norm.weight") for k in keys) and any(
+        k.endswith("img_in.weight") for k in keys
+    ):
+        return QWEN_IMAGE
     return None
 
 

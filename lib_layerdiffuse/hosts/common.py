@@ -295,6 +295,8 @@ class WebUIHost(Host):
         own = {name: p.__dict__[name] for name in ("sample", "close") if name in p.__dict__}  # instance attributes
 
         def sample(*args, **kwargs):
+            if gen.mode.apply == "decompose":
+                return self._decompose(p, gen, *args, **kwargs)
             try:
                 samples = original_sample(*args, **kwargs)
             finally:
@@ -338,6 +340,41 @@ class WebUIHost(Host):
             for name in ("sample", "close", _GEN):
                 p.__dict__.pop(name, None)
             p.__dict__.update(own)
+
+    def _decompose(self, p, gen, conditioning=None, unconditional_conditioning=None, seeds=None, *args, **kwargs):
+        """``p.sample`` of the decompose method (the hosts call it with these names): the layers instead
+        of the host's sampler; every failure is a refusal (lib_layerdiffuse/decompose.py)."""
+        try:
+            with self.progress_scope():
+                return gen.run(p, conditioning, unconditional_conditioning, seeds if seeds is not None else p.seeds)
+        except Refusal:
+            raise
+        except LayerDiffuseError as e:
+            raise Refusal(str(e)) from None
+        except Exception as e:  # out of memory and the like: a refusal naming it, not a traceback
+            log.exception("LayerDiffuse: the decomposition failed")
+            raise Refusal(
+                f"the decomposition into layers failed ({type(e).__name__}: {e}); no image is returned. If memory ran "
+                "out: use the 640 resolution, fewer layers, or Forge Neo's lower-VRAM options."
+            ) from None
+
+    def publish_layers(self, p, processed, index: int, layers: list[np.ndarray]) -> None:
+        """Each layer as an RGBA PNG (``-layer-<k>``, bottom layer 1) beside the image, and in the gallery
+        and the API's images after the host's own, with the image's infotext."""
+        info = processed.infotext(p, index) if hasattr(processed, "infotext") else ""
+        from PIL import Image
+
+        for k, rgba in enumerate(layers, start=1):
+            image = Image.fromarray(np.ascontiguousarray(rgba, dtype=np.uint8), "RGBA")
+            setattr(image, TAG, np.array(image)[..., 3])
+            image.info["parameters"] = info
+            try:
+                self.save_extra(p, image, index, f"-layer-{k}", info)
+            except Exception as e:
+                log.warning("LayerDiffuse: could not save layer %d: %s", k, e)
+            if getattr(image, "already_saved_as", None) is None:
+                _ensure_temp_dir()
+            self.show_preview(processed, image, info)
 
     def _decode_batch(self, p, gen: Generation, samples):
         """Decode the batch the host's way once, hand those pixels to the transparent decode, and
@@ -474,12 +511,12 @@ class WebUIHost(Host):
 
         from ..rgba import to_uint8
 
-        for index, preview in previews:
+        for index, preview, *suffix in previews:  # (index, preview) or (index, preview, file suffix)
             image = Image.fromarray(to_uint8(preview))
             info = processed.infotext(p, index) if hasattr(processed, "infotext") else ""
             image.info["parameters"] = info
             try:
-                self.save_extra(p, image, index, "-checkerboard", info)
+                self.save_extra(p, image, index, suffix[0] if suffix else "-checkerboard", info)
             except Exception as e:
                 log.warning("LayerDiffuse: could not save the preview: %s", e)
             if getattr(image, "already_saved_as", None) is None:

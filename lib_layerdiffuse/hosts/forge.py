@@ -25,10 +25,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from ..errors import LayerDiffuseError, PatchError, Refusal
+from ..modes import QWEN_IMAGE
 from ..patches import PREFIX, Patch, match_keys
 from ..session import UNetBackend, UNetSession
 from .common import SamplerCapture, WebUIHost, place_infotext, posterior_moments, raw_decode
@@ -105,7 +107,8 @@ def family_forge2(sd_model) -> str | None:
 
 
 def family_neo(sd_model) -> str | None:
-    """Neo also loads Flux2, Chroma, Qwen-Image, Lumina, Z-Image, Anima and Wan: named by engine."""
+    """Neo also loads Flux2, Chroma, Qwen-Image, Lumina, Z-Image, Anima and Wan: named by engine;
+    a Qwen-Image engine is "qwen_layered" when its checkpoint file is Qwen-Image-Layered."""
     if getattr(sd_model, "is_sd1", False):
         return "sd15"
     if getattr(sd_model, "is_sdxl", False):
@@ -113,7 +116,86 @@ def family_neo(sd_model) -> str | None:
     flux = family_flux(sd_model)
     if flux is not None:
         return flux
+    if type(sd_model).__name__ == "QwenImage":
+        from . import qwen_family
+
+        keys = _checkpoint_keys(sd_model)
+        return (qwen_family(keys) if keys else None) or QWEN_IMAGE
     return type(sd_model).__name__
+
+
+def _checkpoint_path(sd_model) -> str | None:
+    return getattr(getattr(sd_model, "sd_checkpoint_info", None), "filename", None)
+
+
+def _checkpoint_keys(sd_model) -> list[str]:
+    """The tensor names of the loaded checkpoint's file (its header only); [] where it cannot be read
+    (a GGUF file, a folder)."""
+    from ..errors import WeightFileError
+    from ..weights import read_header
+
+    path = _checkpoint_path(sd_model)
+    try:
+        return list(read_header(path)) if path else []
+    except (OSError, WeightFileError):
+        return []
+
+
+def addition_weight(sd_model) -> torch.Tensor:
+    """``addition_t_embedding.weight`` of the loaded Qwen-Image-Layered checkpoint. Neo's Qwen-Image module
+    has no such parameter and drops it at load, so it is read from the file (one small tensor)."""
+    from safetensors import safe_open
+
+    from ..qwen_layered import ADDITION_KEY
+
+    path = _checkpoint_path(sd_model)
+    keys = _checkpoint_keys(sd_model)
+    key = next((k for k in keys if k == ADDITION_KEY or k.endswith("." + ADDITION_KEY)), None)
+    if key is None:
+        raise LayerDiffuseError(
+            f"the loaded checkpoint ({path}) has no {ADDITION_KEY}: it is not Qwen-Image-Layered (or not a "
+            ".safetensors file LayerDiffuse can read). Load qwen_image_layered_bf16.safetensors or its fp8 version."
+        )
+    with safe_open(path, "pt") as f:
+        return f.get_tensor(key)
+
+
+def _negative_conditioning(p):
+    """The negative prompt's conditioning as the host makes it (one image; Neo's Qwen engine returns a list
+    of ``[T, D]`` states), for true CFG when the host itself skipped it (CFG Scale 1)."""
+    from modules import prompt_parser  # type: ignore
+
+    texts = prompt_parser.SdConditioning(
+        [(getattr(p, "negative_prompts", None) or [""])[0]], is_negative_prompt=True, width=p.width, height=p.height
+    )
+    states = p.sd_model.get_learned_conditioning(texts)
+    return [[SimpleNamespace(cond=states[0])]]
+
+
+def single_cond(value, what: str) -> torch.Tensor:
+    """The one text conditioning ``[1, T, D]`` of a batch of one, from the host's objects: the prompt's
+    ``MulticondLearnedConditioning`` (``.batch[image][AND part].schedules[step].cond``) or the negative
+    prompt's lists (``[image][step].cond``)."""
+
+    def one(items, kind: str):
+        if not isinstance(items, (list, tuple)) or len(items) != 1:
+            n = len(items) if isinstance(items, (list, tuple)) else type(items).__name__
+            raise LayerDiffuseError(
+                f"the {what} has {n} {kind}; Qwen-Image-Layered takes one plain prompt for one image (no AND, no "
+                "[from:to:when] prompt editing)."
+            )
+        return items[0]
+
+    if hasattr(value, "batch"):
+        schedules = one(one(value.batch, "images"), "AND parts").schedules
+    else:
+        schedules = one(value, "images")
+    cond = getattr(one(schedules, "prompt-editing steps"), "cond", None)
+    if not isinstance(cond, torch.Tensor) or cond.ndim not in (2, 3):
+        raise LayerDiffuseError(
+            f"the {what}'s conditioning is {type(cond).__name__}, not the text encoder's states of Qwen-Image."
+        )
+    return cond if cond.ndim == 3 else cond[None]
 
 
 NEO = _detect_neo()
@@ -416,6 +498,83 @@ class ForgeHost(WebUIHost):
                                                     memory_management.VRAMState.NO_VRAM)  # fmt: skip
         except Exception:
             return False
+
+    # -- Qwen-Image-Layered --------------------------------------------------------------------
+    decomposes = NEO  # Forge2 cannot load Qwen-Image models
+
+    def decompose_layers(self, p, image, settings, conditioning, unconditional_conditioning, seed):
+        """The layers by Neo's own Qwen-Image transformer (its patcher's memory management loads it, with
+        the user's LoRAs merged as for any generation), called module by module with the Layered inputs
+        (lib_layerdiffuse/qwen_layered.py: layered_forward); Neo's model is not changed. The RGBA VAE is
+        our file (Neo's Qwen VAE has 3 channels)."""
+        from functools import partial
+
+        from backend.sampling.sampling_function import sampling_cleanup, sampling_prepare  # type: ignore
+
+        from ..pipeline import cached_model
+        from ..qwen_layered import LATENT_CHANNELS, VAE_SCALE, addition_row, decompose, layered_forward
+        from ..weights import QWEN_VAE_FILE
+
+        engine = p.sd_model
+        unet = engine.forge_objects.unet
+        model = unet.model.diffusion_model
+        addition = addition_row(addition_weight(engine), getattr(model, "inner_dim", None))
+        device, dtype = self.device_dtype(p)
+        guided = settings.true_cfg > 1
+        context = single_cond(conditioning, "prompt")
+        negative = None
+        if guided:
+            if unconditional_conditioning is None:  # the WebUI's CFG Scale is 1: the host skipped the negative prompt
+                unconditional_conditioning = _negative_conditioning(p)
+            negative = single_cond(unconditional_conditioning, "negative prompt")
+        vae = cached_model("qwen_vae", self.weight_path(QWEN_VAE_FILE), device, torch.float32)
+
+        def rope(ids):
+            return model.pe_embedder(ids).squeeze(1).unsqueeze(2).to(dtype)
+
+        def branch(ctx):
+            return {"context": ctx.to(device, dtype), "addition": addition, "rope": rope}
+
+        h, w = image.shape[0] // VAE_SCALE, image.shape[1] // VAE_SCALE
+        size = torch.empty((1, LATENT_CHANNELS, settings.layers + 2, h, w), device="meta")
+        steps = int(p.steps)
+        self._steps(steps)
+        sampling_prepare(unet, size)  # loads the transformer as Neo's samplers do
+        try:
+            return decompose(
+                image,
+                vae=vae,
+                transformer=partial(layered_forward, model),
+                cond=branch(context),
+                uncond=branch(negative) if guided else None,
+                layers=settings.layers,
+                steps=steps,
+                seed=seed,
+                true_cfg_scale=settings.true_cfg,
+                normalize=settings.normalize,
+                device=device,
+                dtype=dtype,
+                callback=self._step_done,
+            )
+        finally:
+            sampling_cleanup(unet)
+
+    def _steps(self, steps: int) -> None:
+        from modules import shared  # type: ignore
+
+        shared.state.sampling_steps = steps
+        shared.state.sampling_step = 0
+
+    def _step_done(self, step: int, latents) -> None:
+        """Progress for the UI, and Interrupt / Skip honoured between steps (nothing is returned)."""
+        from modules import shared  # type: ignore
+
+        shared.state.sampling_step = step + 1
+        if self.interrupted() or self.skipped():
+            raise LayerDiffuseError(
+                f"the decomposition was {'interrupted' if self.interrupted() else 'skipped'} at step {step + 1}; "
+                "no layers are returned."
+            )
 
     def show_preview(self, processed, image, info: str) -> None:
         """Forge shows and returns ``processed.images + processed.extra_images`` (the extra ones are

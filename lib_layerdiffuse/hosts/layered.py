@@ -42,16 +42,31 @@ _said_unavailable = False
 
 
 def wanted(mode) -> bool:
-    """Whether a method's results are layers (several frames, or frames that fit given layers)."""
-    return mode.group > 1 or bool(mode.inputs)
+    """Whether a method's results are layers (several frames, frames that fit given layers, or the
+    layers of a decomposed image)."""
+    return mode.group > 1 or bool(mode.inputs) or mode.apply == "decompose"
+
+
+class _DecomposedGroups:
+    """The decompose method's stand-in for :class:`LayerGroups`: each image is a group of its own, and
+    its PSD layers are the generation's (lib_layerdiffuse/decompose.py: ``psd_layers``)."""
+
+    def __init__(self, gen):
+        self.gen = gen
+
+    def add(self, index: int, image: np.ndarray) -> list[psd.Layer] | None:
+        return self.gen.psd_layers(index)
 
 
 class Layered:
     """One generation's PSD state; lives on its ``Generation`` (``gen.layered``) and ends with it."""
 
-    def __init__(self, mode, settings):
+    def __init__(self, mode, settings, gen=None):
         inputs = {k: settings.image(k) for k in mode.inputs}
-        self.groups = LayerGroups(mode.frames, inputs, settings.resize_mode)
+        if mode.apply == "decompose":
+            self.groups = _DecomposedGroups(gen)
+        else:
+            self.groups = LayerGroups(mode.frames, inputs, settings.resize_mode)
         self.group_size = mode.group
         self.images: dict[int, np.ndarray] = {}  # global index -> final pixels (saved ones replace them)
         self.files: dict[int, tuple[str, str | None]] = {}  # global index -> (saved path, infotext)
@@ -165,7 +180,7 @@ def start(p, gen, settings) -> None:
         if reason:
             p.comment(reason)
         return
-    gen.layered = Layered(gen.mode, settings)
+    gen.layered = Layered(gen.mode, settings, gen)
 
 
 def _free_name(path: str) -> str:
