@@ -551,7 +551,7 @@ def test_bad_vae_file_is_refused_before_sampling(ctx, case):
     good = ctx.env.files.vae.read_bytes()
     if case == "truncated":
         damaged(ctx, good[: len(good) // 2])
-        phrases = [re.escape(VAE_NAME), r"damaged or incomplete", r"Download it again"]
+        phrases = [re.escape(VAE_NAME), r"damaged or incomplete", r"download it again"]
     else:
         damaged(ctx, ctx.env.files.vae3.read_bytes())
         phrases = [re.escape(VAE_NAME), r"3-channel", r"4 image channels"]
