@@ -449,6 +449,53 @@ def test_without_true_cfg_the_negative_prompt_is_never_read(ctx):
     assert ctx.env.fake.images.saved == []
 
 
+class SdConditioning(list):
+    """``modules.prompt_parser.SdConditioning``: a list of prompts with its flags (Neo's signature)."""
+
+    def __init__(self, prompts, is_negative_prompt=False, width=None, height=None, copy_from=None,
+                 distilled_cfg_scale=None):  # fmt: skip
+        super().__init__(prompts)
+        self.is_negative_prompt, self.width, self.height = is_negative_prompt, width, height
+
+
+class SkipsNegative(QwenImage):
+    """Neo at CFG Scale 1: the host sets ``p.uc = None`` (modules/processing.py) and never encodes the negative
+    prompt; asked with an ``SdConditioning``, its engine returns one ``[T, D]`` state per prompt."""
+
+    asked: list
+
+    def get_learned_conditioning(self, prompts):
+        if isinstance(prompts, SdConditioning):  # the adapter's own request
+            self.asked.append((list(prompts), prompts.is_negative_prompt, prompts.width, prompts.height))
+            return [text_states(text) for text in prompts]
+        self.calls += 1
+        return multicond(prompts, self.steps) if self.calls % 2 else None
+
+
+SkipsNegative.__name__ = "QwenImage"  # the adapter knows Neo's engine by its class name
+
+
+def test_true_cfg_encodes_the_negative_prompt_the_host_skipped(ctx, monkeypatch):
+    """True CFG with the WebUI's CFG Scale at 1: the negative prompt is encoded through the host's engine and the
+    layers equal a direct guided call with it (seen on the real Neo: it was refused before)."""
+    monkeypatch.setitem(sys.modules, "modules.prompt_parser", types.SimpleNamespace(SdConditioning=SdConditioning))
+    model = transformer(ctx.env)
+    sd_model = SkipsNegative(ctx.env.files.layered, model)
+    sd_model.asked = []
+    image = input_image(64, 64, seed=5)
+    p, _ = generate(ctx, sd_model, args(layers=2, true_cfg=3.0, normalize=True), image=image, steps=1,
+                    prompt="a cat", negative_prompt="blurry", seed=11)  # fmt: skip
+    assert p.scripts.errors == [] and p.uc is None
+    assert sd_model.asked == [(["blurry"], True, 640, 640)]
+    _, expected = direct(ctx, model, image, prompt="a cat", negative="blurry", layers=2, steps=1, seed=11,
+                         true_cfg=3.0, normalize=True)  # fmt: skip
+    _, unguided = direct(ctx, model, image, prompt="a cat", negative=None, layers=2, steps=1, seed=11, true_cfg=1.0,
+                         normalize=True)  # fmt: skip
+    got = [read_png(f)[1] for (f,) in (saved(ctx, rf"-layer-{k}\.png$") for k in (1, 2))]
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(got, unguided, strict=True))  # the guidance took part
+
+
 def test_psd_when_the_images_are_not_saved(ctx):
     """Saving off (as API requests without save_images): the PSD still has the layers (written in postprocess)."""
     sd_model = engine(ctx)
