@@ -215,6 +215,9 @@ def backend(monkeypatch):
     mods["backend.sampling.sampling_function"].sampling_prepare = lambda unet, x: calls.append(("prepare", unet, x))
     mods["backend.sampling.sampling_function"].sampling_cleanup = lambda unet: calls.append(("cleanup", unet))
     mods["backend.memory_management"].get_torch_device = lambda: torch.device("cpu")
+    mods["backend.memory_management"].free_memory = lambda required, device, keep_loaded=(): calls.append(
+        ("free", required, device)
+    )
     mods["backend"].sampling, mods["backend"].memory_management = mods["backend.sampling"], mods[names[3]]
     mods["backend.sampling"].sampling_function = mods["backend.sampling.sampling_function"]
     for name, mod in mods.items():
@@ -738,3 +741,28 @@ def test_the_vae_file_in_the_wan_layout(ctx):
     reference = load_vae_file(ctx.env.files.vae).state_dict()
     assert vae.config.image_channels == 4 and vae.state_dict().keys() == reference.keys()
     assert all(torch.equal(v, reference[k]) for k, v in vae.state_dict().items())
+
+
+def test_room_is_made_on_a_gpu_before_each_vae_call():
+    """On a GPU Neo is asked for the VAE's working memory before the encode and each decode (the transformer
+    may fill the card); on the CPU nothing is asked."""
+    asked = []
+
+    class VAE:
+        def parameters(self):
+            return iter([torch.zeros(1)])
+
+        def encode_mean(self, x):
+            return "z"
+
+        def decode(self, z):
+            return "x"
+
+    gpu = forge.RoomFirst(VAE(), "cuda", lambda required, device: asked.append((required, device.type)))
+    assert gpu.encode_mean(torch.zeros(1, 4, 64, 96)) == "z" and gpu.decode(torch.zeros(1, 16, 8, 12)) == "x"
+    per = forge.VAE_BYTES_PER_PIXEL
+    assert asked == [(per * 64 * 96, "cuda"), (per * 64 * 96, "cuda")]
+    cpu = forge.RoomFirst(VAE(), torch.device("cpu"), lambda *a: asked.append(a))
+    cpu.encode_mean(torch.zeros(1, 4, 8, 8))
+    cpu.decode(torch.zeros(1, 16, 1, 1))
+    assert len(asked) == 2 and next(cpu.parameters()).numel() == 1
