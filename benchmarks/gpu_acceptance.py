@@ -1,4 +1,4 @@
-"""One-command acceptance run: transparent decode, tiling, attention sharing, VAE training.
+"""One-command acceptance run: transparent decode, tiling, attention sharing, VAE training, Qwen RGBA VAE.
 
 No network and no files outside the repository: the decoder weights are generated from the
 published key/shape manifest (tests/data, tests/weightgen.py), the SD1.5 UNet from its
@@ -22,6 +22,9 @@ Rows (names as in the JSON; S = image side):
   CPU at the smallest size; max |diff| of every row of that size against it.
 - ``attention/<MODE>``: SD1.5 UNet forward (cond + uncond rows of one group) with the
   attention-sharing units of each SD1.5 mode against without (benchmarks/attention_sharing.py).
+- ``qwen_vae/S``: the Qwen-Image-Layered RGBA VAE (lib_layerdiffuse/qwen_vae.py) at the released widths,
+  random weights, fp32: one RGBA encode and one layer decode at S x S (640 and 1024 on CUDA): seconds,
+  peak memory and the decode's bytes per pixel (what the Neo adapter asks Neo to free before it).
 - ``train/vae``: steps/s of the VAE stage through the training CLI
   (``python -m lib_layerdiffuse.training vae --synthetic N ...``) as a subprocess, the flags
   of benchmarks/train_vae.py; the first (warm-up) step is included.
@@ -504,8 +507,56 @@ def environment(device) -> dict:
     return env
 
 
+# ---------------------------------------------------------------------------------------
+# (e): the Qwen-Image-Layered RGBA VAE (lib_layerdiffuse/qwen_vae.py), fp32 as the decompose method runs it
+
+QWEN_SIDES = {"cuda": [640, 1024], "cpu": [256], "quick": [64]}  # the model's two buckets on a GPU
+
+
+def qwen_rows(cfg) -> list[str]:
+    return [f"qwen_vae/{side}" for side in cfg.qwen_sides]
+
+
+def run_qwen_vae(report: Report, cfg) -> None:
+    """Encode one RGBA image and decode one layer at each side, the released widths (quick: base width 8), random
+    weights: seconds and peak memory; ``decode_bytes_per_pixel`` is what the Neo adapter's room request assumes
+    (lib_layerdiffuse/hosts/forge.py: VAE_BYTES_PER_PIXEL)."""
+    from lib_layerdiffuse.qwen_vae import QwenVAEConfig, expected_shapes, load_vae
+
+    device = cfg.device
+    config = QwenVAEConfig(4, 8 if cfg.quick else 96, 16, (1, 2, 4, 4), 2, (False, True, True))
+    gen = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(shape, generator=gen) * (0.02 if len(shape) > 1 else 1.0)
+             for k, shape in expected_shapes(config).items()}  # fmt: skip
+    for k in [k for k in state if k.endswith("gamma") or ".norm" in k and k.endswith("weight")]:
+        state[k] = torch.ones_like(state[k])
+    vae = load_vae(state).to(device)
+    del state
+    for side in cfg.qwen_sides:
+
+        def row(side=side):
+            x = torch.rand(1, 4, side, side, device=device) * 2 - 1
+            z = torch.randn(1, 16, side // 8, side // 8, device=device)
+            with torch.no_grad():
+                _, enc, enc_all, enc_peak, _ = repeat_timed(lambda: vae.encode_mean(x), device, cfg.warmup,
+                                                            cfg.repeats)  # fmt: skip
+                out, dec, dec_all, dec_peak, total = repeat_timed(lambda: vae.decode(z), device, cfg.warmup,
+                                                                  cfg.repeats)  # fmt: skip
+            fields = {"side": side, "base_dim": config.base_dim, "dtype": "float32", "encode_seconds": enc,
+                      "decode_seconds": dec, "seconds": enc + dec, "encode_peak_gib": enc_peak, "peak_gib": dec_peak,
+                      "decode_bytes_per_pixel": dec_peak * GIB / (side * side), "finite": bool(torch.isfinite(out).all()),
+                      "note": f"encode {enc:.2f} s, decode {dec:.2f} s per layer"}  # fmt: skip
+            if total is not None:
+                fields["peak_total_gib"] = total
+            return fields
+
+        report.measure(f"qwen_vae/{side}", row)
+    vae.to("cpu")  # the caller's next section gets the device memory back
+    _free_memory()
+
+
 SECTIONS = {"decode": (decode_rows, run_decode), "attention": (attention_rows, run_attention),
-            "train": (train_rows, run_train)}  # fmt: skip
+            "train": (train_rows, run_train), "qwen": (qwen_rows, run_qwen_vae)}  # fmt: skip
 
 
 def parse_args(argv=None):
@@ -539,6 +590,7 @@ def parse_args(argv=None):
     cfg.train_timeout = 900
     cfg.compile, cfg.cpu_reference, cfg.quick = args.compile, args.cpu_reference, args.quick
     cfg.sections = args.only or list(SECTIONS)
+    cfg.qwen_sides = QWEN_SIDES["quick" if args.quick else device.type if device.type in QWEN_SIDES else "cpu"]
     cfg.out = Path(args.out)
     return cfg, args
 

@@ -28,6 +28,7 @@ FIELDS = {
     "decode": DECODE_FIELDS,
     "attention": ("plain_ms", "shared_ms", "overhead"),
     "train": ("steps_per_s", "samples_per_s", "seconds"),
+    "qwen_vae": ("encode_seconds", "decode_seconds", "seconds", "peak_gib", "decode_bytes_per_pixel"),
 }
 
 
@@ -54,7 +55,7 @@ def test_quick_cpu_run_reports_every_row(tmp_path):
     assert meta["torch"] and meta["device"] == "cpu" and _number(meta["free_memory_gib"])
 
     expected = [f"decode/{s}/{v}" for s in (64, 128) for v in ("official", "ours_gn_plain", "ours_gn_torch")]
-    expected += ["decode/128/ours_tiled_64", "decode/128/limit_6GB", "train/vae"]
+    expected += ["decode/128/ours_tiled_64", "decode/128/limit_6GB", "train/vae", "qwen_vae/64"]
     expected += [f"attention/{m.key}" for m in modes.MODES if m.family == "sd15" and m.apply == "attention_sharing"]
     rows = data["rows"]
     assert sorted(rows) == sorted(data["planned"]) == sorted(expected), log
@@ -71,6 +72,7 @@ def test_quick_cpu_run_reports_every_row(tmp_path):
     assert sum(r["default"] for n, r in rows.items() if n.startswith("decode/64/ours")) == 1
     assert rows["attention/FG_TO_BG_SD15"]["control"] and rows["attention/JOINT_SD15"]["frames"] == 3
     assert rows["train/vae"]["steps"] == 3
+    assert rows["qwen_vae/64"]["finite"] is True and rows["qwen_vae/64"]["side"] == 64
 
     # the start line, each row as it finished and the closing table
     assert res.stdout.startswith("torch "), res.stdout[:500]
