@@ -41,7 +41,10 @@ def _one_error_line(err: str) -> str:
         (["--offset-dropout", "1"], "--offset-dropout: must be in [0.0, 1.0)"),
         (["--offset-dropout", "-0.1"], "--offset-dropout: must be in [0.0, 1.0)"),
         (["--offset-dropout", "nan"], "--offset-dropout: must be in"),
-        (["--lr", "0"], "--lr: must be in (0.0, inf)"),
+        (["--lr", "0"], "--lr: must be in (0.0, 1.0]"),
+        (["--lr", "1e39"], "--lr: must be in (0.0, 1.0]"),  # was an AdamW traceback (float32 overflow)
+        (["--lr", "inf"], "--lr: must be in (0.0, 1.0]"),
+        (["--disc-lr", "2"], "--disc-lr: must be in (0.0, 1.0]"),
         (["--batch-size", "3", "--grad-accum", "2"], "multiple of --grad-accum 2"),
         (["--size", "36"], "--size 36 must be a multiple of 8"),
     ],

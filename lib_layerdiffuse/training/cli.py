@@ -83,6 +83,9 @@ def _float_in(low: float, high: float | None, high_open: bool = True, low_open: 
 
 share = _float_in(0.0, 1.0)  # a probability that must leave something: [0, 1)
 positive_float = _float_in(0.0, None, low_open=True)
+# AdamW learning rates: above 1 a step moves every weight by about lr, and from about 1e38 the float32 optimizer
+# state overflows (a traceback inside torch's AdamW, not a message); no recipe here goes near 1
+learning_rate = _float_in(0.0, 1.0, high_open=False, low_open=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -142,7 +145,7 @@ def _frozen_vae_options(o: _Options) -> None:
     o.add("--vae-path", help="stand-in tiny VAE file (default <out>/tiny_vae.safetensors, trained if absent)")
     o.add("--vae-width", type=_int_at_least(4), help="stand-in tiny VAE: base channels")
     o.add("--vae-steps", type=positive_int, help="stand-in tiny VAE: pre-training steps")
-    o.add("--vae-lr", type=positive_float, help="stand-in tiny VAE: pre-training learning rate")
+    o.add("--vae-lr", type=learning_rate, help="stand-in tiny VAE: pre-training learning rate")
 
 
 def _runtime_options(o: _Options) -> None:
@@ -163,7 +166,7 @@ def _schedule_options(o: _Options) -> None:
     o.add("--steps", type=positive_int, help="total optimiser steps (a resumed run continues to this)")
     o.add("--batch-size", type=positive_int, help="per process (layers: groups of frames)")
     o.add("--size", type=_int_at_least(8), help="training side in pixels (the latent is size/8)")
-    o.add("--lr", type=positive_float,
+    o.add("--lr", type=learning_rate,
           help="AdamW learning rate (paper: 1e-5); on resume this value replaces the saved one")  # fmt: skip
     o.add("--adam-eps", type=positive_float, help="AdamW eps (larger: gentler steps for tiny gradients)")
     o.add("--seed", type=int, help="seed of every random draw (initialisation, noise, dropout)")
@@ -182,7 +185,7 @@ def _vae_parser(sub) -> None:
     src.add("--data", help="folder of RGBA images (PNG/WebP with alpha, any size)")
     src.add("--synthetic", type=positive_int, metavar="N", help="use N generated RGBA samples instead")
     _schedule_options(o)
-    o.add("--disc-lr", type=positive_float, help="discriminator learning rate (default: --lr)")
+    o.add("--disc-lr", type=learning_rate, help="discriminator learning rate (default: --lr)")
     o.add("--lambda-offset", type=positive_float, help="offset scale (folded into the export)")
     o.add("--offset-dropout", type=share, help="drop this share of offsets, in [0, 1) (0.3: robust decoder)")
     o.add("--w-recon", type=float, help="weight of the reconstruction loss (Eq. 6)")
