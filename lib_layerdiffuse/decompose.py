@@ -50,9 +50,15 @@ def check_host(settings: Settings, host_decomposes: bool) -> None:
         )
 
 
-def check_decompose(settings: Settings, img2img: bool, batch_size: int, prompts: list[str]) -> None:
+def check_decompose(settings: Settings, img2img: bool, batch_size: int, prompts: list[str],
+                    masked: bool = False) -> None:  # fmt: skip
     """What the decompose method refuses before anything runs, after the host and the family checks."""
     label = settings.mode.label
+    if masked:
+        raise SettingsError(
+            f"'{label}' splits the whole image and cannot keep an inpaint mask: use the plain img2img tab (no mask), "
+            "or crop the image to the part to decompose."
+        )
     if not img2img:
         raise SettingsError(
             f"'{label}' splits an existing image into layers: use it in the img2img tab with the image to decompose "
@@ -75,14 +81,14 @@ class Decomposition:
     """One decompose request; built in the script's ``process`` (which has checked the family)."""
 
     def __init__(self, host, settings: Settings, family: str | None, batch_size: int, width: int, height: int,
-                 prompts: list[str] | None = None, *, img2img: bool = True):  # fmt: skip
+                 prompts: list[str] | None = None, *, img2img: bool = True, masked: bool = False):  # fmt: skip
         self.host = host
         self.settings = settings
         self.mode = settings.mode
         self.options: DecodeOptions = host.decode_options()
         check_host(settings, bool(getattr(host, "decomposes", False)))
         M.check_family(self.mode, family)
-        check_decompose(settings, img2img, batch_size, prompts or [])
+        check_decompose(settings, img2img, batch_size, prompts or [], masked)
         self.inputs: list[np.ndarray] = []  # the init images as RGBA uint8 at their bucket size
         self.size: tuple[int, int] | None = None  # (w, h) of the first init image's bucket
         self.rgba: dict[int, np.ndarray] = {}  # index -> the recomposed image (HxWx4 float in [0, 1])

@@ -266,7 +266,7 @@ class LayerDiffuseScript(scripts.Script):
                 settings = dataclasses.replace(settings, method=M.default_for(host.family(p)).label)
             if settings.mode.apply == "decompose":
                 gen = Decomposition(host, settings, host.family(p), p.batch_size, p.width, p.height, p.all_prompts,
-                                    img2img=self.is_img2img)  # fmt: skip
+                                    img2img=self.is_img2img, masked=getattr(p, "image_mask", None) is not None)  # fmt: skip
                 init_images = gen.prepare_init(getattr(p, "init_images", None) or [])
                 p.width, p.height = gen.size  # the bucket: the host's infotext and saved size say it
             else:

@@ -567,6 +567,20 @@ def test_refusals(ctx, case):
     assert_model_as_before(model, before)
 
 
+def test_inpaint_mask_is_refused(ctx):
+    """An inpaint mask would be ignored (the whole image is decomposed): refused instead of silently dropped."""
+    sd_model = engine(ctx)
+
+    def run():
+        p = NeoImg2Img(sd_model, ctx.out, init_images=[input_image()], steps=1, prompt="a cat")
+        p.image_mask = Image.new("L", (96, 64), 255)
+        script = ctx.env.mod.LayerDiffuseScript()
+        script.is_img2img = True
+        fa.process_images(p, script, args(layers=2))
+
+    assert_refused(ctx, run, [r"inpaint mask", r"img2img tab"])
+
+
 def test_refused_on_hosts_that_cannot_run_qwen(ctx, monkeypatch):
     """A host without ``decomposes`` (Forge2, A1111) refuses the method with the same request, saying Forge Neo."""
     monkeypatch.setattr(ctx.env.mod, "host", Forge2Host())
