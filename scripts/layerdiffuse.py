@@ -59,7 +59,8 @@ def _visibility(label):
 
 HELP = {  # shown under each control's label (gradio's info=, in gradio 3.41 and 4)
     "method": "What to generate, for the loaded model's family (SD1.5, SDXL or FLUX; it starts at the family's "
-    "'Only Generate Transparent Image'). 'need batch size N': the batch size must be a multiple of N.",
+    "'Only Generate Transparent Image'; Qwen-Image-Layered splits the img2img image into layers). 'need batch size "
+    "N': the batch size must be a multiple of N.",
     "weight": "How strongly the SDXL / FLUX patches apply: 1 as trained, 0 off.",
     "stop_at": "LayerDiffuse turns off for the rest of sampling at this fraction of the schedule (1 = on to the end).",
     "layers": "How many RGBA layers to split the img2img image into (layer 1 is the back).",
