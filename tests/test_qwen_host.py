@@ -696,7 +696,7 @@ def test_nothing_outlives_a_request(ctx, monkeypatch):
         (dict(layers=2, true_cfg=1.0), dict(prompt="a cat"), None),
         (dict(layers=2), dict(prompt="a cat", batch_size=2), "one image at a time"),
         (dict(layers=2), dict(prompt="a cat AND a dog"), "AND parts"),
-        (dict(layers=2, true_cfg=1.0), dict(prompt="a cat"), "interrupted at step 1"),
+        (dict(layers=2, true_cfg=1.0), dict(prompt="a cat"), "interrupted after step 1 of 1"),
     ]
     gc.collect()
     baseline = live_objects()
@@ -704,7 +704,8 @@ def test_nothing_outlives_a_request(ctx, monkeypatch):
     try:
         for _ in range(2):
             for settings, kwargs, error in runs:
-                interrupt["on"] = error == "interrupted at step 1"
+                interrupt["on"] = error == "interrupted after step 1 of 1"
+                ctx.env.fake.shared.state.interrupted = False  # the hosts reset it when a job starts
                 if error is None:
                     generate(ctx, QwenImage(ctx.env.files.layered, model), args(**settings), steps=1,
                              image=input_image(64, 64), **kwargs)  # fmt: skip
@@ -780,3 +781,24 @@ def test_room_is_made_on_a_gpu_before_each_vae_call():
     cpu.encode_mean(torch.zeros(1, 4, 8, 8))
     cpu.decode(torch.zeros(1, 16, 1, 1))
     assert len(asked) == 2 and next(cpu.parameters()).numel() == 1
+
+
+def test_an_interrupt_stops_before_the_next_transformer_pass(ctx, monkeypatch):
+    """Interrupt between the two passes of a true-CFG step: the second pass does not run (a pass of the real
+    model takes long), the request is refused and nothing is saved."""
+    passes = []
+    original = ql.layered_forward
+
+    def counted(*a, **k):
+        passes.append(1)
+        ctx.env.fake.shared.state.interrupted = True  # the user presses Interrupt during the first pass
+        return original(*a, **k)
+
+    monkeypatch.setattr(ql, "layered_forward", counted)
+    try:
+        assert_refused(ctx, lambda: generate(ctx, engine(ctx), args(layers=2, true_cfg=2.0), steps=2, prompt="a cat",
+                                             image=input_image(64, 64)),
+                       [r"interrupted after step 0 of 2", r"no layers are returned"], prepared=True)  # fmt: skip
+    finally:
+        ctx.env.fake.shared.state.interrupted = False
+    assert len(passes) == 1

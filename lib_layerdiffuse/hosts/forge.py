@@ -536,7 +536,6 @@ class ForgeHost(WebUIHost):
         the user's LoRAs merged as for any generation), called module by module with the Layered inputs
         (lib_layerdiffuse/qwen_layered.py: layered_forward); Neo's model is not changed. The RGBA VAE is
         our file (Neo's Qwen VAE has 3 channels)."""
-        from functools import partial
 
         from backend import memory_management  # type: ignore
         from backend.sampling.sampling_function import sampling_cleanup, sampling_prepare  # type: ignore
@@ -565,6 +564,10 @@ class ForgeHost(WebUIHost):
         def branch(ctx):
             return {"context": ctx.to(device, dtype), "addition": addition, "rope": rope}
 
+        def transformer(hidden, timestep, **inputs):
+            self._stop_if_asked()  # before each pass too: with true CFG a step is two long passes
+            return layered_forward(model, hidden, timestep, **inputs)
+
         h, w = image.shape[0] // VAE_SCALE, image.shape[1] // VAE_SCALE
         size = torch.empty((1, LATENT_CHANNELS, settings.layers + 2, h, w), device="meta")
         steps = int(p.steps)
@@ -574,7 +577,7 @@ class ForgeHost(WebUIHost):
             return decompose(
                 image,
                 vae=RoomFirst(vae, device, memory_management.free_memory),
-                transformer=partial(layered_forward, model),
+                transformer=transformer,
                 cond=branch(context),
                 uncond=branch(negative) if guided else None,
                 layers=settings.layers,
@@ -600,10 +603,15 @@ class ForgeHost(WebUIHost):
         from modules import shared  # type: ignore
 
         shared.state.sampling_step = step + 1
+        self._stop_if_asked()
+
+    def _stop_if_asked(self) -> None:
         if self.interrupted() or self.skipped():
+            from modules import shared  # type: ignore
+
             raise LayerDiffuseError(
-                f"the decomposition was {'interrupted' if self.interrupted() else 'skipped'} at step {step + 1}; "
-                "no layers are returned."
+                f"the decomposition was {'interrupted' if self.interrupted() else 'skipped'} after step "
+                f"{shared.state.sampling_step} of {shared.state.sampling_steps}; no layers are returned."
             )
 
     def show_preview(self, processed, image, info: str) -> None:
