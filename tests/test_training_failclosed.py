@@ -169,6 +169,38 @@ def test_out_in_a_read_only_folder_is_one_error_line(tmp_path, capsys):
         ro.chmod(0o755)
 
 
+def test_out_denied_by_the_os_is_one_error_line_even_as_root(tmp_path, capsys, monkeypatch):
+    """The read-only folder test above cannot run as root (root writes anywhere, and CI may run as root): the same
+    refusal through the two calls the trainer makes, failing as the OS fails them for a user without the right."""
+    import errno
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_mkdir, real_open = Path.mkdir, os.open
+
+    def denied(path):
+        return PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    def mkdir(self, *args, **kwargs):
+        if ro in Path(self).parents:  # creating inside the folder
+            raise denied(self)
+        return real_mkdir(self, *args, **kwargs)
+
+    def open_(path, *args, **kwargs):
+        if ro in Path(path).parents:  # a file inside the folder (the run's lock first)
+            raise denied(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    monkeypatch.setattr(os, "open", open_)
+    for out in (ro / "run", ro):  # to create, or existing and not writable
+        assert cli.main(["vae", "--out", str(out), *TINY_VAE_RUN]) == 2
+        line = _one_error_line(capsys.readouterr().err)
+        assert line.startswith("error: --out") and "Permission denied" in line, line
+    monkeypatch.undo()
+    assert list(ro.iterdir()) == []  # nothing created
+
+
 @pytest.mark.skipif(os.name != "posix", reason="flock is the POSIX lock")
 @pytest.mark.parametrize("code", ["ENOLCK", "ENOSYS", "EOPNOTSUPP"])
 @pytest.mark.parametrize("fresh", [True, False])
