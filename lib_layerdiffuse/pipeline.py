@@ -626,11 +626,13 @@ class Generation:
             which = [i + 1 for i, s in sorted(states.items()) if s == word]
             if which:
                 parts.append(f"{what} in image{'s' if len(which) > 1 else ''} {', '.join(map(str, which))}")
-        model = (
-            " This model is v-prediction; the published weights were trained on eps models (SD1.5, SDXL base)."
-            if self.prediction == "v"
-            else ""
-        )
+        schedule = " with a zero-terminal-SNR schedule" if self.zero_snr else ""
+        if self.prediction == "v":
+            model = f" This model is v-prediction{schedule}; the published weights were trained on eps models (SD1.5, SDXL base)."
+        elif self.zero_snr:
+            model = " This model samples a zero-terminal-SNR schedule; the published weights were trained on the standard one."
+        else:
+            model = ""
         other = {"sdxl": " or the other SDXL method (Attention Injection / Conv Injection)"}.get(self.mode.family, "")
         return (
             f"LayerDiffuse: the transparency came out {'; '.join(parts)} (infotext: {ALPHA_KEY}).{model} Try: "

@@ -1189,3 +1189,19 @@ def test_degenerate_alpha_reaches_the_infotext(monkeypatch, neo_adapter, host):
     assert note(p=p, index=0, all_prompts=["p"]) == "empty"
     assert note(p=p, index=1, all_prompts=["p"]) is None
     assert "transparent everywhere in image 1 " in p.gen.alpha_warning()
+    assert "v-prediction" not in p.gen.alpha_warning() and "zero-terminal" not in p.gen.alpha_warning()
+
+
+@pytest.mark.parametrize(
+    "prediction,ztsnr,words",
+    [
+        ("v", True, "This model is v-prediction with a zero-terminal-SNR schedule; the published weights"),
+        ("v", False, "This model is v-prediction; the published weights"),
+        (None, True, "This model samples a zero-terminal-SNR schedule; the published weights"),
+    ],
+)
+def test_the_alpha_warning_names_what_the_model_differs_in(monkeypatch, neo_adapter, prediction, ztsnr, words):
+    """What sampling learnt of the model (v-prediction, a zero-terminal-SNR schedule) is named in the warning."""
+    p = sdxl_run(monkeypatch, "neo", prediction_type="v_prediction" if prediction == "v" else None,
+                 model_config=SimpleNamespace(ztsnr=True) if ztsnr else None)  # fmt: skip
+    assert words in p.gen.alpha_warning()
