@@ -95,9 +95,6 @@ class Decomposition:
         self.outputs: dict[int, list[np.ndarray]] = {}  # index -> the layers (HxWx4 uint8), bottom first
         self.previews: dict[int, np.ndarray] = {}  # the recomposed image on the checkerboard
         self.layered = None  # hosts/layered.py's PSD state
-        self.sampled = None
-        self.prediction = None  # no eps/v question for a flow model
-        self.alpha = None
 
     # -- the hooks of pipeline.Generation the script and the adapter call --------------------
 
@@ -147,15 +144,6 @@ class Decomposition:
                 f"the model returned {len(layers)} images of shapes {sorted({tuple(x.shape) for x in layers})}; "
                 f"expected {n} RGBA layers of {shape[1]}x{shape[0]}. No image is returned."
             )
-
-    def end_sampling(self) -> None:
-        pass
-
-    def check_ran(self) -> None:
-        pass
-
-    def decodes(self) -> bool:
-        return False
 
     def take(self, index: int) -> np.ndarray | None:
         return self.rgba.pop(index, None)

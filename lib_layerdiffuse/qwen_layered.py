@@ -107,41 +107,31 @@ def rope_frequencies(img_shapes: Sequence[Sequence[int]], max_txt_seq_len: int) 
     - text token j sits at ``start + j`` on all three axes, where ``start`` is the largest of
       ``max(rows // 2, cols // 2)`` over all entries and the number of generated frames.
     """
-    shapes = [tuple(int(v) for v in s) for s in img_shapes]
-    if len(shapes) < 2 or any(len(s) != 3 or s[0] != 1 or s[1] < 1 or s[2] < 1 for s in shapes):
-        raise SettingsError(
-            f"rope_frequencies expects (1, rows, cols) per generated frame and one for the condition image, got {shapes}."
-        )
-    generated = len(shapes) - 1
-    blocks = []
-    for index, (_, rows, cols) in enumerate(shapes):
-        frame_pos = -1 if index == generated else index
-        frame = _axis_angles(torch.tensor([frame_pos]), ROPE_AXES[0]).expand(rows * cols, -1)
-        row = _axis_angles(_centred(rows), ROPE_AXES[1]).repeat_interleave(cols, dim=0)
-        col = _axis_angles(_centred(cols), ROPE_AXES[2]).repeat(rows, 1)
-        blocks.append(torch.cat([frame, row, col], dim=1))
-    image_angles = torch.cat(blocks, dim=0)
+    image_ids, text_ids = position_ids(img_shapes, max_txt_seq_len, "rope_frequencies")
 
-    start = max(max(max(rows // 2, cols // 2) for _, rows, cols in shapes), generated)
-    text_pos = torch.arange(start, start + int(max_txt_seq_len))
-    text_angles = torch.cat([_axis_angles(text_pos, d) for d in ROPE_AXES], dim=1)
+    def angles(ids: torch.Tensor) -> torch.Tensor:
+        return torch.cat([_axis_angles(ids[:, axis], dim) for axis, dim in enumerate(ROPE_AXES)], dim=1)
+
+    image_angles, text_angles = angles(image_ids), angles(text_ids)
     return (
         torch.polar(torch.ones_like(image_angles), image_angles),
         torch.polar(torch.ones_like(text_angles), text_angles),
     )
 
 
-def position_ids(img_shapes: Sequence[Sequence[int]], txt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def position_ids(
+    img_shapes: Sequence[Sequence[int]], txt_len: int, caller: str = "position_ids"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer-3D RoPE as integer positions ``(frame, row, column)``: ``(image [N, 3], text [T, 3])``.
 
-    The same positions :func:`rope_frequencies` turns into factors, for a host whose transformer
-    takes position ids (Forge Neo's ``pe_embedder``): rotating by ``position * theta^(-2i/dim)``
-    per axis is what both compute. Float32, image tokens in packing order, text after.
+    The one place of the layout rules: :func:`rope_frequencies` turns these positions into factors, and a
+    host whose transformer takes position ids (Forge Neo's ``pe_embedder``) rotates by them itself
+    (``position * theta^(-2i/dim)`` per axis in both). Float32, image tokens in packing order, text after.
     """
     shapes = [tuple(int(v) for v in s) for s in img_shapes]
     if len(shapes) < 2 or any(len(s) != 3 or s[0] != 1 or s[1] < 1 or s[2] < 1 for s in shapes):
         raise SettingsError(
-            f"position_ids expects (1, rows, cols) per generated frame and one for the condition image, got {shapes}."
+            f"{caller} expects (1, rows, cols) per generated frame and one for the condition image, got {shapes}."
         )
     generated = len(shapes) - 1
     blocks = []

@@ -361,20 +361,13 @@ class WebUIHost(Host):
     def publish_layers(self, p, processed, index: int, layers: list[np.ndarray]) -> None:
         """Each layer as an RGBA PNG (``-layer-<k>``, bottom layer 1) beside the image, and in the gallery
         and the API's images after the host's own, with the image's infotext."""
-        info = processed.infotext(p, index) if hasattr(processed, "infotext") else ""
         from PIL import Image
 
+        info = processed.infotext(p, index) if hasattr(processed, "infotext") else ""
         for k, rgba in enumerate(layers, start=1):
             image = Image.fromarray(np.ascontiguousarray(rgba, dtype=np.uint8), "RGBA")
             setattr(image, TAG, np.array(image)[..., 3])
-            image.info["parameters"] = info
-            try:
-                self.save_extra(p, image, index, f"-layer-{k}", info)
-            except Exception as e:
-                log.warning("LayerDiffuse: could not save layer %d: %s", k, e)
-            if getattr(image, "already_saved_as", None) is None:
-                _ensure_temp_dir()
-            self.show_preview(processed, image, info)
+            self._publish_extra(p, processed, image, index, f"-layer-{k}", info)
 
     def _decode_batch(self, p, gen: Generation, samples):
         """Decode the batch the host's way once, hand those pixels to the transparent decode, and
@@ -512,16 +505,21 @@ class WebUIHost(Host):
         from ..rgba import to_uint8
 
         for index, preview, *suffix in previews:  # (index, preview) or (index, preview, file suffix)
-            image = Image.fromarray(to_uint8(preview))
             info = processed.infotext(p, index) if hasattr(processed, "infotext") else ""
-            image.info["parameters"] = info
-            try:
-                self.save_extra(p, image, index, suffix[0] if suffix else "-checkerboard", info)
-            except Exception as e:
-                log.warning("LayerDiffuse: could not save the preview: %s", e)
-            if getattr(image, "already_saved_as", None) is None:
-                _ensure_temp_dir()
-            self.show_preview(processed, image, info)
+            image = Image.fromarray(to_uint8(preview))
+            self._publish_extra(p, processed, image, index, suffix[0] if suffix else "-checkerboard", info)
+
+    def _publish_extra(self, p, processed, image, index: int, suffix: str, info: str) -> None:
+        """One extra output of image ``index``: saved like the host's samples (a failure is a log line: the
+        generation's own images are already saved) and shown after the host's images with ``info``."""
+        image.info["parameters"] = info
+        try:
+            self.save_extra(p, image, index, suffix, info)
+        except Exception as e:
+            log.warning("LayerDiffuse: could not save %s: %s", suffix.lstrip("-"), e)
+        if getattr(image, "already_saved_as", None) is None:
+            _ensure_temp_dir()
+        self.show_preview(processed, image, info)
 
     def show_preview(self, processed, image, info: str) -> None:
         """Put a preview in the gallery and the API response (after the host's own images), with
